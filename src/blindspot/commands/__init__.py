@@ -1,0 +1,1 @@
+"""Sub-commands of the ``blindspot`` CLI: each module has ``register(subparsers)``; see :mod:`blindspot.cli`."""

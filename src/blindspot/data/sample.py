@@ -1,0 +1,172 @@
+"""Typed MRI samples and batches, and the one k-space → (input, target) transform every MRI source uses.
+
+Every MRI data source (fastMRI HDF5, plain images, the built-in phantoms) yields :class:`MRISample` objects built by
+:class:`KspaceTransform`, so models and attacks see the same thing whatever the source. Images here are *not*
+normalised; normalisation statistics travel with the sample (DESIGN.md §1.1) and are applied by whoever needs
+normalised tensors (``batch.stats.apply(batch.input)``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from blindspot.physics.mri import CartesianUndersampling, MaskFunc, NormStats, center_crop, normalize, rss, ifft2c
+
+
+@dataclass
+class MRISample:
+    """One slice, ready for a model.
+
+    Attributes:
+        input: zero-filled magnitude ``(1, h, w)`` float32, in the data's own units (not normalised).
+        target: ground-truth magnitude ``(1, h, w)`` float32, same units.
+        mask: column mask ``(1, W)`` float32 that produced ``input`` (``W`` = k-space width, may exceed ``w``).
+        mean: mean of ``input`` (scalar tensor), the normalisation's shift.
+        std: std of ``input`` (scalar tensor), the normalisation's scale.
+        fname: the volume's file name (also the mask seed).
+        slice_num: slice index inside the volume.
+        max_value: the volume's maximum target value (the data range of SSIM / PSNR, as fastMRI evaluates).
+        acceleration: the acceleration of the drawn mask (``float('nan')`` when no mask was applied).
+        attrs: the file's attributes (``acquisition``, ``patient_id``, …) where known.
+    """
+
+    input: Tensor
+    target: Tensor
+    mask: Tensor
+    mean: Tensor
+    std: Tensor
+    fname: str
+    slice_num: int
+    max_value: float
+    acceleration: float = float("nan")
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MRIBatch:
+    """A collated batch of :class:`MRISample`.
+
+    Attributes:
+        input: ``(B, 1, h, w)`` zero-filled magnitudes.
+        target: ``(B, 1, h, w)`` ground truths.
+        mask: ``(B, 1, 1, W)`` column masks.
+        stats: per-item normalisation statistics of ``input``.
+        fname, slice_num: per-item identity.
+        max_value: ``(B,)`` per-volume data ranges.
+        acceleration: ``(B,)`` accelerations.
+    """
+
+    input: Tensor
+    target: Tensor
+    mask: Tensor
+    stats: NormStats
+    fname: list[str]
+    slice_num: list[int]
+    max_value: Tensor
+    acceleration: Tensor
+
+    def to(self, device: torch.device | str) -> "MRIBatch":
+        return MRIBatch(
+            self.input.to(device),
+            self.target.to(device),
+            self.mask.to(device),
+            NormStats(self.stats.mean.to(device), self.stats.std.to(device), self.stats.clamp),
+            self.fname,
+            self.slice_num,
+            self.max_value.to(device),
+            self.acceleration.to(device),
+        )
+
+    def __len__(self) -> int:
+        return self.input.shape[0]
+
+    @property
+    def keys(self) -> list[str]:
+        """``"fname:slice"`` identities, used to record and resume per-image results."""
+        return [f"{f}:{s}" for f, s in zip(self.fname, self.slice_num)]
+
+    def normalized(self) -> tuple[Tensor, Tensor]:
+        """``(N(input), N(target))``: both normalised with the input's statistics and clamped to ±6."""
+        return self.stats.apply(self.input), self.stats.apply(self.target)
+
+
+def collate_mri(samples: Sequence[MRISample]) -> MRIBatch:
+    """``DataLoader`` collate function: stacks :class:`MRISample` into an :class:`MRIBatch` (equal shapes required)."""
+    mean = torch.stack([torch.as_tensor(s.mean, dtype=torch.float32) for s in samples]).reshape(-1, 1, 1, 1)
+    std = torch.stack([torch.as_tensor(s.std, dtype=torch.float32) for s in samples]).reshape(-1, 1, 1, 1)
+    return MRIBatch(
+        input=torch.stack([s.input for s in samples]),
+        target=torch.stack([s.target for s in samples]),
+        mask=torch.stack([s.mask.reshape(1, 1, -1) for s in samples]),
+        stats=NormStats(mean, std),
+        fname=[s.fname for s in samples],
+        slice_num=[int(s.slice_num) for s in samples],
+        max_value=torch.tensor([float(s.max_value) for s in samples], dtype=torch.float32),
+        acceleration=torch.tensor([float(s.acceleration) for s in samples], dtype=torch.float32),
+    )
+
+
+class KspaceTransform:
+    """Fully sampled k-space of one slice → :class:`MRISample`.
+
+    Args:
+        mask_func: draws the column mask; ``None`` means fully sampled (input = target).
+        crop: ``(h, w)`` of input and target; ``None`` → the target's shape if a target is given, else the image's.
+        use_seed: seed the mask with the file name (fastMRI: the same volume always gets the same mask);
+            otherwise the mask function's own generator advances.
+    """
+
+    def __init__(self, mask_func: MaskFunc | None, crop: tuple[int, int] | None = None, use_seed: bool = True):
+        self.mask_func = mask_func
+        self.crop = crop
+        self.use_seed = use_seed
+
+    def __call__(
+        self,
+        kspace: Tensor,
+        target: Tensor | None,
+        fname: str,
+        slice_num: int,
+        max_value: float | None = None,
+        attrs: dict[str, Any] | None = None,
+    ) -> MRISample:
+        """Args:
+        kspace: complex ``(H, W)`` single-coil or ``(coils, H, W)`` multi-coil fully sampled k-space.
+        target: stored reconstruction ``(h, w)`` (``reconstruction_esc`` / ``reconstruction_rss``) or ``None``
+            to compute it as the cropped magnitude / RSS of the fully sampled image.
+        """
+        k = kspace.unsqueeze(0) if kspace.ndim == 2 else kspace  # (C, H, W)
+        crop = self.crop or (tuple(target.shape[-2:]) if target is not None else tuple(k.shape[-2:]))
+        crop = (min(crop[0], k.shape[-2]), min(crop[1], k.shape[-1]))
+        if self.mask_func is None:
+            mask_t = torch.ones(1, k.shape[-1])
+            acceleration = 1.0
+        else:
+            drawn = self.mask_func(k.shape[-1], seed=fname if self.use_seed else None)
+            mask_t, acceleration = drawn.mask, drawn.acceleration
+        op = CartesianUndersampling(mask_t, crop)
+        _, zero_filled = op.from_kspace(k.unsqueeze(0))
+        zero_filled = zero_filled[0]  # (1, h, w)
+        if target is None:
+            full = center_crop(ifft2c(k), crop)
+            target_t = rss(full, dim=0) if full.shape[0] > 1 else full.abs()
+        else:
+            target_t = center_crop(torch.as_tensor(target, dtype=torch.float32).reshape(1, *target.shape[-2:]), crop)
+        target_t = target_t.to(torch.float32).reshape(1, *crop)
+        _, stats = normalize(zero_filled.unsqueeze(0))
+        return MRISample(
+            input=zero_filled.to(torch.float32),
+            target=target_t,
+            mask=mask_t.reshape(1, -1),
+            mean=stats.mean.reshape(()),
+            std=stats.std.reshape(()),
+            fname=fname,
+            slice_num=int(slice_num),
+            max_value=float(max_value) if max_value is not None else float(target_t.max()),
+            acceleration=float(acceleration),
+            attrs=dict(attrs or {}),
+        )
