@@ -1,0 +1,192 @@
+"""Image-quality metrics as fastMRI evaluates them, and the statistics used to report them.
+
+* :func:`ssim` — batched, differentiable torch SSIM that matches ``skimage.metrics.structural_similarity`` with its
+  defaults (7×7 uniform window, K1 = 0.01, K2 = 0.03, sample covariance, mean over the window-valid interior).
+* :func:`nmse`, :func:`psnr` — per image; :class:`VolumeMetrics` turns per-slice sums into fastMRI's per-volume
+  figures (data range = the volume's maximum, NMSE and PSNR over all the volume's pixels, SSIM averaged over slices).
+* :func:`mean_std` and :func:`wilson_interval` — the aggregates reported in tables.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _as_batch_range(data_range: Tensor | float, like: Tensor) -> Tensor:
+    r = torch.as_tensor(data_range, dtype=like.dtype, device=like.device)
+    return r.reshape(-1, 1, 1, 1) if r.ndim > 0 else r.reshape(1, 1, 1, 1)
+
+
+def ssim_map(
+    pred: Tensor,
+    target: Tensor,
+    data_range: Tensor | float,
+    win_size: int = 7,
+    k1: float = 0.01,
+    k2: float = 0.03,
+) -> Tensor:
+    """Local SSIM over the window-valid interior.
+
+    Args:
+        pred, target: ``(B, C, H, W)`` real images (``H, W >= win_size``).
+        data_range: scalar or ``(B,)`` dynamic range (fastMRI: the volume's maximum).
+    Returns:
+        ``(B, C, H - win_size + 1, W - win_size + 1)`` SSIM values (scikit-image's map with its border cropped).
+    """
+    if pred.shape != target.shape or pred.ndim != 4:
+        raise ValueError(f"ssim needs two (B, C, H, W) tensors of one shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
+    if min(pred.shape[-2:]) < win_size:
+        raise ValueError(f"images of {tuple(pred.shape[-2:])} are smaller than the {win_size}x{win_size} window")
+    channels = pred.shape[1]
+    kernel = torch.full((channels, 1, win_size, win_size), 1.0 / win_size**2, dtype=pred.dtype, device=pred.device)
+    conv = lambda t: F.conv2d(t, kernel, groups=channels)  # noqa: E731
+    np_ = win_size * win_size
+    cov_norm = np_ / (np_ - 1)
+    ux, uy = conv(pred), conv(target)
+    uxx, uyy, uxy = conv(pred * pred), conv(target * target), conv(pred * target)
+    vx = cov_norm * (uxx - ux * ux)
+    vy = cov_norm * (uyy - uy * uy)
+    vxy = cov_norm * (uxy - ux * uy)
+    r = _as_batch_range(data_range, pred)
+    c1, c2 = (k1 * r) ** 2, (k2 * r) ** 2
+    num = (2 * ux * uy + c1) * (2 * vxy + c2)
+    den = (ux * ux + uy * uy + c1) * (vx + vy + c2)
+    return num / den
+
+
+def ssim(
+    pred: Tensor,
+    target: Tensor,
+    data_range: Tensor | float,
+    win_size: int = 7,
+    k1: float = 0.01,
+    k2: float = 0.03,
+) -> Tensor:
+    """Mean SSIM per image, ``(B,)``; see :func:`ssim_map`. Differentiable, so ``1 − ssim`` is a loss."""
+    return ssim_map(pred, target, data_range, win_size, k1, k2).mean(dim=(1, 2, 3))
+
+
+def nmse(pred: Tensor, target: Tensor) -> Tensor:
+    """Normalised MSE per image ``‖target − pred‖² / ‖target‖²``, ``(B,)`` for ``(B, ...)`` inputs."""
+    dims = tuple(range(1, pred.ndim))
+    return ((target - pred) ** 2).sum(dims) / (target**2).sum(dims)
+
+
+def psnr(pred: Tensor, target: Tensor, data_range: Tensor | float) -> Tensor:
+    """PSNR in dB per image, ``10 log10(R² / MSE)``, ``(B,)``."""
+    dims = tuple(range(1, pred.ndim))
+    mse = ((target - pred) ** 2).mean(dims)
+    r = torch.as_tensor(data_range, dtype=pred.dtype, device=pred.device).reshape(-1)
+    return 10 * torch.log10(r**2 / mse)
+
+
+@dataclass
+class _VolumeSums:
+    sse: float = 0.0
+    energy: float = 0.0
+    pixels: int = 0
+    ssim_sum: float = 0.0
+    slices: int = 0
+    max_value: float = 0.0
+
+
+@dataclass
+class VolumeMetrics:
+    """Accumulates per-slice results into fastMRI's per-volume SSIM, NMSE and PSNR.
+
+    ``update`` takes a batch of slices with their volume names and the volume's maximum (fastMRI's data range);
+    ``rows`` returns one dict per slice (for per-slice CSVs), ``volumes`` one per volume. State is plain Python, so
+    distributed runs gather ``rows`` from every rank and rebuild with :meth:`from_rows`.
+    """
+
+    slice_rows: list[dict] = field(default_factory=list)
+
+    def update(self, pred: Tensor, target: Tensor, fnames: Sequence[str], slice_nums: Sequence[int], max_values: Tensor) -> None:
+        """Args: pred, target ``(B, 1, H, W)`` in the same (un-normalised) units; max_values ``(B,)``."""
+        pred, target = pred.detach().float(), target.detach().float()
+        max_values = torch.as_tensor(max_values, dtype=torch.float32, device=pred.device).reshape(-1)
+        s = ssim(pred, target, max_values)
+        dims = tuple(range(1, pred.ndim))
+        sse = ((target - pred) ** 2).sum(dims)
+        energy = (target**2).sum(dims)
+        pixels = pred[0].numel()
+        for i, (f, n) in enumerate(zip(fnames, slice_nums)):
+            self.slice_rows.append(
+                {
+                    "fname": str(f), "slice": int(n), "ssim": float(s[i]), "sse": float(sse[i]),
+                    "energy": float(energy[i]), "pixels": int(pixels), "max_value": float(max_values[i]),
+                    "nmse": float(sse[i] / energy[i]),
+                    "psnr": float(10 * math.log10(float(max_values[i]) ** 2 / max(float(sse[i]) / pixels, 1e-30))),
+                }
+            )
+
+    @classmethod
+    def from_rows(cls, rows: Iterable[dict]) -> "VolumeMetrics":
+        """Rebuild from rows (e.g. gathered from all ranks); duplicate (fname, slice) rows are kept once."""
+        seen: dict[tuple[str, int], dict] = {}
+        for row in rows:
+            seen.setdefault((row["fname"], row["slice"]), row)
+        return cls(list(seen.values()))
+
+    def volumes(self) -> list[dict]:
+        """One row per volume: ``fname, slices, ssim, nmse, psnr``."""
+        sums: OrderedDict[str, _VolumeSums] = OrderedDict()
+        for row in self.slice_rows:
+            v = sums.setdefault(row["fname"], _VolumeSums())
+            v.sse += row["sse"]
+            v.energy += row["energy"]
+            v.pixels += row["pixels"]
+            v.ssim_sum += row["ssim"]
+            v.slices += 1
+            v.max_value = max(v.max_value, row["max_value"])
+        out = []
+        for fname, v in sums.items():
+            mse = v.sse / max(v.pixels, 1)
+            out.append(
+                {
+                    "fname": fname,
+                    "slices": v.slices,
+                    "ssim": v.ssim_sum / v.slices,
+                    "nmse": v.sse / v.energy if v.energy > 0 else float("nan"),
+                    "psnr": 10 * math.log10(v.max_value**2 / mse) if mse > 0 else float("inf"),
+                }
+            )
+        return out
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """``{"ssim": {"mean", "std", "n"}, "nmse": …, "psnr": …}`` over volumes, plus per-slice ``*_slice`` entries."""
+        vols = self.volumes()
+        out: dict[str, dict[str, float]] = {}
+        for key in ("ssim", "nmse", "psnr"):
+            m, s = mean_std([v[key] for v in vols])
+            out[key] = {"mean": m, "std": s, "n": len(vols)}
+            m, s = mean_std([r[key] for r in self.slice_rows])
+            out[f"{key}_slice"] = {"mean": m, "std": s, "n": len(self.slice_rows)}
+        return out
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and population standard deviation (NumPy's default, as fastMRI reports); NaN for an empty list."""
+    vals = [float(v) for v in values]
+    if not vals:
+        return float("nan"), float("nan")
+    m = sum(vals) / len(vals)
+    return m, math.sqrt(sum((v - m) ** 2 for v in vals) / len(vals))
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (95% for ``z = 1.96``); ``(nan, nan)`` when ``n == 0``."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
