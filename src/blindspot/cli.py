@@ -22,7 +22,9 @@ COMMAND_MODULES: tuple[str, ...] = (
     "blindspot.commands.train",
     "blindspot.commands.evaluate",
     "blindspot.commands.fnaf",
+    "blindspot.commands.audit",
     "blindspot.commands.invariances",
+    "blindspot.commands.lesions",
 )
 
 

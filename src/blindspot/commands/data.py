@@ -9,6 +9,7 @@ SUBCOMMAND_MODULES = (
     "blindspot.commands.data_phantoms",
     "blindspot.commands.data_inspect",
     "blindspot.commands.data_ct_phantoms",
+    "blindspot.commands.data_lesion_phantoms",
 )
 
 

@@ -92,7 +92,7 @@ def read_checkpoint_dict(path: PathLike, map_location: str | torch.device = "cpu
         raise BlindspotError(path, "checkpoint file not found")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError) as err:
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise BlindspotError(path, f"not a loadable checkpoint ({first[:200]})") from None
     if not isinstance(obj, dict):

@@ -1,0 +1,275 @@
+"""FNAF attack throughput against the bare network on the same batch; prints JSON.
+
+For each image size: RS candidates per second (rendering → physics → normalisation → model → scoring, chunked), the
+bare model's images per second on batches of the same shape (``reconstruct`` under ``no_grad``, same chunks), their
+ratio, the same with the recovery reference pass switched off, the gradient search against the bare model's
+forward + backward, a time breakdown of the non-network stages, and peak memory.
+
+    python benchmarks/fnaf_throughput.py                      # U-Net (chans 32) at 320x320 and 64x64
+    python benchmarks/fnaf_throughput.py --model irim --sizes 320 --images 8 --chunk-size 88
+
+Ratios near 1 mean the attack costs what the network costs. The RS ratio counts candidates only, while each image also
+costs one clean reference reconstruction for the recovery criterion, so with ``n`` candidates it is at most
+``n / (n + 1)`` (0.917 at the seed's 11); ``query_ratio`` counts that pass and ``ratio_no_reference`` switches it off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+
+import torch
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timeit(fn, device: torch.device, repeats: int, warmup: int) -> float:
+    """Median wall time of ``fn()`` in seconds."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _phantom_batch(n: int, size: int, mask_func):
+    from blindspot.data.sample import KspaceTransform, collate_mri
+    from blindspot.physics.mri import fft2c
+
+    r = torch.arange(size, dtype=torch.float32)
+    yy, xx = torch.meshgrid(r, r, indexing="ij")
+    tf = KspaceTransform(mask_func)
+    samples = []
+    for i in range(n):
+        c = size / 2 + (i % 7) - 3
+        img = torch.sigmoid(6 * (1 - ((yy - c) / (0.38 * size)) ** 2 - ((xx - size / 2) / (0.3 * size)) ** 2))
+        img = img + 0.6 * torch.sigmoid(6 * (1 - ((yy - c + size / 8) ** 2 + (xx - size / 2) ** 2) / (size / 9) ** 2))
+        samples.append(tf(fft2c(img.to(torch.complex64)), None, f"bench{i}.h5", i))
+    return collate_mri(samples)
+
+
+def _timeit_interleaved(fns: dict, device: torch.device, repeats: int, warmup: int) -> dict:
+    """Median wall time of each ``fn()``, measured in alternating rounds so that drift (other load, clocks) hits all
+    of them alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    _sync(device)
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB → MiB (process lifetime)
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def bench_size(model, size: int, args, device: torch.device) -> dict:
+    from blindspot.attacks.features import FeatureSampler, candidate_keys
+    from blindspot.attacks.fnaf import FnafObjective, eval_mode
+    from blindspot.attacks.search import GradientSearch, RandomSearch
+    from blindspot.models.protocol import reconstruct
+    from blindspot.physics.mri import CartesianUndersampling, create_mask_func
+
+    mask_func = create_mask_func("random", [4])
+    batch = _phantom_batch(args.images, size, mask_func)
+    n, B, cs = args.candidates, args.images, args.chunk_size
+    sampler = FeatureSampler(args.family)
+    rs = RandomSearch(sampler=sampler, n_candidates=n, chunk_size=cs)
+    rs_noref = RandomSearch(sampler=sampler, n_candidates=n, chunk_size=cs, objective=FnafObjective(reference=False))
+    grad = GradientSearch(sampler=sampler, steps=args.grad_steps, init_candidates=args.grad_init, chunk_size=cs)
+
+    obj = FnafObjective()
+    with eval_mode(model):
+        ctx = obj.prepare(model, batch, mask_func)
+    x_bare = ctx.clean_input.repeat_interleave(n, 0)  # B·n inputs, the RS batch's shape
+    mask_bare = ctx.mask.repeat_interleave(n, 0)
+
+    def bare_forward():
+        with torch.no_grad():
+            for s in range(0, B * n, cs):
+                reconstruct(model, x_bare[s : s + cs], mask_bare[s : s + cs])
+
+    def bare_forward_backward():  # what one gradient step costs the network: forward + input gradient
+        for s in range(0, B, cs):
+            v = ctx.clean_input[s : s + cs].clone().requires_grad_(True)
+            out = reconstruct(model, v, ctx.mask[s : s + cs])
+            torch.autograd.grad(out.square().sum(), v)
+
+    model.eval()
+    _reset_peak(device)
+    bare_forward()
+    _sync(device)
+    peak_bare = _peak_mb(device)
+    _reset_peak(device)
+    rs(model, batch, mask_func)
+    _sync(device)
+    peak_rs = _peak_mb(device)
+    timed = _timeit_interleaved(
+        {
+            "bare": bare_forward,
+            "rs": lambda: rs(model, batch, mask_func),
+            "rs_noref": lambda: rs_noref(model, batch, mask_func),
+        },
+        device,
+        args.repeats,
+        args.warmup,
+    )
+    t_bare, t_rs, t_rs_noref = timed["bare"], timed["rs"], timed["rs_noref"]
+
+    # the non-network stages on their own (same chunking)
+    feats = sampler.sample(candidate_keys(ctx.image_keys, range(n)), ctx.region, ctx.dynamic_range)
+    idx = torch.arange(B, device=ctx.device).repeat_interleave(n)
+
+    def render_only():
+        for s in range(0, B * n, cs):
+            feats[s : s + cs].render(ctx.shape)
+
+    rendered = [feats[s : s + cs].render(ctx.shape) for s in range(0, B * n, cs)]
+
+    def physics_only():
+        with torch.no_grad():
+            for k, s in enumerate(range(0, B * n, cs)):
+                i = idx[s : s + cs]
+                y = ctx.target[i] + rendered[k][0]
+                ctx.stats.index(i).apply(CartesianUndersampling(ctx.mask[i])(y))
+
+    class _Echo(torch.nn.Module):  # a free "network": what remains is physics + scoring
+        def forward(self, x):
+            return x
+
+    def pipeline_without_network():
+        rs(_Echo(), batch, mask_func)
+
+    t_render = _timeit(render_only, device, args.repeats, args.warmup)
+    t_physics = _timeit(physics_only, device, args.repeats, args.warmup)
+    t_overhead = _timeit(pipeline_without_network, device, args.repeats, args.warmup)
+
+    grad_entry = {}
+    if args.grad_steps > 0:
+        _reset_peak(device)
+        grad(model, batch, mask_func)
+        _sync(device)
+        peak_grad = _peak_mb(device)
+        tg = _timeit_interleaved({"grad": lambda: grad(model, batch, mask_func), "fb": bare_forward_backward},
+                                 device, max(1, args.repeats // 2), 1)
+        t_grad, t_fb = tg["grad"], tg["fb"]
+        # the network's share of the gradient search: steps × (forward + backward) per image, plus forwards for the
+        # random starts, the last iterate and the clean reference
+        per_image_forward = t_bare / (B * n)
+        ideal = args.grad_steps * t_fb + B * (args.grad_init + 2) * per_image_forward
+        grad_entry = {
+            "grad_steps": args.grad_steps,
+            "grad_init_candidates": args.grad_init,
+            "grad_seconds": t_grad,
+            "bare_forward_backward_seconds": t_fb,
+            "grad_ratio_vs_bare_forward_backward": ideal / t_grad,
+            "peak_memory_mb_grad": peak_grad,
+        }
+    cand = B * n
+    return {
+        "size": [size, size],
+        "images": B,
+        "candidates_per_image": n,
+        "chunk_size": cs,
+        "rs_seconds": t_rs,
+        "rs_candidates_per_s": cand / t_rs,
+        "rs_model_queries_per_s": B * (n + 1) / t_rs,
+        "bare_model_images_per_s": cand / t_bare,
+        "ratio": (cand / t_rs) / (cand / t_bare),
+        "query_ratio": (B * (n + 1) / t_rs) / (cand / t_bare),
+        "ratio_no_reference": (cand / t_rs_noref) / (cand / t_bare),
+        "max_ratio_with_reference": n / (n + 1),
+        "breakdown_seconds": {
+            "bare_model": t_bare,
+            "rs": t_rs,
+            "rs_no_reference": t_rs_noref,
+            "render": t_render,
+            "physics_and_normalisation": t_physics,
+            "rs_with_a_free_network": t_overhead,
+        },
+        "overhead_share": t_overhead / t_rs,
+        "peak_memory_mb_bare": peak_bare,
+        "peak_memory_mb_rs": peak_rs,
+        **grad_entry,
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="unet", help="registered architecture (random weights: speed only)")
+    p.add_argument("--hparams", default="{}", help='JSON constructor arguments, e.g. \'{"chans": 32}\'')
+    p.add_argument("--sizes", nargs="+", type=int, default=[320, 64])
+    p.add_argument("--images", type=int, default=None, help="images per batch (default: 8 on GPU, 1 on CPU)")
+    p.add_argument("--candidates", type=int, default=11)
+    p.add_argument("--chunk-size", type=int, default=None, help="default: images × candidates (one model call)")
+    p.add_argument("--family", default="walk")
+    p.add_argument("--grad-steps", type=int, default=6, help="0 skips the gradient-search measurement")
+    p.add_argument("--grad-init", type=int, default=4, help="random starts of the gradient search")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = p.parse_args(argv)
+
+    from blindspot.models.registry import build_model
+
+    device = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else
+                          ("cpu" if args.device == "auto" else args.device))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    if args.images is None:
+        args.images = 8 if device.type == "cuda" else 1
+    if args.chunk_size is None:
+        args.chunk_size = args.images * args.candidates
+    torch.manual_seed(0)
+    model = build_model(args.model, **json.loads(args.hparams)).to(device).eval()
+    results = {
+        "benchmark": "fnaf_throughput",
+        "model": args.model,
+        "hparams": json.loads(args.hparams),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+        "family": args.family,
+        "sizes": [],
+    }
+    for size in args.sizes:
+        entry = bench_size(model, size, args, device)
+        results["sizes"].append(entry)
+        print(f"# {size}x{size}: ratio {entry['ratio']:.3f}", file=sys.stderr)
+    results["min_ratio"] = min(e["ratio"] for e in results["sizes"])
+    results["min_query_ratio"] = min(e["query_ratio"] for e in results["sizes"])
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Invariance-optimisation throughput against the bare network's forward + backward on the same batch; prints JSON.
+
+For each distance: Adam iterations per second of :class:`blindspot.attacks.invariance.InvarianceAttack` on a batch of
+``images × restarts`` CT-sized inputs, the bare model's forward + backward (gradient with respect to the input, weights
+frozen, as the attack needs) per second on the same batch, their ratio, and peak memory.
+
+    python benchmarks/invariance_throughput.py            # CNN-10, 2 images × 2 restarts, 512×512 (128×128 on a CPU)
+    python benchmarks/invariance_throughput.py --model wganvgg --size 256 --distances mse ssim vgg
+    python benchmarks/invariance_throughput.py --model gaussian-ri --size 512
+
+The attack's per-iteration cost is measured as the difference between runs of ``2n`` and ``n`` iterations (early
+stopping off), so its fixed costs (start noise, the clean and final forward passes) do not count against it. The
+``vgg`` distance times a seeded random VGG16 (the weights do not change the cost). Ratios near 1 mean the
+optimisation costs what the network costs; the rest is the distance, the fidelity term and Adam's update.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _ct_batch(n: int, size: int, device: torch.device) -> torch.Tensor:
+    """Normalised low-dose-like phantom slices ``(n, 1, size, size)`` (noise added in the image domain for speed)."""
+    from blindspot.data.ct_phantom import ct_phantom_batch
+
+    kinds = [("chest", "abdomen")[i % 2] for i in range(n)]
+    hu = ct_phantom_batch(kinds, list(range(n)), [0.5] * n, size=size)
+    hu = hu + 40.0 * torch.randn(hu.shape, generator=torch.Generator().manual_seed(0))
+    return ((hu - hu.mean()) / hu.std()).to(device)
+
+
+def bench(args: argparse.Namespace) -> dict:
+    from blindspot.attacks.distances import build_distance
+    from blindspot.attacks.invariance import DenoiserTarget, InvarianceAttack, InvarianceConfig
+    from blindspot.models.registry import build_model
+
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.size is None:
+        args.size = 512 if device.type == "cuda" else 128
+    torch.manual_seed(0)
+    model = build_model(args.model).to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    rows = args.images * args.restarts
+    x = _ct_batch(args.images, args.size, device)
+    x_rep = x.repeat_interleave(args.restarts, 0)
+
+    # bare model: forward + backward to the input on the same (images × restarts) batch
+    def bare_step() -> None:
+        xi = x_rep.detach().clone().requires_grad_(True)
+        model(xi).sum().backward()
+    def bare(n: int) -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            bare_step()
+        _sync(device)
+        return time.perf_counter() - t0
+
+    bare(args.warmup)
+    _reset_peak(device)
+    bare(1)
+    bare_peak = _peak_mb(device)
+
+    results = {}
+    tmp = tempfile.TemporaryDirectory()
+    for name in args.distances:
+        if name == "vgg":
+            from blindspot.models.vgg import write_seeded_vgg16
+
+            dist = build_distance("vgg", vgg_weights=write_seeded_vgg16(os.path.join(tmp.name, "vgg16.pth")),
+                                  device=device)
+        else:
+            dist = build_distance(name, device=device)
+
+        def run(n: int) -> float:
+            cfg = InvarianceConfig(alpha=0.01, iterations=n, restarts=args.restarts, min_iterations=10**9,
+                                   progress=False)
+            attack = InvarianceAttack(dist, config=cfg)
+            _sync(device)
+            t0 = time.perf_counter()
+            attack(DenoiserTarget(model), x)
+            _sync(device)
+            return time.perf_counter() - t0
+
+        run(args.warmup)
+        _reset_peak(device)
+        attack_s, bare_s, ratios = [], [], []
+        for _ in range(args.repeats):  # interleaved, so both see the same machine load
+            b = bare(args.iterations) / args.iterations
+            t_n = run(args.iterations)
+            t_2n = run(2 * args.iterations)
+            a = max(t_2n - t_n, 1e-12) / args.iterations
+            attack_s.append(a)
+            bare_s.append(b)
+            ratios.append(b / a)
+        results[name] = {
+            "iterations_per_s": 1.0 / statistics.median(attack_s),
+            "bare_forward_backward_per_s": 1.0 / statistics.median(bare_s),
+            "ratio": statistics.median(ratios),
+            "ratios": ratios,
+            "peak_memory_mb": _peak_mb(device),
+        }
+    tmp.cleanup()
+    return {
+        "benchmark": "invariance_throughput",
+        "model": args.model,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "images": args.images,
+        "restarts": args.restarts,
+        "batch_rows": rows,
+        "size": args.size,
+        "iterations_timed": args.iterations,
+        "bare_peak_memory_mb": bare_peak,
+        "peak_memory_unit": "CUDA max allocated" if device.type == "cuda" else "process peak RSS",
+        "distances": results,
+        "min_ratio": min(r["ratio"] for r in results.values()),
+        "target_ratio": 0.9,
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="cnn10", help="registered CT model (weights do not change the cost)")
+    p.add_argument("--size", type=int, help="image side (default 512 on a GPU, 128 on a CPU)")
+    p.add_argument("--images", type=int, default=2)
+    p.add_argument("--restarts", type=int, default=2)
+    p.add_argument("--iterations", type=int, default=5, help="iterations per timed run (the attack runs n and 2n)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--distances", nargs="+", default=["mse", "ssim"], choices=["mse", "ssim", "vgg"])
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+    print(json.dumps(bench(args), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,577 @@
+"""Natural invariances (DESIGN.md §1.3): a conditional generator ``g(z | x)`` trained against a WGAN-GP critic.
+
+Image-domain invariances (:mod:`blindspot.attacks.invariance`) leave the data manifold and need a fresh
+optimisation for every new one. Here a generator learns, once, to turn a low-dose image ``x`` and noise
+``z ~ N(0, I)`` into an image the network ``f`` cannot tell from ``x``, while a critic ``C`` keeps the result
+looking like real low-dose data. The generator minimises, on 80×80 patches,
+
+    ‖f(x) − f(g(z|x))‖  −  α · D(x, g(z|x))  −  β · C(g(z|x))
+
+where ``C`` is a Wasserstein critic (high = real), i.e. the source document's ``+β·C`` with its critic's sign
+convention (low = real) flipped. ``‖·‖`` and ``D`` are the bounded distances of :mod:`blindspot.attacks.distances`.
+The critic minimises ``C(fake) − C(real) + λ·GP`` (WGAN-GP, gradient penalty on random interpolates).
+
+Generator (:class:`ConditionalGenerator`): ``S`` stages from coarse (``1/2^(S−1)`` of the patch) to full resolution.
+Stage ``i`` receives the previous stage's features up-sampled ×2, the condition ``x`` down-sampled to its
+resolution (average pooling), and ``z`` down-sampled the same way and rescaled to unit variance; the last stage's
+features map to a residual added to ``x`` (its last layer starts at zero, so training starts from ``g = x``).
+It is fully convolutional: trained on patches, it samples whole images. ``z`` is one map
+``(B, z_channels, H, W)``, so a new ``z`` changes every scale.
+
+Critic (:class:`PatchCritic`): strided convolutions with leaky ReLUs, no normalisation layers (as WGAN-GP asks),
+and a spatial mean at the end, so it scores a patch of any size ≥ 8 px with one number.
+
+Checkpoint (one file, written atomically; loaded with ``torch.load(..., weights_only=True)``)::
+
+    {"format": "blindspot-invariance-generator", "version": 1,
+     "generator": {"hparams": {...}, "state_dict": {...}},
+     "critic":    {"hparams": {...}, "state_dict": {...}},
+     "optimizers": {"generator": <Adam state_dict>, "critic": <Adam state_dict>},
+     "step": int, "config": {... NaturalConfig ...}, "target": {... what f is, its normalisation ...},
+     "rng": <generator state ByteTensor>}
+
+Training resumes from the checkpoint bit for bit on the CPU: the one random generator (patches, ``z``,
+interpolation weights) is stored with it.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import pickle
+import zipfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from blindspot.attacks.distances import Distance, build_distance
+from blindspot.errors import BlindspotError, PathLike
+from blindspot.fileio import append_jsonl, atomic_write_bytes
+
+FORMAT = "blindspot-invariance-generator"
+VERSION = 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Networks
+# ----------------------------------------------------------------------------------------------------------------
+def _down(t: Tensor, factor: int) -> Tensor:
+    return t if factor == 1 else F.avg_pool2d(t, factor)
+
+
+class ConditionalGenerator(nn.Module):
+    """``g(z | x)``: multi-scale conditional generator of invariances.
+
+    Args:
+        scales: number of stages ``S`` (resolutions ``1/2^(S−1) … 1``).
+        channels: feature channels of every stage.
+        z_channels: channels of the noise map ``z``.
+        blocks: 3×3 convolutions (each followed by a leaky ReLU) per stage.
+
+    ``forward(x, z)``: ``x`` ``(B, 1, H, W)`` normalised images, ``z`` ``(B, z_channels, H, W)`` standard normal →
+    ``(B, 1, H, W)``. Any ``H, W``: inputs are edge-padded to a multiple of ``2^(S−1)`` and the output cropped back.
+    """
+
+    def __init__(self, scales: int = 3, channels: int = 32, z_channels: int = 4, blocks: int = 2) -> None:
+        super().__init__()
+        if scales < 1 or channels < 1 or z_channels < 1 or blocks < 1:
+            raise BlindspotError(None, "generator scales, channels, z_channels and blocks must be at least 1")
+        self.scales, self.channels, self.z_channels, self.blocks = int(scales), int(channels), int(z_channels), int(blocks)
+        self.stages = nn.ModuleList()
+        for i in range(self.scales):
+            in_ch = (channels if i > 0 else 0) + 1 + z_channels
+            layers: list[nn.Module] = []
+            for b in range(blocks):
+                layers += [nn.Conv2d(in_ch if b == 0 else channels, channels, 3, padding=1, padding_mode="replicate"),
+                           nn.LeakyReLU(0.2)]
+            self.stages.append(nn.Sequential(*layers))
+        self.to_residual = nn.Conv2d(channels, 1, 1)
+        nn.init.zeros_(self.to_residual.weight)
+        nn.init.zeros_(self.to_residual.bias)
+
+    @property
+    def hparams(self) -> dict[str, int]:
+        return {"scales": self.scales, "channels": self.channels, "z_channels": self.z_channels, "blocks": self.blocks}
+
+    @property
+    def multiple(self) -> int:
+        return 2 ** (self.scales - 1)
+
+    def sample_z(self, n: int, height: int, width: int, generator: torch.Generator | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Standard normal noise ``(n, z_channels, height, width)``."""
+        return torch.randn(n, self.z_channels, height, width, generator=generator, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor, z: Tensor) -> Tensor:
+        if x.ndim != 4 or x.shape[1] != 1 or z.shape[0] != x.shape[0] or z.shape[1] != self.z_channels \
+                or z.shape[-2:] != x.shape[-2:]:
+            raise ValueError(f"generator takes x (B, 1, H, W) and z (B, {self.z_channels}, H, W), "
+                             f"got {tuple(x.shape)} and {tuple(z.shape)}")
+        H, W = x.shape[-2:]
+        m = self.multiple
+        ph, pw = (-H) % m, (-W) % m
+        xp = F.pad(x, (0, pw, 0, ph), mode="replicate") if ph or pw else x
+        zp = F.pad(z, (0, pw, 0, ph), mode="replicate") if ph or pw else z
+        h: Tensor | None = None
+        for i, stage in enumerate(self.stages):
+            k = 2 ** (self.scales - 1 - i)
+            parts = [_down(xp, k), _down(zp, k) * k]  # k: average of k² unit normals has std 1/k
+            if h is not None:
+                parts.insert(0, F.interpolate(h, scale_factor=2, mode="bilinear", align_corners=False))
+            h = stage(torch.cat(parts, dim=1))
+        out = xp + self.to_residual(h)
+        return out[..., :H, :W]
+
+
+class PatchCritic(nn.Module):
+    """WGAN-GP critic on patches: ``(B, 1, P, P)`` → ``(B,)`` scores (higher = more like real low-dose data).
+
+    Args:
+        channels: channels of the first layer (doubled at each stride-2 layer).
+        depth: number of stride-2 layers (patches must be at least ``2^depth`` px).
+    """
+
+    def __init__(self, channels: int = 32, depth: int = 3) -> None:
+        super().__init__()
+        if channels < 1 or depth < 1:
+            raise BlindspotError(None, "critic channels and depth must be at least 1")
+        self.channels, self.depth = int(channels), int(depth)
+        layers: list[nn.Module] = [nn.Conv2d(1, channels, 3, padding=1), nn.LeakyReLU(0.2)]
+        c = channels
+        for _ in range(depth):
+            layers += [nn.Conv2d(c, 2 * c, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+            c *= 2
+        layers += [nn.Conv2d(c, 1, 3, padding=1)]
+        self.net = nn.Sequential(*layers)
+
+    @property
+    def hparams(self) -> dict[str, int]:
+        return {"channels": self.channels, "depth": self.depth}
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x).mean(dim=(1, 2, 3))
+
+
+def gradient_penalty(critic: nn.Module, real: Tensor, fake: Tensor, eps: Tensor) -> Tensor:
+    """WGAN-GP penalty ``E[(‖∇C(x̂)‖₂ − 1)²]`` at ``x̂ = ε·real + (1 − ε)·fake``; ``eps`` ``(B, 1, 1, 1)`` in [0, 1]."""
+    mix = (eps * real + (1 - eps) * fake).requires_grad_(True)
+    score = critic(mix)
+    (grad,) = torch.autograd.grad(score.sum(), mix, create_graph=True)
+    return (grad.flatten(1).norm(dim=1) - 1).square().mean()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------
+class PatchSampler:
+    """Random square patches of a stack of images, drawn as one batched gather on the images' device.
+
+    Args:
+        images: ``(N, 1, H, W)`` normalised low-dose images (kept where they are; put them on the model's device).
+        patch: patch side in pixels (≤ ``H, W``).
+        weights: optional ``(N,)`` sampling weights (e.g. equal probability per patient); uniform by default.
+    """
+
+    def __init__(self, images: Tensor, patch: int, weights: Tensor | None = None) -> None:
+        if images.ndim != 4 or images.shape[1] != 1 or images.shape[0] < 1:
+            raise BlindspotError(None, f"training images must be (N, 1, H, W), got {tuple(images.shape)}")
+        if patch > min(images.shape[-2:]):
+            raise BlindspotError(None, f"patch {patch} px is larger than the {tuple(images.shape[-2:])} images")
+        if not torch.isfinite(images).all():
+            raise BlindspotError(None, "training images contain NaN or Inf")
+        self.images, self.patch = images, int(patch)
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float32, device=images.device)
+        self._ar = torch.arange(self.patch, device=images.device)
+
+    def __call__(self, n: int, generator: torch.Generator) -> Tensor:
+        """``n`` patches ``(n, 1, P, P)``; ``generator`` lives on the images' device."""
+        N, _, H, W = self.images.shape
+        dev = self.images.device
+        if self.weights is None:
+            idx = torch.randint(N, (n,), generator=generator, device=dev)
+        else:
+            idx = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        top = torch.randint(H - self.patch + 1, (n,), generator=generator, device=dev)
+        left = torch.randint(W - self.patch + 1, (n,), generator=generator, device=dev)
+        rows = (top[:, None] + self._ar)[:, :, None]
+        cols = (left[:, None] + self._ar)[:, None, :]
+        return self.images[idx[:, None, None], 0, rows, cols].unsqueeze(1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NaturalConfig:
+    """Settings of generator training.
+
+    Attributes:
+        alpha: weight of the distance reward ``α·D(x, g)``.
+        beta: weight of the critic term ``β·C(g)``.
+        distance, fidelity: names of ``D`` and ``‖·‖`` (``mse``, ``ssim``, ``vgg``).
+        patch: training patch side (the source document's 80 px).
+        batch_size: patches per step.
+        n_critic: critic updates per generator update.
+        gp_weight: gradient-penalty weight ``λ``.
+        lr, beta1, beta2: Adam settings of both networks (WGAN-GP's 1e-4, 0.5, 0.9).
+        scales, channels, z_channels, blocks: generator architecture.
+        critic_channels, critic_depth: critic architecture.
+        seed: seed of the one random generator (patches, ``z``, interpolates) and of the weight initialisation.
+    """
+
+    alpha: float = 0.1
+    beta: float = 1e-3
+    distance: str = "mse"
+    fidelity: str = "mse"
+    patch: int = 80
+    batch_size: int = 16
+    n_critic: int = 5
+    gp_weight: float = 10.0
+    lr: float = 1e-4
+    beta1: float = 0.5
+    beta2: float = 0.9
+    scales: int = 3
+    channels: int = 32
+    z_channels: int = 4
+    blocks: int = 2
+    critic_channels: int = 32
+    critic_depth: int = 3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.patch < 2 ** self.critic_depth or self.patch % (2 ** (self.scales - 1)):
+            raise BlindspotError(
+                None, f"patch {self.patch} px must be ≥ {2 ** self.critic_depth} and a multiple of {2 ** (self.scales - 1)}"
+            )
+        if self.batch_size < 1 or self.n_critic < 1 or not self.lr > 0 or self.alpha < 0 or self.beta < 0:
+            raise BlindspotError(None, "batch size and n_critic must be ≥ 1, lr > 0, alpha and beta ≥ 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "NaturalConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+#: Config fields that define the trained networks; a resume must not change them.
+_ARCH_FIELDS = ("distance", "fidelity", "patch", "scales", "channels", "z_channels", "blocks", "critic_channels",
+                "critic_depth", "seed", "alpha", "beta", "gp_weight", "n_critic")
+
+
+class NaturalInvarianceTrainer:
+    """Trains ``g(z|x)`` and its critic against a frozen network ``f``; checkpoints and resumes.
+
+    Args:
+        model: the network ``f`` on normalised images ``(B, 1, H, W)`` → ``(B, 1, H, W)`` (frozen, eval mode).
+        images: ``(N, 1, H, W)`` normalised low-dose training images, on the model's device.
+        config: training settings.
+        checkpoint: path of the checkpoint file (written every ``checkpoint_every`` steps and at the end);
+            if it exists, training resumes from it (its config must match).
+        target_info: what ``f`` is (model name/path, normalisation, …), stored in the checkpoint.
+        weights: optional per-image sampling weights ``(N,)``.
+        log_path: JSON-lines file of losses (one row per ``log_every`` steps); default beside the checkpoint.
+        vgg_weights: VGG16 weights file for the ``vgg`` distance.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        images: Tensor,
+        config: NaturalConfig | None = None,
+        checkpoint: PathLike | None = None,
+        target_info: Mapping[str, Any] | None = None,
+        weights: Tensor | None = None,
+        log_path: PathLike | None = None,
+        vgg_weights: PathLike | None = None,
+    ) -> None:
+        self.config = cfg = config or NaturalConfig()
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.device = images.device
+        self.sampler = PatchSampler(images, cfg.patch, weights)
+        self.target_info = dict(target_info or {})
+        self.checkpoint = None if checkpoint is None else Path(checkpoint)
+        self.log_path = Path(log_path) if log_path is not None else (
+            self.checkpoint.with_name("train_log.jsonl") if self.checkpoint is not None else None
+        )
+        torch.manual_seed(cfg.seed)  # weight initialisation
+        self.generator = ConditionalGenerator(cfg.scales, cfg.channels, cfg.z_channels, cfg.blocks).to(self.device)
+        self.critic = PatchCritic(cfg.critic_channels, cfg.critic_depth).to(self.device)
+        betas = (cfg.beta1, cfg.beta2)
+        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr, betas=betas)
+        self.opt_c = torch.optim.Adam(self.critic.parameters(), lr=cfg.lr, betas=betas)
+        self.rng = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.distance: Distance = build_distance(cfg.distance, vgg_weights=vgg_weights, device=self.device)
+        self.fidelity: Distance = (
+            self.distance if cfg.fidelity == cfg.distance
+            else build_distance(cfg.fidelity, vgg_weights=vgg_weights, device=self.device)
+        )
+        self.step = 0
+        if self.checkpoint is not None and self.checkpoint.exists():
+            self._resume(self.checkpoint)
+
+    # -- one step ----------------------------------------------------------------------------------------------
+    def _fake(self, x: Tensor) -> Tensor:
+        z = self.generator.sample_z(x.shape[0], x.shape[-2], x.shape[-1], self.rng, self.device, x.dtype)
+        return self.generator(x, z)
+
+    def train_step(self) -> dict[str, float]:
+        """``n_critic`` critic updates then one generator update; returns the step's losses (floats)."""
+        cfg = self.config
+        self.generator.train()
+        self.critic.train()
+        for _ in range(cfg.n_critic):
+            real = self.sampler(cfg.batch_size, self.rng)
+            with torch.no_grad():
+                fake = self._fake(real)
+            eps = torch.rand(real.shape[0], 1, 1, 1, generator=self.rng, device=self.device, dtype=real.dtype)
+            c_real, c_fake = self.critic(real), self.critic(fake)
+            gp = gradient_penalty(self.critic, real, fake, eps)
+            loss_c = c_fake.mean() - c_real.mean() + cfg.gp_weight * gp
+            self.opt_c.zero_grad(set_to_none=True)
+            loss_c.backward()
+            self.opt_c.step()
+        x = self.sampler(cfg.batch_size, self.rng)
+        for p in self.critic.parameters():
+            p.requires_grad_(False)
+        try:
+            fake = self._fake(x)
+            with torch.no_grad():
+                f_x = self.model(x)
+            fid = self.fidelity(self.model(fake), f_x).mean()
+            dist = self.distance(fake, x).mean()
+            adv = self.critic(fake).mean()
+            loss_g = fid - cfg.alpha * dist - cfg.beta * adv
+            self.opt_g.zero_grad(set_to_none=True)
+            loss_g.backward()
+            self.opt_g.step()
+        finally:
+            for p in self.critic.parameters():
+                p.requires_grad_(True)
+        self.step += 1
+        return {
+            "step": self.step,
+            "loss_critic": float(loss_c.detach()),
+            "wasserstein": float((c_real.mean() - c_fake.mean()).detach()),
+            "gradient_penalty": float(gp.detach()),
+            "loss_generator": float(loss_g.detach()),
+            "fidelity": float(fid.detach()),
+            "distance": float(dist.detach()),
+            "critic_fake": float(adv.detach()),
+        }
+
+    def train(self, steps: int, checkpoint_every: int = 200, log_every: int = 10, progress: bool = True) -> list[dict[str, float]]:
+        """Train until ``self.step == steps`` (continuing from a resumed step); returns the logged rows."""
+        logged: list[dict[str, float]] = []
+        bar = tqdm(total=steps, initial=min(self.step, steps), desc="generator", unit="step",
+                   disable=(not progress) or None)
+        try:
+            while self.step < steps:
+                row = self.train_step()
+                bar.update(1)
+                if self.step % log_every == 0 or self.step == steps:
+                    if not all(math.isfinite(v) for v in row.values()):
+                        raise BlindspotError(self.checkpoint, f"training diverged at step {self.step}: {row}")
+                    logged.append(row)
+                    if self.log_path is not None:
+                        append_jsonl(self.log_path, [row])
+                    bar.set_postfix(fid=f"{row['fidelity']:.3g}", dist=f"{row['distance']:.3g}",
+                                    w=f"{row['wasserstein']:.3g}")
+                if self.checkpoint is not None and (self.step % checkpoint_every == 0 or self.step == steps):
+                    self.save(self.checkpoint)
+        finally:
+            bar.close()
+        return logged
+
+    # -- checkpoints -------------------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "generator": {"hparams": self.generator.hparams, "state_dict": _cpu(self.generator.state_dict())},
+            "critic": {"hparams": self.critic.hparams, "state_dict": _cpu(self.critic.state_dict())},
+            "optimizers": {"generator": self.opt_g.state_dict(), "critic": self.opt_c.state_dict()},
+            "step": int(self.step),
+            "config": self.config.to_dict(),
+            "target": self.target_info,
+            "rng": self.rng.get_state(),
+        }
+
+    def save(self, path: PathLike) -> Path:
+        buf = io.BytesIO()
+        torch.save(self.state(), buf)
+        return atomic_write_bytes(path, buf.getvalue())
+
+    def _resume(self, path: Path) -> None:
+        obj = read_generator_checkpoint(path, map_location=self.device)
+        stored = NaturalConfig.from_dict(obj.get("config") or {})
+        changed = [f for f in _ARCH_FIELDS if getattr(stored, f) != getattr(self.config, f)]
+        if changed:
+            diffs = ", ".join(f"{f} {getattr(stored, f)!r} → {getattr(self.config, f)!r}" for f in changed)
+            raise BlindspotError(path, f"cannot resume with different settings ({diffs}); use another --out")
+        try:
+            self.generator.load_state_dict(obj["generator"]["state_dict"])
+            self.critic.load_state_dict(obj["critic"]["state_dict"])
+            self.opt_g.load_state_dict(obj["optimizers"]["generator"])
+            self.opt_c.load_state_dict(obj["optimizers"]["critic"])
+            self.rng.set_state(obj["rng"].cpu())
+        except (KeyError, RuntimeError, ValueError, TypeError) as err:
+            raise BlindspotError(path, f"generator checkpoint is incomplete or does not fit ({str(err).splitlines()[0][:160]})") from None
+        self.step = int(obj.get("step", 0))
+
+
+def _cpu(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().cpu() for k, v in state.items()}
+
+
+def read_generator_checkpoint(path: PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a generator checkpoint dict with ``weights_only=True``; anything unusable is a :class:`BlindspotError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise BlindspotError(path, "generator checkpoint not found")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BlindspotError(path, f"not a loadable generator checkpoint ({first[:200]})") from None
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise BlindspotError(path, f"not a blindspot invariance-generator checkpoint (format {FORMAT!r} expected)")
+    return obj
+
+
+def load_generator(path: PathLike, map_location: str | torch.device = "cpu") -> tuple[ConditionalGenerator, PatchCritic, dict[str, Any]]:
+    """The trained generator and critic (eval mode) and the checkpoint's metadata (``config``, ``target``, ``step``)."""
+    obj = read_generator_checkpoint(path, map_location)
+    try:
+        gen = ConditionalGenerator(**obj["generator"]["hparams"])
+        gen.load_state_dict(obj["generator"]["state_dict"])
+        critic = PatchCritic(**obj["critic"]["hparams"])
+        critic.load_state_dict(obj["critic"]["state_dict"])
+    except (KeyError, RuntimeError, TypeError) as err:
+        raise BlindspotError(path, f"generator checkpoint does not fit ({str(err).splitlines()[0][:160]})") from None
+    meta = {"config": dict(obj.get("config") or {}), "target": dict(obj.get("target") or {}), "step": int(obj.get("step", 0))}
+    return gen.to(map_location).eval(), critic.to(map_location).eval(), meta
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling and evaluation
+# ----------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def sample_invariances(generator: ConditionalGenerator, x: Tensor, n_samples: int,
+                       seed: int | Sequence[int] = 0, chunk: int = 64) -> Tensor:
+    """Draw ``n_samples`` invariances per image without optimisation: ``(B, n_samples, 1, H, W)``.
+
+    Args:
+        generator: the trained ``g(z|x)`` (put in eval mode).
+        x: ``(B, 1, H, W)`` normalised images on the generator's device.
+        seed: one seed for the batch, or one per image (then an image's samples do not depend on the batch).
+        chunk: most images per generator call (bounds memory).
+    """
+    generator.eval()
+    B, _, H, W = x.shape
+    dev = x.device
+    if isinstance(seed, int):
+        g = torch.Generator(device=dev).manual_seed(int(seed))
+        z = generator.sample_z(B * n_samples, H, W, g, dev, x.dtype)
+    else:
+        seeds = [int(s) for s in seed]
+        if len(seeds) != B:
+            raise ValueError(f"{len(seeds)} seeds for {B} images")
+        z = torch.cat([generator.sample_z(n_samples, H, W, torch.Generator(device=dev).manual_seed(s), dev, x.dtype)
+                       for s in seeds])
+    rep = x.repeat_interleave(n_samples, dim=0)
+    out = torch.empty_like(rep)
+    for s in range(0, rep.shape[0], chunk):
+        out[s : s + chunk] = generator(rep[s : s + chunk], z[s : s + chunk])
+    return out.reshape(B, n_samples, 1, H, W)
+
+
+def tiles(x: Tensor, patch: int) -> Tensor:
+    """Non-overlapping ``patch``×``patch`` tiles of ``(N, 1, H, W)`` images → ``(N·T, 1, patch, patch)``
+    (the whole image when it is smaller than ``patch``)."""
+    if min(x.shape[-2:]) < patch:
+        return x
+    t = x.unfold(-2, patch, patch).unfold(-2, patch, patch)  # (N, 1, nh, nw, P, P)
+    return t.reshape(-1, 1, patch, patch)
+
+
+@torch.no_grad()
+def evaluate_samples(
+    model: nn.Module,
+    x: Tensor,
+    samples: Tensor,
+    critic: PatchCritic | None = None,
+    patch: int = 80,
+    scale: float = 1.0,
+    seed: int = 0,
+) -> dict[str, Tensor]:
+    """How far samples move ``x``, how little they move ``f(x)``, and how real the critic finds them.
+
+    Args:
+        model: ``f`` on normalised images.
+        x: ``(B, 1, H, W)`` normalised images; samples ``(B, S, 1, H, W)`` from :func:`sample_invariances`.
+        critic: the trained critic (optional) — scores non-overlapping ``patch`` tiles.
+        scale: units per normalised unit for the change magnitudes (HU for CT).
+        seed: seed of the white-noise baseline.
+    Returns per image ``(B,)``: ``mean_abs_change`` (mean |g − x|, scaled), ``output_mean_abs_change``,
+    ``output_rms_change`` (scaled), ``change_ratio`` (RMS output change / RMS input change), ``sample_std``
+    (mean pixel-wise std over samples, scaled); with a critic, ``critic_real`` (mean score of ``x``'s tiles),
+    ``critic_samples`` (of the samples' tiles), ``critic_noise`` (of ``x`` plus white noise of the samples' RMS
+    change: an unstructured change of equal size) and ``critic_gap`` = ``critic_real − critic_samples``.
+    """
+    B, S = samples.shape[:2]
+    flat = samples.reshape(B * S, *samples.shape[2:])
+    f_x = model(x)
+    f_s = torch.cat([model(flat[i : i + 64]) for i in range(0, flat.shape[0], 64)]).reshape(B, S, *f_x.shape[1:])
+    d = (samples - x.unsqueeze(1)).flatten(2)
+    od = (f_s - f_x.unsqueeze(1)).flatten(2)
+    rms_in = d.square().mean(-1).sqrt()
+    out = {
+        "mean_abs_change": d.abs().mean(-1).mean(1) * scale,
+        "rms_change": rms_in.mean(1) * scale,
+        "output_mean_abs_change": od.abs().mean(-1).mean(1) * scale,
+        "output_rms_change": od.square().mean(-1).sqrt().mean(1) * scale,
+        "change_ratio": (od.square().mean(-1).sqrt() / rms_in.clamp_min(1e-12)).mean(1),
+        "sample_std": (samples.std(dim=1).flatten(1).mean(-1) * scale) if S > 1 else torch.zeros(B, device=x.device),
+    }
+    if critic is not None:
+        critic.eval()
+        score = lambda imgs: critic(tiles(imgs, patch))  # noqa: E731
+        per = lambda s, n: s.reshape(n, -1).mean(1)  # noqa: E731
+        g = torch.Generator(device=x.device).manual_seed(int(seed))
+        noise = torch.randn(flat.shape, generator=g, device=x.device, dtype=x.dtype)
+        noisy = x.repeat_interleave(S, 0) + noise * rms_in.reshape(-1, 1, 1, 1)
+        out["critic_real"] = per(score(x), B)
+        out["critic_samples"] = per(score(flat), B)
+        out["critic_noise"] = per(score(noisy), B)
+        out["critic_gap"] = out["critic_real"] - out["critic_samples"]
+    return {k: v.detach().cpu() for k, v in out.items()}
+
+
+def train_generator(
+    model: nn.Module,
+    images: Tensor,
+    out: PathLike,
+    steps: int,
+    config: NaturalConfig | None = None,
+    target_info: Mapping[str, Any] | None = None,
+    checkpoint_every: int = 200,
+    log_every: int = 10,
+    progress: bool = True,
+    weights: Tensor | None = None,
+    vgg_weights: PathLike | None = None,
+) -> NaturalInvarianceTrainer:
+    """Train (or resume) a generator in folder ``out`` (``generator.pt``, ``train_log.jsonl``) for ``steps`` steps."""
+    out = Path(out)
+    trainer = NaturalInvarianceTrainer(model, images, config, checkpoint=out / "generator.pt",
+                                       target_info=target_info, weights=weights, vgg_weights=vgg_weights)
+    trainer.train(steps, checkpoint_every=checkpoint_every, log_every=log_every, progress=progress)
+    return trainer

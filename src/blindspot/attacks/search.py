@@ -1,0 +1,493 @@
+"""FNAF searches: random search (RS), finite differences (FD), gradient ascent, and replay of saved features.
+
+Each search is an object configured once and called on ``(model, batch, physics)``; it returns a
+:class:`~blindspot.attacks.records.FnafResult` with the best feature of every image (accepted features first, then the
+highest score — ``L_atk`` for the ``seed`` criterion, ``1 − recovery`` for ``recovery``).
+
+Candidates are processed in chunks of at most ``chunk_size``: a chunk is rendered, acquired, normalised, reconstructed
+and scored as one batch on the model's device, so memory is bounded by the chunk and the cost is the network's.
+
+Candidate ``j`` of an image is a function of (seed, image identity, acceleration, ``j``) only
+(:func:`~blindspot.attacks.features.candidate_keys`): results do not depend on batch size, chunk size or on how a run
+was interrupted, and RS with more candidates evaluates a superset of the candidates of RS with fewer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor, nn
+
+from blindspot.attacks.features import Features, FeatureSampler, Region, candidate_keys
+from blindspot.attacks.fnaf import AttackContext, Evaluation, FnafObjective, eval_mode
+from blindspot.attacks.records import FnafResult, SavedFeatures
+from blindspot.data.sample import MRIBatch
+from blindspot.errors import BlindspotError
+from blindspot.physics.mri import CartesianUndersampling, MaskFunc
+
+SEARCHES: tuple[str, ...] = ("rs", "fd", "grad")
+
+_EV_FIELDS = ("attack_loss", "recovery", "ip_loss", "accepted", "lost_seed", "lost_recovery", "score")
+
+
+def _ev_where(cond: Tensor, a: Evaluation, b: Evaluation) -> Evaluation:
+    return Evaluation(**{k: torch.where(cond, getattr(a, k), getattr(b, k)) for k in _EV_FIELDS})
+
+
+def _ev_detach(ev: Evaluation) -> Evaluation:
+    return Evaluation(**{k: getattr(ev, k).detach() for k in _EV_FIELDS})
+
+
+class _Best:
+    """Running best candidate per image (selection key, parameters, scores, optionally the feature image)."""
+
+    def __init__(self, n_images: int, device: torch.device):
+        self.key = torch.full((n_images,), -math.inf, dtype=torch.float64, device=device)
+        self.features: Features | None = None
+        self.ev: Evaluation | None = None
+        self.values: Tensor | None = None
+        self.support: Tensor | None = None
+
+    def update(self, features: Features, ev: Evaluation, per_image: int, values: Tensor | None = None,
+               support: Tensor | None = None) -> None:
+        """Offer ``B·per_image`` candidates laid out image-major; ties keep the earlier candidate."""
+        B = self.key.shape[0]
+        key = ev.selection_key().reshape(B, per_image)
+        j = key.argmax(1)  # first maximum
+        k = key.gather(1, j[:, None])[:, 0]
+        cand = torch.arange(B, device=key.device) * per_image + j
+        f, e = features[cand], _ev_detach(ev.index(cand))
+        v = None if values is None else values[cand].detach()
+        s = None if support is None else support[cand]
+        if self.features is None:
+            self.key, self.features, self.ev, self.values, self.support = k, f, e, v, s
+            return
+        better = k > self.key
+        self.key = torch.where(better, k, self.key)
+        self.features = f.where(better, self.features)
+        self.ev = _ev_where(better, e, self.ev)
+        if v is not None and self.values is not None:
+            b4 = better.reshape(-1, 1, 1, 1)
+            self.values = torch.where(b4, v, self.values)
+            self.support = torch.where(b4, s, self.support)
+
+
+@dataclass
+class Search:
+    """Base of the FNAF searches.
+
+    Args:
+        sampler: the feature family and its size / intensity ranges.
+        objective: losses, criteria and thresholds.
+        region: where features are centred.
+        chunk_size: most candidates per model call (bounds memory).
+        seed: the run's seed; the same seed gives the same records.
+    """
+
+    sampler: FeatureSampler = FeatureSampler()
+    objective: FnafObjective = FnafObjective()
+    region: Region = Region()
+    chunk_size: int = 64
+    seed: int = 0
+
+    name = "search"
+
+    def __post_init__(self) -> None:
+        if self.chunk_size < 1:
+            raise BlindspotError(None, f"chunk size must be >= 1, got {self.chunk_size}")
+
+    def __call__(
+        self,
+        model: nn.Module,
+        batch: MRIBatch,
+        physics: MaskFunc | CartesianUndersampling | Tensor | None = None,
+    ) -> FnafResult:
+        """Attack every image of ``batch``.
+
+        Args:
+            model: any MRI reconstruction ``nn.Module`` (run in eval mode; its mode is restored afterwards).
+            batch: the images (``target`` ``(B, 1, h, w)`` is the truth).
+            physics: a mask function (drawn per image for the truth's width, seeded by file name), an operator or mask,
+                or ``None`` for the batch's own masks.
+        """
+        with eval_mode(model):
+            ctx = self.objective.prepare(model, batch, physics, self.region, self.seed)
+            return self.run(model, ctx)
+
+    def run(self, model: nn.Module, ctx: AttackContext) -> FnafResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # helpers ------------------------------------------------------------------------------------------------------
+    def sample(self, ctx: AttackContext, indices: range) -> Features:
+        """Candidates ``indices`` of every image: ``B·len(indices)`` features, image-major."""
+        keys = candidate_keys(ctx.image_keys, torch.arange(indices.start, indices.stop, dtype=torch.int64))
+        return self.sampler.sample(keys, ctx.region, ctx.dynamic_range)
+
+    def score(self, model: nn.Module, ctx: AttackContext, image_idx: Tensor, features: Features) -> Evaluation:
+        """Render and score candidates chunk by chunk without gradients."""
+        out = []
+        for s in range(0, len(features), self.chunk_size):
+            f = features[s : s + self.chunk_size]
+            values, support = f.render(ctx.shape)
+            with torch.no_grad():
+                ev = self.objective.evaluate(model, ctx, image_idx[s : s + self.chunk_size], values, support)
+            out.append(_ev_detach(ev))
+        return Evaluation.cat(out)
+
+    def allowed_max(self, ctx: AttackContext) -> Tensor:
+        """Upper bound of feature intensities per image ``(B,)``: the sampler's ``hi`` × the dynamic range."""
+        return self.sampler.intensities[1] * ctx.dynamic_range
+
+    def result(self, ctx: AttackContext, best: _Best, queries: int, gradients: int = 0) -> FnafResult:
+        B = len(ctx)
+        values, support = (best.values, best.support) if best.values is not None else best.features.render(ctx.shape)
+        return FnafResult(
+            search=self.name,
+            criterion=self.objective.criterion,
+            keys=list(ctx.keys),
+            fname=list(ctx.fname),
+            slice_num=list(ctx.slice_num),
+            acceleration=ctx.acceleration,
+            features=best.features,
+            feature=values,
+            support=support,
+            evaluation=best.ev,
+            queries=torch.full((B,), queries + ctx.reference_queries, dtype=torch.int64),
+            gradients=torch.full((B,), gradients, dtype=torch.int64),
+            loss_threshold=self.objective.effective_loss_threshold(ctx.shape),
+        )
+
+
+@dataclass
+class RandomSearch(Search):
+    """RS: ``n_candidates`` random features per image, keep the worst case (the seed evaluates with 11)."""
+
+    n_candidates: int = 11
+    name = "rs"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.n_candidates < 1:
+            raise BlindspotError(None, f"RS needs at least 1 candidate, got {self.n_candidates}")
+
+    def run(self, model: nn.Module, ctx: AttackContext) -> FnafResult:
+        n, B = self.n_candidates, len(ctx)
+        feats = self.sample(ctx, range(n))
+        idx = torch.arange(B, device=ctx.device).repeat_interleave(n)
+        ev = self.score(model, ctx, idx, feats)
+        best = _Best(B, ctx.device)
+        best.update(feats, ev, n)
+        return self.result(ctx, best, queries=n)
+
+
+@dataclass
+class FiniteDifferenceSearch(Search):
+    """FD: finite-difference ascent on the feature's location (and its intensity), from ``restarts`` random starts.
+
+    Each iteration probes every coordinate at ``±step/2`` (central differences), then moves the location by
+    ``move`` pixels along the normalised gradient (locations are kept inside the bounding box of the image's region) and the intensity by a factor ``exp(±intensity_step)`` (sign
+    ascent in log-intensity, kept within ``(0, hi × range]``). Every probe is itself a candidate; the best of all
+    is kept. The intensity is searched only when ``"intensity"`` is in ``coordinates`` and the family's intensity
+    range is not a single value (the seed's walk has its per-pixel values drawn from the image's range, so the
+    default FD on walks is the seed's: location only, 2 iterations, 11 queries per image).
+
+    Args:
+        iterations: ascent steps (seed: 2).
+        restarts: random starting features per image.
+        location_step: probe spacing in pixels (``None`` → 10 px at 320 px, scaled with the image, at least 1).
+        move: pixels moved per iteration (``None`` → twice the probe spacing).
+        intensity_step: log-intensity probe spacing and step.
+        coordinates: any of ``"location"`` and ``"intensity"``.
+    """
+
+    iterations: int = 2
+    restarts: int = 1
+    location_step: float | None = None
+    move: float | None = None
+    intensity_step: float = 0.25
+    coordinates: tuple[str, ...] = ("location", "intensity")
+    name = "fd"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        bad = set(self.coordinates) - {"location", "intensity"}
+        if bad or not self.coordinates:
+            raise BlindspotError(None, f"FD coordinates must be location and/or intensity, got {self.coordinates}")
+        if self.iterations < 0 or self.restarts < 1:
+            raise BlindspotError(None, "FD needs iterations >= 0 and restarts >= 1")
+
+    def _coords(self) -> list[str]:
+        out = []
+        if "location" in self.coordinates:
+            out += ["row", "col"]
+        lo, hi = self.sampler.intensities
+        if "intensity" in self.coordinates and hi > lo:
+            out.append("intensity")
+        return out
+
+    @staticmethod
+    def _region_boxes(region: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-image bounding boxes of the allowed centres: ``(lo, hi)``, each float ``(B, 2)`` (row, col)."""
+        h, w = region.shape[-2:]
+        rows, cols = region.any(2), region.any(1)  # (B, h), (B, w)
+        ar_h = torch.arange(h, device=region.device, dtype=torch.float32)
+        ar_w = torch.arange(w, device=region.device, dtype=torch.float32)
+        big = float(max(h, w))
+        lo = torch.stack([torch.where(rows, ar_h, big).amin(1), torch.where(cols, ar_w, big).amin(1)], 1)
+        hi = torch.stack([torch.where(rows, ar_h, -1.0).amax(1), torch.where(cols, ar_w, -1.0).amax(1)], 1)
+        return lo, hi
+
+    def run(self, model: nn.Module, ctx: AttackContext) -> FnafResult:
+        B, r = len(ctx), self.restarts
+        h, w = ctx.shape
+        dev = ctx.device
+        lo, hi = self._region_boxes(ctx.region)
+        lo, hi = lo.repeat_interleave(r, 0), hi.repeat_interleave(r, 0)
+
+        def inside(f: Features) -> Features:
+            return replace(f, center=torch.maximum(torch.minimum(f.center, hi), lo))
+
+        step = self.location_step if self.location_step is not None else max(1.0, 10.0 * min(h, w) / 320.0)
+        move = self.move if self.move is not None else 2.0 * step
+        coords = self._coords()
+        k = len(coords)
+        cur = self.sample(ctx, range(r))  # (B·r)
+        img = torch.arange(B, device=dev).repeat_interleave(r)
+        vmax = self.allowed_max(ctx).repeat_interleave(r)
+        vmin = 1e-3 * vmax
+        best = _Best(B, dev)
+        ev = self.score(model, ctx, img, cur)
+        best.update(cur, ev, r)
+        queries = r
+        for _ in range(self.iterations):
+            if k == 0:
+                break
+            # probes, ordered (image, restart, coordinate, sign)
+            probes = []
+            for c in coords:
+                for sign in (-1.0, 1.0):
+                    if c == "intensity":
+                        probes.append(cur.with_intensity((cur.intensity * math.exp(sign * self.intensity_step / 2))
+                                                         .clamp(vmin, vmax)))
+                    else:
+                        off = torch.zeros(len(cur), 2, device=dev)
+                        off[:, 0 if c == "row" else 1] = sign * step / 2
+                        probes.append(inside(cur.moved(off, (h, w))))
+            stacked = Features.cat(probes)  # (2k·B·r) ordered (probe, image, restart)
+            order = torch.arange(len(stacked), device=dev).reshape(2 * k, B * r).t().reshape(-1)
+            stacked = stacked[order]  # (image, restart, probe)
+            ev_p = self.score(model, ctx, img.repeat_interleave(2 * k), stacked)
+            best.update(stacked, ev_p, r * 2 * k)
+            s = torch.nan_to_num(ev_p.score, nan=0.0).reshape(B * r, k, 2)
+            grad = (s[..., 1] - s[..., 0])  # (B·r, k): differences over the probe spacing
+            nxt = cur
+            if "row" in coords:
+                g = grad[:, :2] / step
+                norm = g.norm(dim=1, keepdim=True)
+                direction = torch.where(norm > 0, g / norm.clamp_min(1e-30), torch.zeros_like(g))
+                nxt = inside(nxt.moved(direction * move, (h, w)))
+            if "intensity" in coords:
+                gi = grad[:, coords.index("intensity")]
+                nxt = nxt.with_intensity((nxt.intensity * torch.exp(torch.sign(gi) * self.intensity_step))
+                                         .clamp(vmin, vmax))
+            cur = nxt
+            ev = self.score(model, ctx, img, cur)
+            best.update(cur, ev, r)
+            queries += r * (2 * k + 1)
+        return self.result(ctx, best, queries=queries)
+
+
+@dataclass
+class GradientSearch(Search):
+    """Gradient ascent on the feature's pixel intensities inside its support, through the differentiable physics and
+    model, projected onto ``[0, hi × range]`` (signed steps: projected gradient ascent under a box constraint).
+
+    The support (shape and place) is what the gradient cannot move, and it matters most (a 90-pixel walk beats a
+    15-pixel one at any intensity), so the search first picks the best of ``init_candidates`` random features (RS)
+    and then spends the rest of its budget on ``steps`` ascent steps of ``step_size × hi × range``, evaluating the last
+    iterate too. Queries per image: ``init_candidates`` (when > 1) ``+ steps + 1`` — the defaults (4 + 6 + 1) match
+    RS with the seed's 11 candidates — and ``steps`` backward passes. Every iterate is a candidate; the best is kept.
+    """
+
+    steps: int = 6
+    step_size: float = 0.2
+    init_candidates: int = 4
+    name = "grad"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.steps < 0 or self.init_candidates < 1 or self.step_size <= 0:
+            raise BlindspotError(None, "gradient search needs steps >= 0, init_candidates >= 1 and step_size > 0")
+
+    def run(self, model: nn.Module, ctx: AttackContext) -> FnafResult:
+        B, n = len(ctx), self.init_candidates
+        dev = ctx.device
+        queries = 0
+        init = self.sample(ctx, range(n))
+        if n > 1:
+            ev = self.score(model, ctx, torch.arange(B, device=dev).repeat_interleave(n), init)
+            pick = _Best(B, dev)
+            pick.update(init, ev, n)
+            start = pick.features
+            queries += n
+        else:
+            start = init
+        vmax_all = self.allowed_max(ctx)
+        best = _Best(B, dev)
+        for s in range(0, B, self.chunk_size):
+            idx = torch.arange(s, min(B, s + self.chunk_size), device=dev)
+            f = start[idx]
+            values, support = f.render(ctx.shape)
+            sup = support.to(values.dtype)
+            vmax = vmax_all[idx].reshape(-1, 1, 1, 1)
+            v = values.detach()
+            chunk_best = _Best(len(idx), dev)
+            for t in range(self.steps + 1):
+                last = t == self.steps
+                with torch.set_grad_enabled(not last):
+                    var = v.clone().requires_grad_(not last)
+                    ev = self.objective.evaluate(model, ctx, idx, var * sup, support)
+                    if not last:
+                        (g,) = torch.autograd.grad(ev.score.sum(), var)
+                chunk_best.update(f, ev, 1, values=v * sup, support=support)
+                if not last:
+                    v = torch.minimum((v + self.step_size * vmax * torch.sign(g) * sup).clamp_min(0.0), vmax).detach()
+            if best.features is None:
+                best = chunk_best
+            else:
+                best.key = torch.cat([best.key, chunk_best.key])
+                best.features = Features.cat([best.features, chunk_best.features])
+                best.ev = Evaluation.cat([best.ev, chunk_best.ev])
+                best.values = torch.cat([best.values, chunk_best.values])
+                best.support = torch.cat([best.support, chunk_best.support])
+        queries += self.steps + 1
+        return self.result(ctx, best, queries=queries, gradients=self.steps)
+
+
+@dataclass
+class ReplaySearch(Search):
+    """Replay saved features (found against another model) on this model: the transferability experiment.
+
+    Args:
+        saved: features loaded with :func:`~blindspot.attacks.records.load_features`.
+        source_search: which search's features to replay (``None``: the only one saved).
+
+    Images without a saved feature (for their key and acceleration) are left out of the result.
+    """
+
+    saved: SavedFeatures | None = None
+    source_search: str | None = None
+    name = "replay"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.saved is None or len(self.saved) == 0:
+            raise BlindspotError(None, "nothing to replay: no saved features")
+        searches = self.saved.searches()
+        if self.source_search is None:
+            if len(searches) != 1:
+                raise BlindspotError(None, f"saved features come from several searches ({', '.join(searches)}); "
+                                           "choose one")
+            self.source_search = searches[0]
+        elif self.source_search not in searches:
+            raise BlindspotError(None, f"no saved features from search {self.source_search!r} "
+                                       f"(saved: {', '.join(searches)})")
+        self.name = f"replay-{self.source_search}"
+
+    def run(self, model: nn.Module, ctx: AttackContext) -> FnafResult:
+        found = [self.saved.get(k, a, self.source_search) for k, a in zip(ctx.keys, ctx.acceleration.tolist())]
+        keep = [i for i, e in enumerate(found) if e is not None]
+        entries = [found[i] for i in keep]
+        sub = ctx.subset(keep)
+        dev = ctx.device
+        if not entries:
+            empty = Features("walk", *(torch.zeros(0, 2, device=dev),) * 2, torch.zeros(0, device=dev),
+                             torch.zeros(0, device=dev), torch.zeros(0, dtype=torch.int64, device=dev))
+            z = torch.zeros(0, device=dev)
+            ev = Evaluation(z, z, z, z.bool(), z.bool(), z.bool(), z)
+            return FnafResult(self.name, self.objective.criterion, [], [], [], torch.zeros(0), empty,
+                              torch.zeros(0, 1, *ctx.shape, device=dev), torch.zeros(0, 1, *ctx.shape, device=dev).bool(),
+                              ev, torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
+        families = {e.family for e in entries}
+        if len(families) != 1:
+            raise BlindspotError(None, f"saved features mix families {sorted(families)}")
+        for e in entries:
+            if tuple(e.feature.shape[-2:]) != ctx.shape:
+                raise BlindspotError(e.key, f"saved feature is {tuple(e.feature.shape[-2:])} but the image is "
+                                            f"{ctx.shape}")
+        values = torch.stack([e.feature for e in entries]).to(dev)
+        support = torch.stack([e.support for e in entries]).to(dev)
+        p = {name: torch.stack([e.params[name] for e in entries]).to(dev) for name in entries[0].params}
+        feats = Features(entries[0].family, p["center"], p["size"], p["angle"], p["intensity"], p["seed"])
+        B = len(entries)
+        evs = []
+        for s in range(0, B, self.chunk_size):
+            i = torch.arange(s, min(B, s + self.chunk_size), device=dev)
+            with torch.no_grad():
+                evs.append(_ev_detach(self.objective.evaluate(model, sub, i, values[i], support[i])))
+        ev = Evaluation.cat(evs)
+        return FnafResult(
+            search=self.name,
+            criterion=self.objective.criterion,
+            keys=list(sub.keys),
+            fname=list(sub.fname),
+            slice_num=list(sub.slice_num),
+            acceleration=sub.acceleration,
+            features=feats,
+            feature=values,
+            support=support,
+            evaluation=ev,
+            queries=torch.full((B,), 1 + sub.reference_queries, dtype=torch.int64),
+            gradients=torch.zeros(B, dtype=torch.int64),
+            loss_threshold=self.objective.effective_loss_threshold(ctx.shape),
+        )
+
+
+def build_search(name: str, **kwargs) -> Search:
+    """A search by name (``rs``, ``fd``, ``grad``) with its keyword configuration."""
+    classes = {"rs": RandomSearch, "fd": FiniteDifferenceSearch, "grad": GradientSearch}
+    if name not in classes:
+        raise BlindspotError(None, f"unknown search {name!r}; choose from {', '.join(SEARCHES)}")
+    return classes[name](**kwargs)
+
+
+def example_images(
+    model: nn.Module,
+    batch: MRIBatch,
+    physics: MaskFunc | CartesianUndersampling | Tensor | None,
+    result: FnafResult,
+    objective: FnafObjective,
+    which: list[int],
+) -> list[dict]:
+    """The images behind some records, for figures: re-runs the chosen features (one query each, plus the clean
+    reference) and returns, per record, CPU tensors ``(h, w)`` ``input`` ``N(x')``, ``truth`` ``N(y')``, ``output``
+    ``f(N(x'))``, ``clean_output``, ``feature`` ``δ'/σ`` and ``T``, with the record's ``key`` and scores."""
+    from blindspot.attacks.fnaf import subset_batch
+
+    if not which:
+        return []
+    pos = [batch.keys.index(result.keys[i]) for i in which]
+    obj = replace(objective, reference=True)
+    with eval_mode(model), torch.no_grad():
+        ctx = obj.prepare(model, subset_batch(batch, pos), physics)
+        feat = result.feature[which].to(ctx.device)
+        sup = result.support[which].to(ctx.device)
+        ev = obj.evaluate(model, ctx, torch.arange(len(which), device=ctx.device), feat, sup, return_images=True)
+        scaled = ctx.stats.scale(feat)
+    out = []
+    for j, i in enumerate(which):
+        out.append({
+            "key": result.keys[i],
+            "input": ev.images["input"][j, 0].cpu(),
+            "truth": ev.images["truth"][j, 0].cpu(),
+            "output": ev.images["output"][j, 0].cpu(),
+            "clean_output": ctx.clean_output[j, 0].cpu(),
+            "feature": scaled[j, 0].cpu(),
+            "T": ev.images["T"][j, 0].cpu(),
+            "attack_loss": float(ev.attack_loss[j]),
+            "recovery": float(ev.recovery[j]),
+            "ip_loss": float(ev.ip_loss[j]),
+        })
+    return out

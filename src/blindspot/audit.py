@@ -1,0 +1,531 @@
+"""The audit: everything the first source document measures, for a set of MRI reconstruction models, in one run.
+
+For each acceleration it computes
+
+* **Table 1** — SSIM, NMSE (mean ± std over volumes) and PSNR of every model, with the zero-filled baseline
+  (:func:`blindspot.evaluate.evaluate_models`);
+* **Table 2** — the FNAF attack rate of every search (RS, FD, gradient) with its 95% Wilson interval and the mean
+  attack loss (:mod:`blindspot.attacks.search`, :func:`blindspot.attacks.records.summarize`);
+* **the IP table** — IP acceptance rate and mean IP loss;
+* **transferability** — the features found against each model replayed on every other audited model;
+
+and writes into ``RUN_DIR``: ``report.html`` (self-contained, figures embedded), ``results.json`` (attack rates keyed
+by model name), ``table1.csv``, ``table2.csv``, ``ip_table.csv``, ``transfer.csv``, ``records.csv`` /
+``records.jsonl`` (one row per image, model, acceleration and search), ``tables.md``, ``features/`` (the found
+features, replayable with ``blindspot fnaf --replay``) and ``figures/``.
+
+Without models it audits the bundled demo models (:func:`bundled_models`) on freshly generated phantoms whose seeds
+were used neither for training nor for model selection.
+
+Python API::
+
+    from blindspot.audit import AuditConfig, bundled_models, run_audit
+    result = run_audit(bundled_models(), out_dir="runs/audit", config=AuditConfig(phantom_volumes=2))
+    print(result.attack_rates["U-Net"]["4x"]["rs"]["attack_rate"])
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
+from blindspot.errors import BlindspotError, PathLike
+from blindspot.fileio import append_jsonl, atomic_write_text, read_jsonl, write_csv, write_json
+
+#: The bundled demo models: (row label, file in ``blindspot/weights``).
+BUNDLED: tuple[tuple[str, str], ...] = (
+    ("U-Net", "mri_unet.pt"),
+    ("FNAF-robust U-Net", "mri_unet_robust.pt"),
+    ("I-RIM", "mri_irim.pt"),
+)
+
+#: First phantom seed of the audit's default data: training used 1000+, validation (model selection) 0–3.
+AUDIT_PHANTOM_SEED = 100
+
+
+def weights_dir() -> Path:
+    """The folder of the bundled weights inside the installed package."""
+    return Path(str(resources.files("blindspot") / "weights"))
+
+
+def bundled_models() -> list[tuple[str, Path]]:
+    """``[(label, checkpoint path), …]`` of the bundled demo models (see ``blindspot/weights/README.md``)."""
+    out = []
+    for name, file in BUNDLED:
+        path = weights_dir() / file
+        if not path.is_file():
+            raise BlindspotError(path, "bundled model is missing from the installation")
+        out.append((name, path))
+    return out
+
+
+@dataclass
+class AuditConfig:
+    """What the audit measures and on which data.
+
+    Attributes:
+        accelerations: acceleration factors (each with its standard centre fraction unless given).
+        center_fractions: one per acceleration, or ``None`` for 4x → 0.08, 8x → 0.04.
+        mask_type: ``"random"`` or ``"equispaced"`` (``None``: the first checkpoint's, else random).
+        searches: FNAF searches among ``rs``, ``fd``, ``grad``.
+        family: feature family (the seed's ``walk`` by default).
+        criterion: ``seed`` (attack loss ≥ threshold) or ``recovery``.
+        candidates: RS candidates per image (seed: 11); fd_iterations; grad_steps and grad_init (4 + 6 + 1 = 11 queries).
+        transfer: replay each model's features on every other audited model.
+        phantom_volumes, phantom_slices, phantom_seed: the phantom data (without ``data``); geometry follows the first
+            checkpoint's training phantoms.
+        limit: attack / evaluate only the first ``limit`` images.
+        batch_size: images per attack batch; chunk_size: most candidates per model call.
+        seed: the attack's seed.
+        device: ``auto``, ``cpu``, ``cuda``…
+        figures: write figures (and embed them in the report).
+        progress: progress bars (``None``: on a terminal).
+    """
+
+    accelerations: tuple[float, ...] = (4.0, 8.0)
+    center_fractions: tuple[float, ...] | None = None
+    mask_type: str | None = None
+    searches: tuple[str, ...] = ("rs", "fd", "grad")
+    family: str = "walk"
+    criterion: str = "seed"
+    candidates: int = 11
+    fd_iterations: int = 2
+    grad_steps: int = 6
+    grad_init: int = 4
+    transfer: bool = True
+    phantom_volumes: int = 6
+    phantom_slices: int = 6
+    phantom_seed: int = AUDIT_PHANTOM_SEED
+    limit: int | None = None
+    batch_size: int = 16
+    chunk_size: int = 96
+    seed: int = 0
+    device: str = "auto"
+    figures: bool = True
+    progress: bool | None = None
+
+    def check(self) -> None:
+        from blindspot.attacks.search import SEARCHES
+
+        bad = [s for s in self.searches if s not in SEARCHES]
+        if bad or not self.searches:
+            raise BlindspotError(None, f"unknown search {bad[0] if bad else ''!r}; choose from {', '.join(SEARCHES)}")
+        if self.center_fractions is not None and len(self.center_fractions) != len(self.accelerations):
+            raise BlindspotError(None, "give one centre fraction per acceleration")
+        for name in ("candidates", "grad_init", "batch_size", "chunk_size", "phantom_volumes", "phantom_slices"):
+            if getattr(self, name) < 1:
+                raise BlindspotError(None, f"{name.replace('_', '-')} must be >= 1")
+        if self.limit is not None and self.limit < 1:
+            raise BlindspotError(None, "limit must be >= 1")
+
+
+@dataclass
+class AuditResult:
+    """What :func:`run_audit` returns (everything is also in ``out_dir``).
+
+    Attributes:
+        table1: Table 1 rows (one per model and acceleration; :data:`blindspot.evaluate.TABLE_COLUMNS`).
+        table2: Table 2 rows (one per model and acceleration, columns per search).
+        ip_table: the IP table's two rows.
+        attack_rates: ``{model: {"4x": {search: summary}}}`` (:func:`blindspot.attacks.records.summarize`).
+        transfer: rows ``{source, target, acceleration, search, transfer_rate, ci_low, ci_high, …}``.
+        records: per-image attack records.
+        markdown: all tables as Markdown (what the terminal shows).
+        report: path of ``report.html``.
+        timings: seconds per stage.
+    """
+
+    table1: list[dict[str, Any]]
+    table2: list[dict[str, Any]]
+    ip_table: list[dict[str, Any]]
+    attack_rates: dict[str, dict[str, dict[str, dict[str, Any]]]]
+    transfer: list[dict[str, Any]]
+    records: list[dict[str, Any]]
+    markdown: str
+    report: Path
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def _acc_key(acc: float) -> str:
+    return f"{float(acc):g}x"
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name).strip("_") or "model"
+
+
+def load_models(specs: Sequence[tuple[str | None, PathLike]], device: torch.device) -> list:
+    """Load ``[(label or None, checkpoint), …]`` as :class:`blindspot.evaluate.EvalModel` (baseline excluded)."""
+    from blindspot.evaluate import load_eval_models
+
+    if not specs:
+        raise BlindspotError(None, "no models to audit")
+    names = [n for n, _ in specs]
+    sources = [str(p) for _, p in specs]
+    if any(n is None for n in names):
+        names = None if all(n is None for n in names) else [n or Path(p).stem for n, p in specs]
+    return load_eval_models(sources, names, device=device, zero_filled=False)
+
+
+def run_audit(
+    models: Sequence[tuple[str | None, PathLike]],
+    out_dir: PathLike,
+    data: PathLike | None = None,
+    config: AuditConfig | None = None,
+    crop: tuple[int, int] | None = None,
+    resume: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> AuditResult:
+    """Audit ``models`` and write the report.
+
+    Args:
+        models: ``[(label, checkpoint path), …]``; a ``None`` label takes the architecture's display name.
+        out_dir: the run folder.
+        data: fastMRI HDF5 / DICOM / image file or folder; ``None`` → phantoms (geometry of the first checkpoint's
+            training phantoms, seeds from ``config.phantom_seed``).
+        config: :class:`AuditConfig`.
+        crop: ``(h, w)`` working size (default: the first checkpoint's crop, else the data's).
+        resume: reuse the records of an interrupted run in ``out_dir`` (same settings) instead of recomputing them.
+        log: where progress lines go (default: nowhere).
+    """
+    from blindspot.attacks.features import FeatureSampler, Region
+    from blindspot.attacks.fnaf import FnafObjective
+    from blindspot.attacks.records import (RECORD_COLUMNS, group_rows, ip_table, load_features, save_features,
+                                           summarize, table2, transfer_rate)
+    from blindspot.attacks.search import ReplaySearch, build_search
+    from blindspot.data.mri import open_mri_dataset
+    from blindspot.data.sample import collate_mri
+    from blindspot.evaluate import TABLE_COLUMNS, evaluate_models, load_eval_models, table_markdown
+    from blindspot.physics.mri import create_mask_func
+    from blindspot.training.distributed import resolve_device
+
+    config = config or AuditConfig()
+    config.check()
+    say = log or (lambda s: None)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    device = resolve_device(config.device)
+    audited = load_models(models, device)
+    names = [m.name for m in audited]
+    physics0 = audited[0].physics or {}
+    mask_type = config.mask_type or physics0.get("mask_type") or "random"
+    if crop is None and physics0.get("crop"):
+        crop = tuple(int(c) for c in physics0["crop"])
+    cfs = list(create_mask_func(mask_type, list(config.accelerations), config.center_fractions).center_fractions)
+    geometry = {k: tuple(v) for k, v in (physics0.get("phantom") or {}).items() if k in ("shape", "recon_size")}
+
+    def open_dataset(mask_func) -> Dataset:
+        if data is not None:
+            ds = open_mri_dataset(data, mask_func, crop)
+        else:
+            ds = open_mri_dataset(None, mask_func, crop, volumes=config.phantom_volumes, slices=config.phantom_slices,
+                                  seed=config.phantom_seed, **geometry)
+        if config.limit is not None:
+            ds = Subset(ds, range(min(config.limit, len(ds))))
+        if len(ds) == 0:
+            raise BlindspotError(data, "no images to audit")
+        return ds
+
+    settings = {
+        "models": [{"name": m.name, "source": m.source, "architecture": m.architecture} for m in audited],
+        "data": str(data) if data is not None else f"built-in knee phantoms, {config.phantom_volumes} volumes x "
+        f"{config.phantom_slices} slices from seed {config.phantom_seed}",
+        "crop": list(crop) if crop else None, "mask_type": mask_type, "center_fractions": cfs,
+        **{k: v for k, v in asdict(config).items() if k not in ("device", "progress", "figures")},
+    }
+    settings["accelerations"] = [float(a) for a in config.accelerations]
+    settings["searches"] = list(config.searches)
+    _check_run_dir(out, settings, resume)
+    t_load = time.perf_counter()
+    timings["load"] = t_load - t0
+
+    # ---- Table 1 ------------------------------------------------------------------------------------------------
+    say("Table 1: reconstruction quality")
+    eval_models = load_eval_models(["zero-filled"], device=device, zero_filled=False) + audited
+    ev = evaluate_models(eval_models, config.accelerations, cfs, open_dataset, mask_type=mask_type,
+                         batch_size=config.batch_size, device=device, out_dir=out, resume=True,
+                         progress=config.progress)
+    t1_rows = ev.rows
+    write_csv(out / "table1.csv", t1_rows, TABLE_COLUMNS)
+    timings["table1"] = time.perf_counter() - t_load
+
+    # ---- attacks -------------------------------------------------------------------------------------------------
+    t_att = time.perf_counter()
+    objective = FnafObjective(criterion=config.criterion)
+    common = dict(sampler=FeatureSampler(config.family), objective=objective, region=Region(),
+                  chunk_size=config.chunk_size, seed=config.seed)
+    per = {"rs": dict(n_candidates=config.candidates), "fd": dict(iterations=config.fd_iterations),
+           "grad": dict(steps=config.grad_steps, init_candidates=config.grad_init)}
+    searches = [build_search(s, **common, **per[s]) for s in config.searches]
+    log_path = out / "records.jsonl"
+    rows: list[dict[str, Any]] = read_jsonl(log_path) if log_path.exists() else []
+    done = {(r["model"], float(r["acceleration"]), r["search"]) for r in rows}
+    datasets: dict[float, Dataset] = {}
+    batches: dict[float, list] = {}
+    mask_funcs = {}
+    for acc, cf in zip(config.accelerations, cfs):
+        acc = float(acc)
+        mask_funcs[acc] = create_mask_func(mask_type, [acc], [cf])
+        datasets[acc] = open_dataset(mask_funcs[acc])
+        loader = DataLoader(datasets[acc], batch_size=config.batch_size, shuffle=False, collate_fn=collate_mri)
+        batches[acc] = list(loader)
+        for m in audited:
+            for search in searches:
+                group = (m.name, acc, search.name)
+                fdir = out / "features" / _safe(m.name) / f"{search.name}_{acc:g}x"
+                if group in done and fdir.is_dir():
+                    continue
+                rows = [r for r in rows if (r["model"], float(r["acceleration"]), r["search"]) != group]
+                new = []
+                bar = tqdm(batches[acc], desc=f"{m.name} {search.name.upper()} {acc:g}x", unit="batch",
+                           disable=None if config.progress is None else not config.progress, leave=False)
+                for bi, batch in enumerate(bar):
+                    result = search(m.model, batch, mask_funcs[acc])
+                    save_features(fdir / f"batch_{bi:05d}.pt", result, m.name)
+                    new.extend(result.rows(m.name))
+                append_jsonl(log_path, new)
+                rows.extend(new)
+                k = sum(bool(r["success"]) for r in new)
+                say(f"  {m.name:>20s} {search.name.upper():>4s} {acc:g}x: {k}/{len(new)} images attacked")
+    write_csv(out / "records.csv", rows, RECORD_COLUMNS)
+    timings["attacks"] = time.perf_counter() - t_att
+
+    # ---- transferability -----------------------------------------------------------------------------------------
+    t_tr = time.perf_counter()
+    transfer: list[dict[str, Any]] = []
+    if config.transfer and len(audited) > 1:
+        for src in audited:
+            saved = load_features(out / "features" / _safe(src.name))
+            for tgt in audited:
+                if tgt is src:
+                    continue
+                for search in config.searches:
+                    replay = ReplaySearch(saved=saved, source_search=search, **common)
+                    for acc in batches:
+                        tgt_rows = []
+                        for batch in batches[acc]:
+                            res = replay(tgt.model, batch, mask_funcs[acc])
+                            if len(res):
+                                tgt_rows.extend(res.rows(tgt.name))
+                        src_rows = [r for r in rows if r["model"] == src.name and r["search"] == search
+                                    and float(r["acceleration"]) == acc]
+                        tr = transfer_rate(src_rows, tgt_rows, criterion=config.criterion)
+                        transfer.append({"source": src.name, "target": tgt.name, "acceleration": acc,
+                                         "search": search, **tr})
+        write_csv(out / "transfer.csv", transfer)
+    timings["transfer"] = time.perf_counter() - t_tr
+
+    # ---- tables --------------------------------------------------------------------------------------------------
+    groups = group_rows(rows)
+    order = {(m.name, float(a), s): i for i, (m, a, s) in enumerate(
+        (m, a, s) for a in config.accelerations for m in audited for s in config.searches)}
+    summaries = {k: summarize(groups[k]) for k in sorted(groups, key=lambda k: order.get(k, 1 << 30))}
+    t2_rows, t2_md = table2(summaries)
+    ip_rows, _ = ip_table(summaries)
+    ip_md = ip_markdown(summaries)
+    write_csv(out / "table2.csv", t2_rows)
+    write_csv(out / "ip_table.csv", ip_rows)
+    rates: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
+    for (m, a, s), sm in summaries.items():
+        rates.setdefault(m, {}).setdefault(_acc_key(a), {})[s] = sm
+    tr_md = transfer_markdown(transfer)
+    md = ("## Table 1: reconstruction quality (per-volume mean ± std)\n\n" + table_markdown(t1_rows)
+          + "\n## Table 2: FNAF attack rates\n\n" + t2_md
+          + "\n## Information preservation\n\n" + ip_md
+          + ("\n## Transferability\n\n" + tr_md if transfer else ""))
+    atomic_write_text(out / "tables.md", md)
+
+    # ---- figures and report --------------------------------------------------------------------------------------
+    t_fig = time.perf_counter()
+    figures: list[tuple[str, str, Path]] = []
+    if config.figures:
+        figures = _figures(out, audited, rows, batches, mask_funcs, objective, config)
+    timings["figures"] = time.perf_counter() - t_fig
+    timings["total"] = time.perf_counter() - t0
+    headline = robustness_headline(t1_rows, rates)
+    results = {
+        "settings": settings,
+        "attack_rates": rates,
+        "table1": t1_rows,
+        "table2": t2_rows,
+        "ip_table": ip_rows,
+        "transfer": transfer,
+        "headline": headline,
+        "timings_s": timings,
+    }
+    write_json(out / "results.json", results)
+    from blindspot.report.html import render_audit_report
+
+    report = render_audit_report(out / "report.html", results, md_tables={
+        "table1": table_markdown(t1_rows), "table2": t2_md, "ip": ip_md, "transfer": tr_md}, figures=figures)
+    return AuditResult(t1_rows, t2_rows, ip_rows, rates, transfer, rows, md, report, timings)
+
+
+def _check_run_dir(out: Path, settings: dict[str, Any], resume: bool) -> None:
+    from blindspot.fileio import read_json
+
+    run_json = out / "audit.json"
+    if (out / "records.jsonl").exists() or (out / "slices.jsonl").exists():
+        if not resume:
+            raise BlindspotError(out, "already holds an audit; pass --resume to continue it or choose another --out")
+        if run_json.exists():
+            old = read_json(run_json).get("settings", {})
+            diff = sorted(k for k in settings if old.get(k) != settings[k])
+            if diff:
+                raise BlindspotError(run_json, f"the audit was made with other settings ({', '.join(diff)}); "
+                                               "resume with the same ones or choose another --out")
+    write_json(run_json, {"command": "audit", "settings": settings})
+
+
+def transfer_markdown(transfer: Sequence[dict[str, Any]]) -> str:
+    """Transfer rates as one source × target matrix per acceleration; a cell lists each search's rate (%) and, in
+    brackets, how many of the source's successful features were replayed."""
+    if not transfer:
+        return ""
+    parts = []
+    for acc in dict.fromkeys(float(t["acceleration"]) for t in transfer):
+        block = [t for t in transfer if float(t["acceleration"]) == acc]
+        names = list(dict.fromkeys(n for t in block for n in (t["source"], t["target"])))
+        sources = [n for n in names if any(t["source"] == n for t in block)]
+        targets = [n for n in names if any(t["target"] == n for t in block)]
+        lines = [f"**{acc:g}×** (source → target: share of the source's successful features that also fool the "
+                 "target)", "", "| source \\ target | " + " | ".join(targets) + " |", "|" + " --- |" * (len(targets) + 1)]
+        for src in sources:
+            cells = []
+            for tgt in targets:
+                items = [t for t in block if t["source"] == src and t["target"] == tgt]
+                cells.append("—" if not items else " · ".join(
+                    f"{t['search'].upper()} " + ("—" if not math.isfinite(t["transfer_rate"])
+                                                 else f"{100 * t['transfer_rate']:.0f}% ({t['n_matched']})")
+                    for t in items))
+            lines.append(f"| {src} | " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
+def ip_markdown(summaries: dict) -> str:
+    """The IP table in long form: one row per model, acceleration and search (acceptance %, mean IP loss)."""
+    lines = ["| model | acceleration | search | Acceptance Rate (%) | IP Loss (MSE) | images |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for (m, a, s), sm in summaries.items():
+        lines.append(f"| {m} | {a:g}× | {s.upper()} | {100 * sm['ip_acceptance']:.2f} | {sm['mean_ip_loss']:.5f} | "
+                     f"{sm['n']} |")
+    return "\n".join(lines) + "\n"
+
+
+def robustness_headline(table1: Sequence[dict[str, Any]], rates: dict) -> list[dict[str, Any]]:
+    """For every pair (model, its FNAF-robust version) — labels ``X`` and ``FNAF-robust X`` — and acceleration:
+    attack-rate ratios per search and the SSIM / NMSE differences (the seed's claim: the rate falls to a fraction,
+    SSIM within 0.01, NMSE within 5%)."""
+    out = []
+    for robust in rates:
+        if not robust.startswith("FNAF-robust "):
+            continue
+        base = robust[len("FNAF-robust "):]
+        if base not in rates:
+            continue
+        for acc_key, per in rates[robust].items():
+            t1 = {r["model"]: r for r in table1 if _acc_key(r["acceleration"]) == acc_key}
+            row: dict[str, Any] = {"model": base, "robust": robust, "acceleration": acc_key}
+            if base in t1 and robust in t1:
+                row["ssim_diff"] = t1[robust]["ssim_mean"] - t1[base]["ssim_mean"]
+                row["nmse_rel_change"] = t1[robust]["nmse_mean"] / t1[base]["nmse_mean"] - 1.0
+            for s, sm in per.items():
+                b = rates[base].get(acc_key, {}).get(s)
+                if b is None:
+                    continue
+                row[f"{s}_rate"] = b["attack_rate"]
+                row[f"{s}_robust_rate"] = sm["attack_rate"]
+                row[f"{s}_ratio"] = sm["attack_rate"] / b["attack_rate"] if b["attack_rate"] > 0 else float("nan")
+            out.append(row)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def _figures(out: Path, audited, rows, batches, mask_funcs, objective, config) -> list[tuple[str, str, Path]]:
+    """The report's figures: the qualitative grid, loss-vs-IP scatters, location heat-maps and the worst cases."""
+    from blindspot.attacks.features import Region
+    from blindspot.attacks.records import group_rows
+    from blindspot.report.fnaf_figures import example_panels, location_heatmap, loss_vs_ip_scatter
+    from blindspot.report.html import qualitative_grid
+
+    figs = out / "figures"
+    made: list[tuple[str, str, Path]] = []
+    groups = group_rows(rows)
+    first_search = config.searches[0]
+    any_batch = next(iter(batches.values()))[0]
+    shape = tuple(any_batch.target.shape[-2:])
+    box = Region().box(*shape)
+    by_name = {m.name: m for m in audited}
+    for acc in batches:
+        # qualitative grid: the first model's clearest failed and successful attack, replayed on every model
+        src = audited[0]
+        g = groups.get((src.name, acc, first_search), [])
+        picks = {}
+        succ = [r for r in g if r["success"]]
+        fail = [r for r in g if r["accepted"] and not r["success"]]
+        if fail:
+            picks["failed attack"] = min(fail, key=lambda r: float(r["attack_loss"]))
+        if succ:
+            picks["successful attack"] = max(succ, key=lambda r: float(r["attack_loss"]))
+        if picks:
+            panels = _replay_images(out, audited, src.name, first_search, acc, list(picks.values()), batches[acc],
+                                    mask_funcs[acc], objective)
+            path = qualitative_grid(dict(zip(picks, panels)), [m.name for m in audited],
+                                    figs / f"qualitative_{acc:g}x.png",
+                                    title=f"{acc:g}×: features found against {src.name} ({first_search.upper()}), "
+                                          "reconstructed by every model")
+            made.append(("qualitative", f"Qualitative results, {acc:g}×", path))
+        for m in audited:
+            g = groups.get((m.name, acc, first_search), [])
+            if not g:
+                continue
+            tag = f"{_safe(m.name)}_{first_search}_{acc:g}x"
+            thr = float(g[0]["loss_threshold"])
+            p = loss_vs_ip_scatter(g, figs / f"loss_vs_ip_{tag}.png", thr, objective.ip_threshold,
+                                   title=f"{m.name} {first_search.upper()} {acc:g}×")
+            made.append(("scatter", f"{m.name}, {first_search.upper()} {acc:g}×: attack loss vs IP loss", p))
+            p = location_heatmap(g, shape, figs / f"locations_{tag}.png", region_box=box,
+                                 title=f"{m.name} {first_search.upper()} {acc:g}×")
+            made.append(("heatmap", f"{m.name}, {first_search.upper()} {acc:g}×: where attacks succeed", p))
+            worst = sorted([r for r in g if r["success"]], key=lambda r: -float(r["attack_loss"]))[:3]
+            if worst:
+                imgs = _replay_images(out, [m], m.name, first_search, acc, worst, batches[acc], mask_funcs[acc],
+                                      objective)
+                ex = {f"worst {i + 1}": d[m.name] for i, d in enumerate(imgs)}
+                p = example_panels(ex, figs / f"worst_{tag}.png", title=f"{m.name} {first_search.upper()} {acc:g}×: "
+                                                                         "worst cases")
+                made.append(("worst", f"{m.name}, {first_search.upper()} {acc:g}×: worst cases", p))
+    del by_name
+    return made
+
+
+def _replay_images(out: Path, models, source: str, search: str, acc: float, picks, batches, mask_func, objective):
+    """For each picked record (found against ``source``), the images of every model on that feature:
+    ``[{model name: example dict (fnaf.search.example_images)}, …]``."""
+    from blindspot.attacks.fnaf import subset_batch
+    from blindspot.attacks.records import load_features
+    from blindspot.attacks.search import ReplaySearch, example_images
+
+    saved = load_features(out / "features" / _safe(source) / f"{search}_{acc:g}x")
+    result_panels = []
+    for rec in picks:
+        batch = next(b for b in batches if rec["key"] in b.keys)
+        sub = subset_batch(batch, [batch.keys.index(rec["key"])])
+        panel = {}
+        for m in models:
+            res = ReplaySearch(saved=saved, source_search=search, objective=objective)(m.model, sub, mask_func)
+            panel[m.name] = example_images(m.model, sub, mask_func, res, objective, [0])[0]
+        result_panels.append(panel)
+    return result_panels

@@ -1,0 +1,60 @@
+"""``blindspot data lesion-phantoms``: synthetic knee phantoms with planted lesions, and their bounding boxes.
+
+Writes ``OUT/file_phantom_{seed:06d}.h5`` (fastMRI HDF5, as ``data phantoms`` does) with ``--lesions`` lesions per
+volume — cartilage defects, meniscal tears, bone-marrow lesions (:mod:`blindspot.data.lesion_phantom`) — and their
+boxes as ``--boxes`` (CSV ``file,slice,x,y,width,height,label``, or JSON; outside ``OUT``), ready for
+``blindspot lesions``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+from pathlib import Path
+
+from blindspot.commands.data_phantoms import _non_negative, _positive
+from blindspot.data.knee_phantom import CHALLENGES, FASTMRI_KNEE_SHAPE, FASTMRI_RECON_SIZE
+
+
+def run(args: argparse.Namespace) -> int:
+    from blindspot.data.lesion_phantom import write_lesion_phantoms
+
+    paths, boxes = write_lesion_phantoms(
+        args.out, args.boxes, args.volumes, args.slices, args.lesions, seed=args.seed, lesion_seed=args.lesion_seed,
+        shape=tuple(args.shape), recon_size=tuple(args.recon_size), challenge=args.challenge, num_coils=args.coils,
+        kinds=args.kinds, progress=True,
+    )
+    counts = ", ".join(f"{n} {k}" for k, n in Counter(b.label for b in boxes).items()) or "none"
+    asked = args.lesions * args.volumes
+    print(f"wrote {len(paths)} volumes to {args.out} and {len(boxes)} lesion boxes ({counts}) to {args.boxes}")
+    if len(boxes) < asked:
+        print(f"note: {asked - len(boxes)} of the {asked} lesions asked for found no conspicuous place "
+              "(small images); see blindspot.data.lesion_phantom.plant_lesions")
+    return 0
+
+
+def register(subparsers) -> None:
+    from blindspot.data.lesion_phantom import LESION_KINDS
+
+    parser = subparsers.add_parser(
+        "lesion-phantoms",
+        help="write knee phantoms with planted lesions (fastMRI HDF5) and their bounding boxes (CSV)",
+        description=__doc__.split("\n\n")[0],
+    )
+    parser.add_argument("--out", required=True, type=Path, help="output folder for the .h5 volumes")
+    parser.add_argument("--boxes", required=True, type=Path, metavar="CSV",
+                        help="bounding-box file to write (.csv or .json), outside --out")
+    parser.add_argument("--lesions", type=_non_negative, default=3, help="lesions per volume (default 3)")
+    parser.add_argument("--kinds", nargs="+", choices=LESION_KINDS, default=list(LESION_KINDS),
+                        help="lesion kinds, cycled through (default: all)")
+    parser.add_argument("--lesion-seed", type=_non_negative, default=0, help="seed of the lesions (default 0)")
+    parser.add_argument("--volumes", type=_positive, default=4, help="number of volumes (default 4)")
+    parser.add_argument("--slices", type=_positive, default=35, help="slices per volume (default 35)")
+    parser.add_argument("--seed", type=_non_negative, default=0, help="seed of the first volume (default 0)")
+    parser.add_argument("--shape", type=_positive, nargs=2, metavar=("H", "W"), default=list(FASTMRI_KNEE_SHAPE),
+                        help="k-space size (default 640 368)")
+    parser.add_argument("--recon-size", type=_positive, nargs=2, metavar=("h", "w"),
+                        default=list(FASTMRI_RECON_SIZE), help="reconstruction crop (default 320 320)")
+    parser.add_argument("--challenge", choices=CHALLENGES, default="singlecoil")
+    parser.add_argument("--coils", type=_positive, default=8, help="coils of multi-coil volumes (default 8)")
+    parser.set_defaults(func=run)

@@ -1,0 +1,224 @@
+"""The audit's report: one self-contained HTML page (tables, figures embedded as base64 PNG, no external resources),
+and the audit's own figure, the qualitative grid.
+
+:func:`render_audit_report` takes the ``results.json`` dict that :func:`blindspot.audit.run_audit` writes and the list
+of figures, and writes ``report.html`` atomically. :func:`markdown_table_html` turns the Markdown tables the other
+modules produce into HTML tables, so the page and the terminal show the same numbers.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import re
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from blindspot import __version__
+from blindspot.errors import PathLike
+from blindspot.fileio import atomic_write_bytes, atomic_write_text
+
+_CSS = """
+body{font-family:-apple-system,'Segoe UI',Roboto,'DejaVu Sans',Arial,sans-serif;margin:0;color:#1d2330;background:#f6f7f9}
+main{max-width:1180px;margin:0 auto;padding:28px 36px 60px;background:#fff;box-shadow:0 0 12px rgba(0,0,0,.06)}
+h1{font-size:26px;margin:0 0 4px} h2{font-size:20px;margin:34px 0 8px;border-bottom:2px solid #e3e6eb;padding-bottom:4px}
+h3{font-size:15px;margin:18px 0 6px;color:#36415a}
+p,li{line-height:1.5;font-size:14px} .muted{color:#667085;font-size:13px}
+table{border-collapse:collapse;margin:8px 0 14px;font-size:13px}
+th,td{border:1px solid #d8dce3;padding:4px 9px;text-align:right;white-space:nowrap}
+th{background:#eef1f5;text-align:center} td:first-child,th:first-child{text-align:left}
+tr:nth-child(even) td{background:#fafbfc}
+.verdict{border-radius:6px;padding:10px 14px;margin:10px 0;font-size:14px}
+.ok{background:#e8f5ec;border:1px solid #9ed3ad} .bad{background:#fdecec;border:1px solid #f0a8a8}
+.grid{display:flex;flex-wrap:wrap;gap:14px} figure{margin:6px 0;flex:0 1 auto}
+figure img{max-width:100%;border:1px solid #e3e6eb} figcaption{font-size:12px;color:#475467;margin-top:3px}
+.wide img{max-width:100%} .small img{width:360px}
+code{background:#f1f3f6;padding:1px 4px;border-radius:3px;font-size:12.5px}
+"""
+
+
+def _b64_png(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def markdown_table_html(md: str) -> str:
+    """Markdown (tables, ``**bold**`` lines, plain lines) → HTML; cells are escaped."""
+    out: list[str] = []
+    rows: list[list[str]] = []
+
+    def flush() -> None:
+        if not rows:
+            return
+        head, body = rows[0], [r for r in rows[1:] if not all(re.fullmatch(r"\s*-+\s*", c) for c in r)]
+        out.append("<table><thead><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in head) + "</tr></thead><tbody>")
+        out.extend("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in body)
+        out.append("</tbody></table>")
+        rows.clear()
+
+    for line in md.splitlines():
+        s = line.strip()
+        if s.startswith("|"):
+            rows.append([c.strip() for c in s.strip("|").split("|")])
+            continue
+        flush()
+        if s:
+            out.append(f"<h3>{_inline(s)}</h3>" if s.startswith("**") else f"<p>{_inline(s)}</p>")
+    flush()
+    return "\n".join(out)
+
+
+def _inline(text: str) -> str:
+    t = html.escape(text)
+    return re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", t)
+
+
+def _pct(x: Any) -> str:
+    return "—" if x is None or not math.isfinite(float(x)) else f"{100 * float(x):.1f}%"
+
+
+def _verdicts(headline: Sequence[Mapping[str, Any]]) -> str:
+    """The FNAF-robust training check, one line per (model, acceleration): rates, ratio and SSIM change."""
+    parts = []
+    for h in headline:
+        searches = [k[: -len("_ratio")] for k in h if k.endswith("_ratio")]
+        cells = ", ".join(f"{s.upper()} {_pct(h[f'{s}_rate'])} → {_pct(h[f'{s}_robust_rate'])}" for s in searches)
+        ratios = [h[f"{s}_ratio"] for s in searches if math.isfinite(h[f"{s}_ratio"])]
+        dssim = h.get("ssim_diff", float("nan"))
+        dnmse = h.get("nmse_rel_change", float("nan"))
+        ok = bool(ratios) and max(ratios) <= 1 / 3 and math.isfinite(dssim) and abs(dssim) <= 0.01
+        cls = "ok" if ok else "bad"
+        claim = ("meets" if ok else "does not meet") + " the target (attack rate at most a third, SSIM within 0.01)"
+        parts.append(
+            f"<div class='verdict {cls}'><b>{html.escape(h['robust'])} vs {html.escape(h['model'])}, "
+            f"{html.escape(h['acceleration'])}</b>: attack rate {cells}; SSIM change {dssim:+.4f}, NMSE change "
+            f"{100 * dnmse:+.1f}% — {claim}.</div>"
+        )
+    return "\n".join(parts)
+
+
+def render_audit_report(path: PathLike, results: Mapping[str, Any], md_tables: Mapping[str, str],
+                        figures: Sequence[tuple[str, str, Path]] = ()) -> Path:
+    """Write the self-contained audit report.
+
+    Args:
+        path: the ``report.html`` to write.
+        results: the dict written to ``results.json`` (``settings``, ``attack_rates``, ``headline``, ``timings_s``…).
+        md_tables: Markdown of ``table1``, ``table2``, ``ip`` and ``transfer``.
+        figures: ``(kind, caption, png path)``; kinds ``qualitative``, ``scatter``, ``heatmap``, ``worst``.
+    """
+    st = results.get("settings", {})
+    models = ", ".join(html.escape(m["name"]) for m in st.get("models", []))
+    rates = results.get("attack_rates", {})
+    summary_items = []
+    for m, per in rates.items():
+        cells = "; ".join(f"{a}: " + ", ".join(f"{s.upper()} {_pct(v['attack_rate'])}" for s, v in ps.items())
+                          for a, ps in per.items())
+        summary_items.append(f"<li><b>{html.escape(m)}</b> — {html.escape(cells)}</li>")
+    fig_html = {}
+    for kind in ("qualitative", "scatter", "heatmap", "worst"):
+        items = [f for f in figures if f[0] == kind]
+        cls = "wide" if kind in ("qualitative", "worst") else "small"
+        fig_html[kind] = "<div class='grid'>" + "".join(
+            f"<figure class='{cls}'><img alt='{html.escape(c)}' src='{_b64_png(p)}'><figcaption>{html.escape(c)}"
+            f"</figcaption></figure>" for _, c, p in items) + "</div>" if items else "<p class='muted'>none</p>"
+    t = results.get("timings_s", {})
+    timing = ", ".join(f"{k} {v:.1f} s" for k, v in t.items())
+    thr_note = ("A feature is <i>lost</i> when the attack loss <code>L_atk</code> (mean squared error of the "
+                "normalised reconstruction against the normalised truth-with-feature, on the feature's neighbourhood "
+                "T, averaged over the whole image) reaches the seed's 1e-3 at 320×320, scaled by 320²/(h·w) for "
+                "other sizes; it counts as an <i>attack</i> only when it is also still in the measurements (IP loss "
+                "&gt; 1e-4). The attack rate is the share of images with such a feature, with its 95% Wilson "
+                "interval.")
+    body = f"""
+<h1>blindspot audit</h1>
+<p class="muted">blindspot {html.escape(__version__)} · models: {models} · data: {html.escape(str(st.get('data', '')))}
+ · accelerations: {', '.join(f'{a:g}×' for a in st.get('accelerations', []))} · feature family
+ {html.escape(str(st.get('family', '')))} · criterion {html.escape(str(st.get('criterion', '')))}</p>
+<h2>Summary</h2>
+<p>The FNAF attack adds a small, real-looking feature to the true image and asks whether each network's
+reconstruction keeps it. The share of images where some feature is lost — although the under-sampled measurements
+still carry it — is the attack rate: lower is better.</p>
+<ul>{''.join(summary_items)}</ul>
+{_verdicts(results.get('headline', []))}
+<h2>Table 1: reconstruction quality</h2>
+<p class="muted">Per-volume mean ± standard deviation (fastMRI definitions; data range = each volume's maximum).</p>
+{markdown_table_html(md_tables.get('table1', ''))}
+<h2>Table 2: FNAF attack rates</h2>
+<p class="muted">{thr_note}</p>
+{markdown_table_html(md_tables.get('table2', ''))}
+<h2>Information preservation</h2>
+<p class="muted">Acceptance rate: share of the chosen features still present in the measurements (IP loss &gt; ε);
+IP loss: mean squared difference of the normalised perturbed and clean zero-filled inputs.</p>
+{markdown_table_html(md_tables.get('ip', ''))}
+<h2>Transferability</h2>
+<p class="muted">Features that fooled the source model, replayed on the target: the share that fool it too.</p>
+{markdown_table_html(md_tables.get('transfer', '')) or "<p class='muted'>one model: nothing to transfer</p>"}
+<h2>Qualitative results</h2>
+<p class="muted">Columns: the zero-filled input, the truth with the feature (outlined neighbourhood T), then each
+model's reconstruction; rows: a failed and a successful attack.</p>
+{fig_html['qualitative']}
+<h2>Attack loss vs IP loss</h2>
+{fig_html['scatter']}
+<h2>Where attacks succeed</h2>
+{fig_html['heatmap']}
+<h2>Worst cases</h2>
+{fig_html['worst']}
+<h2>Run</h2>
+<p class="muted">Timings: {html.escape(timing)}. Files beside this report: <code>results.json</code>,
+<code>table1.csv</code>, <code>table2.csv</code>, <code>ip_table.csv</code>, <code>transfer.csv</code>,
+<code>records.csv</code>, <code>features/</code>, <code>figures/</code>.</p>
+"""
+    page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>blindspot audit</title>"
+            f"<style>{_CSS}</style></head><body><main>{body}</main></body></html>\n")
+    return atomic_write_text(path, page)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def qualitative_grid(examples: Mapping[str, Mapping[str, Mapping[str, Any]]], model_names: Sequence[str],
+                     path: PathLike, title: str = "") -> Path:
+    """The seed's qualitative figure: per example row, zero-filled input, truth with the feature, and every model's
+    reconstruction (all normalised, one grey scale per row), the feature's neighbourhood ``T`` outlined.
+
+    Args:
+        examples: row name (e.g. ``"failed attack"``) → model name → the dict of
+            :func:`blindspot.attacks.search.example_images` (CPU ``(h, w)`` tensors ``input``, ``truth``, ``output``,
+            ``T`` and the numbers ``attack_loss``, ``ip_loss``).
+        model_names: column order.
+    """
+    from matplotlib.figure import Figure
+
+    names = list(examples)
+    ncol = 2 + len(model_names)
+    fig = Figure(figsize=(2.25 * ncol, 2.45 * max(1, len(names)) + 0.4), dpi=110, layout="constrained")
+    grid = fig.subplots(max(1, len(names)), ncol, squeeze=False)
+    for i, name in enumerate(names):
+        per = examples[name]
+        first = per[model_names[0]]
+        arr = {k: np.asarray(first[k], dtype=np.float32) for k in ("input", "truth", "T")}
+        lo, hi = float(min(arr["truth"].min(), arr["input"].min())), float(arr["truth"].max())
+        cols = [("zero-filled input", arr["input"], None), ("truth with feature", arr["truth"], None)]
+        for m in model_names:
+            e = per[m]
+            lost = float(e["attack_loss"])
+            cols.append((m, np.asarray(e["output"], dtype=np.float32), lost))
+        for j, (head, img, lost) in enumerate(cols):
+            ax = grid[i][j]
+            ax.imshow(img, cmap="gray", vmin=lo, vmax=hi)
+            if arr["T"].any():
+                ax.contour(arr["T"], levels=[0.5], colors="#ff4d4d", linewidths=0.7)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(head, fontsize=8)
+            if lost is not None:
+                ax.set_xlabel(f"L_atk={lost:.3g}", fontsize=7)
+        grid[i][0].set_ylabel(f"{name}\n{first.get('key', '')}", fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return atomic_write_bytes(path, buf.getvalue())

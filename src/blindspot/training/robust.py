@@ -1,0 +1,241 @@
+"""FNAF-robust training (DESIGN.md §1.2): the usual reconstruction loss plus the FNAF attack loss of features drawn,
+or searched, on the fly, so that the worst case is part of the training distribution.
+
+At every optimisation step, for a seeded share ``fraction`` of the batch's images:
+
+1. features are drawn exactly as the attack draws them (:class:`~blindspot.attacks.features.FeatureSampler` over the
+   attack's :class:`~blindspot.attacks.features.Region`, intensities in each truth's own range), cycling through the
+   configured ``families``;
+2. optionally the worst of ``candidates`` random features is kept (RS, scored by the attack loss with the model in
+   eval mode and no parameter gradients), and optionally refined by ``grad_steps`` signed gradient steps on its pixel
+   intensities inside its support (as :class:`~blindspot.attacks.search.GradientSearch`);
+3. the clean inputs ``N(A(y))`` and the perturbed inputs ``N(A(y + δ'))`` go through the network in **one** call (so
+   DDP sees one forward per step), and the loss is ``usual(clean) + weight · L_atk(perturbed)`` with
+   ``L_atk = mean((T ⊙ (f(N(x')) − N(y')))²)`` on the feature's neighbourhood ``T`` — the attack's own definition
+   (:meth:`~blindspot.attacks.fnaf.FnafObjective.evaluate`).
+
+Every random draw is keyed by (run seed, step, image identity), so a run is reproducible and resumes exactly, on
+one process or under ``torchrun``.
+
+Python API::
+
+    from blindspot.training.robust import RobustConfig, fnaf_robust_loss
+    from blindspot.training.mri import mri_loss
+    loss_fn = fnaf_robust_loss(mri_loss("l1"), RobustConfig(fraction=0.5, weight=1.0, search="rs", candidates=4))
+    train_mri(model, "unet", hparams, train_set, val_set, config, "runs/robust", loss_fn=loss_fn)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from blindspot.attacks.features import CENTER_FRACTION, FAMILIES, FeatureSampler, Region, candidate_keys
+from blindspot.attacks.fnaf import AttackContext, FnafObjective, eval_mode, subset_batch
+from blindspot.data.sample import MRIBatch
+from blindspot.errors import BlindspotError
+from blindspot.physics.mri import resample_mask
+
+ROBUST_SEARCHES: tuple[str, ...] = ("draw", "rs", "grad")
+
+
+@dataclass
+class RobustConfig:
+    """How FNAF examples are made during training.
+
+    Attributes:
+        fraction: share of each batch's images that also get an FNAF example (at least one image when > 0).
+        families: feature families, cycled over the chosen images (see :data:`blindspot.attacks.features.FAMILIES`).
+        weight: weight of the attack loss added to the usual loss.
+        search: ``"draw"`` (one random feature), ``"rs"`` (worst of ``candidates``) or ``"grad"`` (worst of
+            ``candidates`` then ``grad_steps`` signed gradient steps on the feature's intensities).
+        candidates: random features scored per image for ``rs`` / ``grad``.
+        grad_steps: gradient steps for ``grad``.
+        grad_step_size: step as a fraction of the largest allowed intensity.
+        dilation: pixels by which the support is dilated into ``T`` (as the attack).
+        region_fraction: side of the central crop where features are centred (as the attack; seed: 120/320).
+    """
+
+    fraction: float = 0.5
+    families: tuple[str, ...] = ("walk",)
+    weight: float = 1.0
+    search: str = "rs"
+    candidates: int = 4
+    grad_steps: int = 2
+    grad_step_size: float = 0.2
+    dilation: int = 3
+    region_fraction: float = CENTER_FRACTION
+
+    def __post_init__(self) -> None:
+        self.families = tuple(self.families)
+        if not 0.0 <= self.fraction <= 1.0:
+            raise BlindspotError(None, f"--robust-fraction must lie in [0, 1], got {self.fraction}")
+        bad = [f for f in self.families if f not in FAMILIES]
+        if bad or not self.families:
+            raise BlindspotError(None, f"unknown feature family {bad[0] if bad else ''!r}; choose from "
+                                       f"{', '.join(FAMILIES)}")
+        if not (self.weight >= 0 and math.isfinite(self.weight)):
+            raise BlindspotError(None, f"--robust-weight must be a finite number >= 0, got {self.weight}")
+        if self.search not in ROBUST_SEARCHES:
+            raise BlindspotError(None, f"unknown robust search {self.search!r}; choose from {', '.join(ROBUST_SEARCHES)}")
+        if self.candidates < 1 or self.grad_steps < 0 or self.grad_step_size <= 0 or self.dilation < 0:
+            raise BlindspotError(None, "robust training needs candidates >= 1, grad steps >= 0, step size > 0 and "
+                                       "dilation >= 0")
+        if not 0.0 < self.region_fraction <= 1.0:
+            raise BlindspotError(None, f"region fraction must lie in (0, 1], got {self.region_fraction}")
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["families"] = list(self.families)
+        return d
+
+
+class _Fixed:
+    """A stand-in "model" that returns outputs already computed (so the usual loss and the attack loss can reuse one
+    joint forward pass through :func:`~blindspot.models.protocol.reconstruct`)."""
+
+    def __init__(self, output: Tensor, uses_mask: bool) -> None:
+        self.output, self.uses_mask = output, uses_mask
+
+    def __call__(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        if x.shape != self.output.shape:
+            raise RuntimeError(f"internal: cached output {tuple(self.output.shape)} for input {tuple(x.shape)}")
+        return self.output
+
+
+@dataclass
+class FnafExamples:
+    """The FNAF examples of one step.
+
+    Attributes:
+        ctx: the attack context of the chosen images (truths, masks, clean-input statistics).
+        image_idx: int64 ``(C,)`` rows of ``ctx`` (``C`` = number of chosen images; one feature each).
+        feature: ``δ'`` float ``(C, 1, h, w)`` in the image's units (detached).
+        support: bool ``(C, 1, h, w)``.
+        chosen: int64 ``(C,)`` positions of the chosen images in the batch.
+    """
+
+    ctx: AttackContext
+    image_idx: Tensor
+    feature: Tensor
+    support: Tensor
+    chosen: Tensor
+
+
+def make_examples(model: nn.Module, batch: MRIBatch, config: RobustConfig, objective: FnafObjective,
+                  generator: torch.Generator, seed: int) -> FnafExamples | None:
+    """Draw (and optionally search) one FNAF per chosen image of ``batch``.
+
+    Args:
+        model: the bare network (not DDP-wrapped); only run in eval mode, without parameter gradients.
+        batch: the training batch (``target`` ``(B, 1, h, w)``; its own masks are the acquisition).
+        config: see :class:`RobustConfig`.
+        objective: the attack objective (``reference=False``).
+        generator: picks the images (a per-step generator, e.g. :attr:`StepContext.generator`).
+        seed: keys the feature draws (mix the run seed and the step so every step draws new features).
+    Returns:
+        :class:`FnafExamples`, or ``None`` when ``fraction`` is 0.
+    """
+    B = len(batch)
+    n = 0 if config.fraction <= 0 else max(1, min(B, round(config.fraction * B)))
+    if n == 0:
+        return None
+    perm = torch.randperm(B, generator=generator, device=generator.device)[:n].sort().values.cpu()
+    sub = subset_batch(batch, perm.tolist())
+    region = Region("center", fraction=config.region_fraction)
+    ctx = objective.prepare(model, sub, None, region, seed)
+    dev, shape = ctx.device, ctx.shape
+    values = torch.zeros(n, 1, *shape, device=dev)
+    support = torch.zeros(n, 1, *shape, dtype=torch.bool, device=dev)
+    k = config.candidates if config.search in ("rs", "grad") else 1
+    with eval_mode(model):
+        for j, family in enumerate(config.families):
+            rows = torch.arange(j, n, len(config.families), device=dev)  # images of this family
+            if len(rows) == 0:
+                continue
+            sampler = FeatureSampler(family)
+            keys = candidate_keys(ctx.image_keys.index_select(0, rows), torch.arange(k, dtype=torch.int64))
+            feats = sampler.sample(keys, ctx.region.index_select(0, rows), ctx.dynamic_range.index_select(0, rows))
+            v, s = feats.render(shape)  # (len(rows)·k, 1, h, w)
+            img = rows.repeat_interleave(k)
+            if k > 1:
+                with torch.no_grad():
+                    ev = objective.evaluate(model, ctx, img, v, s)
+                pick = ev.selection_key().reshape(len(rows), k).argmax(1)
+                at = torch.arange(len(rows), device=dev) * k + pick
+                v, s = v.index_select(0, at), s.index_select(0, at)
+            if config.search == "grad" and config.grad_steps > 0:
+                sup = s.to(v.dtype)
+                vmax = (sampler.intensities[1] * ctx.dynamic_range.index_select(0, rows)).reshape(-1, 1, 1, 1)
+                for _ in range(config.grad_steps):
+                    var = v.detach().clone().requires_grad_(True)
+                    ev = objective.evaluate(model, ctx, rows, var * sup, s)
+                    (g,) = torch.autograd.grad(ev.score.sum(), var)
+                    v = torch.minimum((v + config.grad_step_size * vmax * torch.sign(g) * sup).clamp_min(0.0), vmax)
+                v = v * sup
+            values[rows] = v.detach()
+            support[rows] = s
+    return FnafExamples(ctx, torch.arange(n, device=dev), values, support, perm)
+
+
+def fnaf_robust_loss(base_loss: Callable, config: RobustConfig, objective: FnafObjective | None = None) -> Callable:
+    """Wrap an MRI loss (e.g. :func:`blindspot.training.mri.mri_loss`) into the FNAF-robust loss.
+
+    Args:
+        base_loss: ``(model, batch, ctx) -> loss`` or ``(loss, extras)``, calling the model through
+            :func:`~blindspot.models.protocol.reconstruct` once on ``batch.normalized()[0]``.
+        config: :class:`RobustConfig`.
+        objective: the attack objective (default: the attack's, ``dilation`` from ``config``, no reference).
+    Returns:
+        ``loss(model, batch, ctx) -> (usual + weight · L_atk, extras)`` for the
+        :class:`~blindspot.training.engine.Trainer`; extras add ``fnaf_loss`` (mean ``L_atk`` of the examples),
+        ``fnaf_lost`` (share of accepted examples lost under the seed criterion) and ``base_loss``.
+    """
+    if objective is None:
+        objective = FnafObjective(dilation=config.dilation, reference=False, fuse_reference=False)
+
+    def loss_fn(model: nn.Module, batch: MRIBatch, ctx) -> tuple[Tensor, dict[str, Any]]:
+        inner = getattr(model, "module", model)
+        seed = (int(ctx.seed) * 1_000_003 + int(ctx.step)) & 0x7FFFFFFF
+        ex = make_examples(inner, batch, config, objective, ctx.generator, seed)
+        x, _ = batch.normalized()
+        if ex is None:
+            return _split(base_loss(model, batch, ctx))
+        # the perturbed inputs exactly as the attack builds them
+        fctx = ex.ctx
+        from blindspot.attacks.fnaf import zero_filled
+
+        mask_p = fctx.mask.index_select(0, ex.image_idx)
+        nx_p = fctx.stats.index(ex.image_idx).apply(zero_filled(fctx.target.index_select(0, ex.image_idx)
+                                                                + ex.feature, mask_p))
+        mask_c = batch.mask.to(x.device, torch.float32)
+        if mask_c.shape[-1] != mask_p.shape[-1]:
+            mask_c = resample_mask(mask_c, mask_p.shape[-1])
+        mask_c = mask_c.reshape(len(batch), 1, 1, -1)
+        from blindspot.models.protocol import reconstruct, uses_mask
+
+        out = reconstruct(model, torch.cat([x, nx_p]), torch.cat([mask_c, mask_p]))
+        B = len(batch)
+        flag = uses_mask(model)
+        base, extras = _split(base_loss(_Fixed(out[:B], flag), batch, ctx))
+        ev = objective.evaluate(_Fixed(out[B:], flag), fctx, ex.image_idx, ex.feature, ex.support)
+        atk = ev.attack_loss.mean()
+        extras = dict(extras)
+        extras.update({
+            "base_loss": base.detach(),
+            "fnaf_loss": atk.detach(),
+            "fnaf_lost": (ev.success_seed.float().mean()).detach(),
+        })
+        return base + config.weight * atk, extras
+
+    return loss_fn
+
+
+def _split(out) -> tuple[Tensor, Mapping[str, Any]]:
+    if isinstance(out, tuple):
+        return out[0], out[1]
+    return out, {}

@@ -1,0 +1,33 @@
+"""A tiny in-memory MRI data set for training / evaluation tests: smooth complex images → k-space → MRISample."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Dataset
+
+from blindspot.data.sample import KspaceTransform, MRISample
+from blindspot.physics.mri import create_mask_func, fft2c
+from helpers_data import complex_volume
+
+
+class TinyMRIDataset(Dataset):
+    """``volumes × slices`` single-coil slices of ``size``; masks drawn by ``mask_func`` seeded with the volume name.
+
+    ``samples`` lists ``(volume, slice)`` like the real data sets, so :func:`split_volumes` needs no loading.
+    """
+
+    def __init__(self, volumes=4, slices=2, size=(32, 32), mask_func=None, seed=0, accelerations=(4,)):
+        if mask_func is None:
+            mask_func = create_mask_func("random", accelerations)
+        self.mask_func = mask_func
+        self.kspace = [fft2c(torch.from_numpy(complex_volume((slices, *size), seed=seed + v))) for v in range(volumes)]
+        self.samples = [(v, s) for v in range(volumes) for s in range(slices)]
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> MRISample:
+        v, s = self.samples[index]
+        k = self.kspace[v][s]
+        return KspaceTransform(self.mask_func, crop=None, use_seed=True)(k, None, f"vol{self.seed + v}.h5", s)

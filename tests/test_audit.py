@@ -1,0 +1,141 @@
+"""The audit: tables agree with their records and with the evaluation, results.json is keyed by model name, the report
+is one self-contained HTML file, bad input ends with exit code 2, and the README's Python example runs."""
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from blindspot.audit import AuditConfig, bundled_models, robustness_headline, run_audit
+from blindspot.cli import main
+from blindspot.fileio import read_jsonl
+from blindspot.models.checkpoint import save_checkpoint
+from blindspot.models.registry import build_model
+from blindspot.training.engine import seed_everything
+
+PHANTOM = {"shape": [32, 32], "recon_size": [32, 32]}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpt")
+    physics = {"modality": "mri", "mask_type": "random", "accelerations": [4.0], "center_fractions": [0.08],
+               "crop": [32, 32], "phantom": PHANTOM}
+    seed_everything(0)
+    unet = save_checkpoint(d / "unet.pt", build_model("unet", chans=4, num_pool_layers=2), "unet",
+                           {"chans": 4, "num_pool_layers": 2}, physics=physics)
+    hp = {"n_steps": 1, "n_latent": 4, "hidden_channels": [4], "dilations": [1], "head_channels": 4}
+    irim = save_checkpoint(d / "irim.pt", build_model("irim", **hp), "irim", hp, physics=physics)
+    return unet, irim
+
+
+@pytest.fixture(scope="module")
+def audit(checkpoints, tmp_path_factory):
+    out = tmp_path_factory.mktemp("audit") / "run"
+    cfg = AuditConfig(accelerations=(4.0,), phantom_volumes=1, phantom_slices=3, candidates=3, grad_steps=1,
+                      grad_init=2, device="cpu", progress=False)
+    result = run_audit([("Tiny U-Net", checkpoints[0]), ("Tiny I-RIM", checkpoints[1])], out, config=cfg)
+    return out, result
+
+
+def test_tables_match_records_and_evaluation(audit, checkpoints):
+    out, result = audit
+    records = read_jsonl(out / "records.jsonl")
+    assert len(records) == 2 * 3 * 3  # 2 models × 3 searches × 3 images
+    for model in ("Tiny U-Net", "Tiny I-RIM"):
+        for search in ("rs", "fd", "grad"):
+            rows = [r for r in records if r["model"] == model and r["search"] == search]
+            sm = result.attack_rates[model]["4x"][search]
+            assert sm["n"] == 3
+            assert sm["attack_rate"] == pytest.approx(sum(bool(r["success"]) for r in rows) / 3)
+            assert sm["ci_low"] <= sm["attack_rate"] <= sm["ci_high"]
+            assert sm["mean_attack_loss"] == pytest.approx(sum(r["attack_loss"] for r in rows) / 3)
+    # Table 1 has the zero-filled baseline and both models, with the evaluation's own numbers
+    names = [r["model"] for r in result.table1]
+    assert names == ["Zero-filled", "Tiny U-Net", "Tiny I-RIM"]
+    from blindspot.data.mri import open_mri_dataset
+    from blindspot.evaluate import evaluate_models, load_eval_models
+
+    models = load_eval_models([str(checkpoints[0])], ["Tiny U-Net"], zero_filled=False)
+    ev = evaluate_models(models, [4.0], [0.08],
+                         lambda mf: open_mri_dataset(None, mf, (32, 32), volumes=1, slices=3, seed=100,
+                                                     shape=(32, 32), recon_size=(32, 32)))
+    assert result.table1[1]["ssim_mean"] == pytest.approx(ev.rows[0]["ssim_mean"], rel=1e-6)
+    # transfer: each model's features replayed on the other, for every search
+    pairs = {(t["source"], t["target"], t["search"]) for t in result.transfer}
+    assert len(pairs) == 2 * 3 and ("Tiny U-Net", "Tiny I-RIM", "rs") in pairs
+
+
+def test_files_and_self_contained_report(audit):
+    out, result = audit
+    data = json.loads((out / "results.json").read_text())
+    assert set(data["attack_rates"]) == {"Tiny U-Net", "Tiny I-RIM"}
+    assert set(data["attack_rates"]["Tiny U-Net"]["4x"]) == {"rs", "fd", "grad"}
+    for name in ("table1.csv", "table2.csv", "ip_table.csv", "transfer.csv", "records.csv", "tables.md"):
+        assert (out / name).stat().st_size > 0, name
+    html = (out / "report.html").read_text()
+    assert result.report == out / "report.html"
+    assert "Table 1" in html and "Table 2" in html and "Information preservation" in html and "Transferability" in html
+    assert len(re.findall(r"src='data:image/png;base64,", html)) >= 4  # grid, scatters, heat-maps, worst cases
+    assert not re.search(r"(src|href)=['\"](https?:|file:|/)", html)  # nothing outside the file
+    assert "Tiny I-RIM" in result.markdown and "Acceptance Rate" in result.markdown
+
+
+def test_rerun_needs_resume_and_same_settings(audit, checkpoints):
+    out, _ = audit
+    cfg = AuditConfig(accelerations=(4.0,), phantom_volumes=1, phantom_slices=3, candidates=3, grad_steps=1,
+                      grad_init=2, device="cpu", progress=False, figures=False)
+    models = [("Tiny U-Net", checkpoints[0]), ("Tiny I-RIM", checkpoints[1])]
+    from blindspot.errors import BlindspotError
+
+    with pytest.raises(BlindspotError, match="already holds an audit"):
+        run_audit(models, out, config=cfg)
+    with pytest.raises(BlindspotError, match="other settings"):
+        run_audit(models, out, config=AuditConfig(**{**cfg.__dict__, "candidates": 4}), resume=True)
+    again = run_audit(models, out, config=cfg, resume=True)  # nothing recomputed: same records
+    assert len(again.records) == 18
+
+
+def test_cli_bad_input(tmp_path, capsys):
+    assert main(["audit", "--model", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o")]) == 2
+    assert "missing.pt" in capsys.readouterr().err
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert main(["audit", "--model", str(bad), "--out", str(tmp_path / "o2")]) == 2
+
+
+def test_headline_compares_a_model_with_its_robust_version():
+    t1 = [{"model": "U-Net", "acceleration": 4.0, "ssim_mean": 0.70, "nmse_mean": 0.030},
+          {"model": "FNAF-robust U-Net", "acceleration": 4.0, "ssim_mean": 0.695, "nmse_mean": 0.031}]
+    rates = {"U-Net": {"4x": {"rs": {"attack_rate": 0.9}}}, "FNAF-robust U-Net": {"4x": {"rs": {"attack_rate": 0.3}}}}
+    (h,) = robustness_headline(t1, rates)
+    assert h["rs_ratio"] == pytest.approx(1 / 3) and h["ssim_diff"] == pytest.approx(-0.005)
+    assert h["nmse_rel_change"] == pytest.approx(0.031 / 0.030 - 1)
+
+
+def test_bundled_models_are_recorded():
+    models = bundled_models()
+    assert [n for n, _ in models] == ["U-Net", "FNAF-robust U-Net", "I-RIM"]
+    provenance = json.loads((models[0][1].parent / "mri_models.json").read_text())
+    for _, path in models:
+        entry = provenance[path.name]
+        assert entry["command"].startswith("blindspot train mri") and "--phantom-seed" in entry["command"]
+        assert entry["sha256"] and path.stat().st_size < 4_000_000
+
+
+def test_readme_python_example_runs(tmp_path, monkeypatch):
+    """The Python block of the README's API section (docs/api_example.md until the lead pastes it in) runs."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    if "## Python API" not in readme:
+        readme = (ROOT / "docs" / "api_example.md").read_text(encoding="utf-8")
+    section = readme.split("## Python API", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert (tmp_path / "runs" / "api" / "report.html").exists()
+    assert math.isfinite(namespace["rate"])

@@ -1,0 +1,295 @@
+"""Lesion boxes: reading and validating annotations, planting lesions in phantoms, scoring their preservation."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from blindspot.cli import main
+from blindspot.data import knee_phantom as kp
+from blindspot.data.fastmri import FastMRISliceDataset
+from blindspot.data.lesion_phantom import plant_lesions, write_lesion_phantoms
+from blindspot.data.lesions import (
+    LesionBox,
+    boxes_tensor,
+    read_annotations,
+    validate_annotations,
+    write_annotations,
+)
+from blindspot.errors import BlindspotError
+from blindspot.lesions import PreservationRule, preservation_table, score_lesions
+from blindspot.models.checkpoint import save_checkpoint
+from blindspot.models.registry import build_model
+
+SIZE = (64, 64)
+
+
+@pytest.fixture(scope="module")
+def lesion_data(tmp_path_factory):
+    """Two 64×64 single-coil volumes of 4 slices with 3 planted lesions each, written as fastMRI files + CSV."""
+    root = tmp_path_factory.mktemp("lesion_data")
+    paths, boxes = write_lesion_phantoms(root / "data", root / "boxes.csv", volumes=2, slices=4,
+                                         lesions_per_volume=3, seed=0, lesion_seed=0, shape=SIZE, recon_size=SIZE,
+                                         progress=False)
+    return root, paths, boxes
+
+
+def _gauss_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    r = int(3 * sigma)
+    k = torch.arange(-r, r + 1, dtype=x.dtype)
+    g = torch.exp(-k**2 / (2 * sigma**2))
+    g = g / g.sum()
+    return F.conv2d(F.pad(x, (r, r, r, r), mode="reflect"), (g[:, None] * g[None, :])[None, None])
+
+
+def test_planted_lesions_read_back_with_their_boxes(lesion_data):
+    root, paths, boxes = lesion_data
+    assert len(boxes) >= 4 and {b.label for b in boxes} <= {"cartilage", "meniscus", "bone marrow"}
+    ann = read_annotations(root / "boxes.csv")
+    assert [b.as_row() for b in ann.boxes] == [b.as_row() for b in boxes]
+    ds = FastMRISliceDataset(root / "data", progress=False)
+    checked = validate_annotations(ann, {v.fname: (v.num_slices, v.crop) for v in ds.volumes})
+    assert [b.as_row() for b in checked] == [b.as_row() for b in boxes]
+    # The lesion files differ from the plain phantoms exactly around the boxes: on every slice with lesions, the
+    # largest change of the stored reconstruction lies inside one of that slice's boxes.
+    for path in paths:
+        with h5py.File(path, "r") as hf:
+            rec = torch.from_numpy(np.asarray(hf["reconstruction_esc"]))
+            seed = int(hf.attrs["phantom_seed"])
+        plain = kp.reconstruction_from_kspace(kp.generate_knee_volume(seed, 4, SIZE, SIZE).kspace(), SIZE)
+        diff = (rec - plain).abs()
+        mine = [b for b in boxes if b.file == path.name]
+        for s in range(4):
+            on_slice = [b for b in mine if b.slice == s]
+            if not on_slice:
+                assert float(diff[s].max()) < 1e-4
+                continue
+            r, c = divmod(int(diff[s].argmax()), SIZE[1])
+            assert any(b.y <= r < b.y + b.height and b.x <= c < b.x + b.width for b in on_slice)
+
+
+def test_identity_keeps_every_lesion_blur_and_removal_lose_them(lesion_data):
+    root, paths, boxes = lesion_data
+    ds = FastMRISliceDataset(root / "data", progress=False)
+    index = {(ds.volumes[v].fname, s): i for i, (v, s) in enumerate(ds.samples)}
+    truth = torch.stack([ds[index[(b.file, b.slice)]].target for b in boxes])  # (L, 1, h, w)
+    bt = boxes_tensor(boxes)
+    dr = torch.full((len(boxes),), float(truth.max()))
+    same = score_lesions(truth, truth.clone(), bt, dr)
+    assert same["preserved"].all() and torch.allclose(same["kept"], torch.ones(len(boxes), dtype=torch.float64))
+    assert torch.allclose(same["ssim_box"], torch.ones(len(boxes), dtype=torch.float64))
+    blurred = score_lesions(truth, _gauss_blur(truth, 3.0), bt, dr)
+    small = torch.tensor([max(b.width, b.height) <= 5 for b in boxes])
+    assert small.any() and not blurred["preserved"][small].any()
+    # The same slices without the lesions (the plain phantoms) lose every lesion, by construction.
+    plain = {}
+    for path in paths:
+        with h5py.File(path, "r") as hf:
+            seed = int(hf.attrs["phantom_seed"])
+        plain[path.name] = kp.reconstruction_from_kspace(kp.generate_knee_volume(seed, 4, SIZE, SIZE).kspace(), SIZE)
+    without = torch.stack([plain[b.file][b.slice][None] for b in boxes])
+    gone = score_lesions(truth, without, bt, dr)
+    assert not gone["preserved"].any() and (gone["kept"] <= 0.25 + 1e-9).all()
+
+
+def test_score_known_answers():
+    truth = torch.full((1, 1, 32, 32), 1.0)
+    truth[..., 10:14, 12:16] = 3.0  # a 4×4 lesion of contrast 2 on a flat background
+    box = torch.tensor([[12, 10, 4, 4]])
+    dr = torch.tensor([3.0])
+    offset = score_lesions(truth, truth + 0.7, box, dr)  # a shift of the whole neighbourhood is forgiven
+    assert offset["kept"].item() == pytest.approx(1.0) and offset["contrast_recon"].item() == pytest.approx(2.0)
+    half = truth.clone()
+    half[..., 10:14, 12:16] = 2.0  # half the contrast: kept = 1 − (1/2)² = 0.75
+    s = score_lesions(truth, half, box, dr)
+    assert s["kept"].item() == pytest.approx(0.75) and bool(s["preserved"])
+    assert s["contrast_truth"].item() == pytest.approx(2.0) and s["contrast_recon"].item() == pytest.approx(1.0)
+    assert s["nmse_box"].item() == pytest.approx(1 / 9)
+    assert s["psnr_box"].item() == pytest.approx(10 * np.log10(9.0))
+    assert not bool(score_lesions(truth, half, box, dr, PreservationRule(threshold=0.8))["preserved"])
+    flat = score_lesions(truth, torch.ones_like(truth), box, dr)
+    assert flat["kept"].item() == pytest.approx(0.0) and not bool(flat["preserved"])
+    rows = [{"model": "m", "label": "a", "preserved": True}, {"model": "m", "label": "a", "preserved": False},
+            {"model": "m", "label": "b", "preserved": True}]
+    assert preservation_table(rows) == {"m": {"a": (1, 2), "b": (1, 1), "all": (2, 3)}}
+
+
+def test_tissue_maps_and_receive_field_match_the_generator():
+    from blindspot.data.lesion_phantom import receive_field, tissue_maps
+
+    vol = kp.generate_knee_volume(1, 3, (64, 64), (64, 64), num_coils=2, return_sensitivities=True)
+    assert torch.allclose(receive_field(vol), vol.sensitivities, atol=1e-6)
+    single = kp.generate_knee_volume(1, 3, (64, 64), (64, 64))
+    maps = tissue_maps(single, ["meniscus", "marrow"])
+    anatomy = (single.image / receive_field(single)).abs()  # anatomy + noise / shading
+    c = single.params.contrast
+    for t, (name, value) in enumerate((("meniscus", c.meniscus), ("marrow", c.marrow))):
+        full = maps[t] > 0.95
+        assert int(full.sum()) > 5, name
+        # Where a tissue fills the pixel, the image shows that tissue's signal (texture ±10%, noise ≈ 0.04).
+        assert abs(float(anatomy[full].median()) - value) < 0.1 * value + 0.03, name
+
+
+def test_plant_lesions_is_seeded_and_multicoil_works():
+    vol = kp.generate_knee_volume(2, 3, (48, 48), (48, 48), num_coils=3)
+    a_img, a = plant_lesions(vol, 3, seed=5)
+    b_img, b = plant_lesions(vol, 3, seed=5)
+    assert torch.equal(a_img, b_img) and [x.box for x in a] == [x.box for x in b] and a
+    assert a_img.shape == vol.image.shape and not torch.equal(a_img, vol.image)
+    with pytest.raises(BlindspotError, match="unknown lesion kind"):
+        plant_lesions(vol, 1, kinds=["tumour"])
+
+
+VOLS = {"file_a": (4, (64, 64))}
+
+
+def _csv(tmp_path, text: str):
+    p = tmp_path / "boxes.csv"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize(
+    "body, problem",
+    [
+        ("file_a,1,2,3,4,5\n", "row 2: fewer fields"),
+        ("file_a,1,2,3,4,5,meniscus,extra\n", "row 2: more fields"),
+        ("file_a,1,x,3,4,5,meniscus\n", "row 2: x must be a whole number"),
+        ("file_a,1,2.5,3,4,5,meniscus\n", "row 2: x must be a whole number"),
+        ("file_a,1,2,,4,5,meniscus\n", "row 2: y is empty"),
+        ("file_a,1,-2,3,4,5,meniscus\n", "row 2: box corner"),
+        ("file_a,1,2,3,0,5,meniscus\n", "row 2: box must be at least 1x1"),
+        ("file_a,1,2,3,4,5,\n", "row 2: label is empty"),
+        ("file_a,-1,2,3,4,5,meniscus\n", "row 2: slice must be >= 0"),
+    ],
+)
+def test_malformed_rows_name_the_row(tmp_path, body, problem):
+    path = _csv(tmp_path, "file,slice,x,y,width,height,label\n" + body)
+    with pytest.raises(BlindspotError) as err:
+        read_annotations(path)
+    assert problem in str(err.value) and str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "row, problem",
+    [
+        ("file_b.h5,1,2,3,4,5,meniscus", "row 3: unknown file 'file_b.h5'"),
+        ("file_a.h5,4,2,3,4,5,meniscus", "row 3: slice 4 is out of range for file_a.h5 (4 slices)"),
+        ("file_a,1,60,3,5,5,meniscus", "row 3: box x=60, y=3, width=5, height=5 leaves the 64x64 image"),
+        ("file_a,1,2,62,4,5,meniscus", "leaves the 64x64 image"),
+    ],
+)
+def test_rows_are_checked_against_the_volumes(tmp_path, row, problem):
+    path = _csv(tmp_path, "file,slice,x,y,width,height,label\nfile_a.h5,0,1,1,2,2,cartilage\n" + row + "\n")
+    ann = read_annotations(path)
+    with pytest.raises(BlindspotError) as err:
+        validate_annotations(ann, VOLS)
+    assert problem in str(err.value)
+
+
+def test_header_json_study_level_and_origin(tmp_path):
+    with pytest.raises(BlindspotError, match="header lacks column.*label"):
+        read_annotations(_csv(tmp_path, "file,slice,x,y,width,height\nfile_a,1,2,3,4,5\n"))
+    # fastMRI+ style: extra study_level column; a study-level row has no box.
+    ann = read_annotations(_csv(tmp_path, "file,slice,study_level,x,y,width,height,label\n"
+                                          "file_a,,Yes,,,,,Meniscus Tear\nfile_a,2,No,10,50,4,6,Meniscus Tear\n"))
+    assert ann.study_level == 1 and len(ann.boxes) == 1
+    bottom = validate_annotations(ann, VOLS, origin="bottom")[0]
+    assert (bottom.x, bottom.y, bottom.width, bottom.height) == (10, 64 - 50 - 6, 4, 6)
+    boxes = [LesionBox("file_a", 1, 2, 3, 4, 5, "cartilage"), LesionBox("file_a", 3, 0, 0, 1, 1, "bone marrow")]
+    write_annotations(tmp_path / "b.json", boxes)
+    back = read_annotations(tmp_path / "b.json").boxes
+    assert [b.as_row() for b in back] == [b.as_row() for b in boxes]
+    (tmp_path / "bad.json").write_text(json.dumps({"lesions": [{"file": "file_a", "slice": 1}]}))
+    with pytest.raises(BlindspotError, match=r"row 1: missing x, y, width, height, label"):
+        read_annotations(tmp_path / "bad.json")
+    (tmp_path / "broken.json").write_text("{oops")
+    with pytest.raises(BlindspotError, match="not valid JSON"):
+        read_annotations(tmp_path / "broken.json")
+
+
+def test_cli_end_to_end(lesion_data, tmp_path, capsys):
+    root, _, boxes = lesion_data
+    hp = {"chans": 4, "num_pool_layers": 2}
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "unet.pt", build_model("unet", **hp), "unet", hp,
+                           physics={"modality": "mri", "mask_type": "random"})
+    out = tmp_path / "run"
+    rc = main(["lesions", "--model", str(ckpt), "--data", str(root / "data"), "--boxes", str(root / "boxes.csv"),
+               "--out", str(out), "--device", "cpu", "--max-figures", "2", "--no-progress"])
+    assert rc == 0
+    table = json.loads((out / "table.json").read_text())
+    assert set(table["preserved"]) == {"Zero-filled", "U-Net"}
+    assert table["preserved"]["U-Net"]["all"]["total"] == len(boxes)
+    lines = (out / "lesions.csv").read_text().strip().splitlines()
+    assert len(lines) == 1 + 2 * len(boxes)
+    assert len(list((out / "figures").glob("*.png"))) == 2
+    cell = table["preserved"]["U-Net"]["all"]
+    assert "| U-Net |" in (out / "table.md").read_text()
+    assert f"{cell['preserved']}/{cell['total']} |" in (out / "table.md").read_text()
+    # A bad row is a one-line error and exit code 2, never a traceback.
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file,slice,x,y,width,height,label\nfile_phantom_000000.h5,9,1,1,2,2,meniscus\n")
+    rc = main(["lesions", "--model", "zero-filled", "--data", str(root / "data"), "--boxes", str(bad),
+               "--out", str(tmp_path / "run2"), "--no-progress"])
+    assert rc == 2
+    assert "row 2: slice 9 is out of range" in capsys.readouterr().err
+
+
+def test_cli_lesion_phantoms(tmp_path):
+    rc = main(["data", "lesion-phantoms", "--out", str(tmp_path / "d"), "--boxes", str(tmp_path / "d" / "b.csv"),
+               "--volumes", "1", "--slices", "2", "--shape", "32", "32", "--recon-size", "32", "32"])
+    assert rc == 2  # the boxes file may not sit among the .h5 files
+    rc = main(["data", "lesion-phantoms", "--out", str(tmp_path / "d"), "--boxes", str(tmp_path / "b.json"),
+               "--volumes", "1", "--slices", "3", "--lesions", "2", "--shape", "48", "48", "--recon-size", "48", "48"])
+    assert rc == 0
+    ann = read_annotations(tmp_path / "b.json")
+    assert 1 <= len(ann.boxes) <= 2 and all(b.file == "file_phantom_000000.h5" for b in ann.boxes)
+    assert [p.name for p in (tmp_path / "d").iterdir()] == ["file_phantom_000000.h5"]
+
+
+def test_box_weighted_loss_counts_boxes_w_times():
+    from blindspot.data.sample import KspaceTransform, collate_mri
+    from blindspot.physics.mri import create_mask_func, fft2c
+    from blindspot.training.lesion_weighted import box_weight_map, box_weighted_loss
+    from blindspot.training.mri import mri_loss
+
+    wmap = box_weight_map(torch.tensor([[1, 2, 3, 1], [0, 0, 1, 1]]), (4, 5), 5.0)
+    expect = torch.ones(4, 5)
+    expect[2, 1:4] = 5.0
+    expect[0, 0] = 5.0
+    assert torch.equal(wmap, expect)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 1, 16, 16, generator=g, dtype=torch.float32).to(torch.complex64)
+    tf = KspaceTransform(create_mask_func("random", [4.0]))
+    batch = collate_mri([tf(fft2c(images[i]), None, "vol.h5", i) for i in range(2)])
+    model = torch.nn.Conv2d(1, 1, 3, padding=1)
+    box = LesionBox("vol", 1, 2, 3, 4, 5, "meniscus")
+    plain, _ = mri_loss("l1")(model, batch, None)
+    same, _ = box_weighted_loss("l1", [box], 1.0)(model, batch, None)
+    assert torch.allclose(plain, same)
+    weighted, extra = box_weighted_loss("l1", [box], 7.0)(model, batch, None)
+    x, y = batch.normalized()
+    err = (model(x) - y).abs()
+    inside = err[1, 0, 3:8, 2:6].sum()
+    assert torch.allclose(weighted, (err.sum() + 6.0 * inside) / err.numel())
+    assert torch.allclose(extra["l1_boxes"], err[1, 0, 3:8, 2:6].mean())
+    with pytest.raises(BlindspotError, match="box weighting supports"):
+        box_weighted_loss("ssim", [box], 2.0)
+
+
+def test_train_mri_with_boxes(lesion_data, tmp_path):
+    root, _, _ = lesion_data
+    rc = main(["train", "mri", "--data", str(root / "data"), "--boxes", str(root / "boxes.csv"), "--box-weight", "5",
+               "--hparam", "chans=4", "--hparam", "num_pool_layers=1", "--epochs", "1", "--batch-size", "2",
+               "--val-fraction", "0.5", "--accelerations", "4", "--device", "cpu", "--out", str(tmp_path / "t"),
+               "--no-progress"])
+    assert rc == 0
+    assert any((tmp_path / "t").glob("*.pt"))
+    rc = main(["train", "mri", "--boxes", str(root / "boxes.csv"), "--epochs", "1", "--out", str(tmp_path / "u")])
+    assert rc == 2  # boxes name files: --data is needed
