@@ -1,6 +1,5 @@
 """Image-domain invariances against known answers: Gaussian + RI, blind and identity networks, MRI null space."""
 
-import numpy as np
 import pytest
 import torch
 from skimage.metrics import structural_similarity

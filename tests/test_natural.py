@@ -93,7 +93,7 @@ def test_generator_learns_invariances_of_a_smoother(tmp_path):
     while the smoother's output moves by at most 15% of that (RMS output change / RMS input change ≤ 0.15)."""
     model = _smoother()
     x = _images()
-    cfg = NaturalConfig(alpha=0.1, beta=1e-3, **SMALL)
+    cfg = NaturalConfig(alpha=0.1, beta=1e-3, distance="mse", **SMALL)
     trainer = train_generator(model, x, tmp_path, steps=120, config=cfg, progress=False, log_every=20,
                               checkpoint_every=60)
     assert (tmp_path / "generator.pt").is_file() and (tmp_path / "train_log.jsonl").is_file()
@@ -130,6 +130,21 @@ def test_resume_continues_bit_for_bit(tmp_path):
     # a resume with other settings is refused
     with pytest.raises(BlindspotError):
         NaturalInvarianceTrainer(model, x, NaturalConfig(**{**SMALL, "channels": 4}), checkpoint=tmp_path / "b" / "generator.pt")
+
+
+def test_rms_reward_moves_a_generator_that_starts_at_identity():
+    """At g = x a squared distance has no gradient; the bounded RMS (the default D) has one of unit size."""
+    from blindspot.attacks.distances import BoundedMSE, BoundedRMS
+
+    x = torch.randn(2, 1, 8, 8)
+    g = x.clone().requires_grad_(True)
+    BoundedMSE()(g, x).sum().backward()
+    assert g.grad.abs().max() == 0
+    d = 1e-4 * torch.randn_like(x)
+    g2 = (x + d).requires_grad_(True)
+    BoundedRMS()(g2, x).sum().backward()
+    per_image = g2.grad.flatten(1).norm(dim=1)
+    assert torch.allclose(per_image, torch.full((2,), 1 / 8.0), rtol=1e-3)  # ‖∇ RMS‖ = 1/√N, N = 64
 
 
 def test_checkpoint_is_weights_only_and_bad_files_are_clean_errors(tmp_path):

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -467,25 +467,28 @@ def _figures(out: Path, audited, rows, batches, mask_funcs, objective, config) -
     any_batch = next(iter(batches.values()))[0]
     shape = tuple(any_batch.target.shape[-2:])
     box = Region().box(*shape)
-    by_name = {m.name: m for m in audited}
     for acc in batches:
         # qualitative grid: the first model's clearest failed and successful attack, replayed on every model
+        # (a search without a failed attack lends the row to the next search that has one)
         src = audited[0]
-        g = groups.get((src.name, acc, first_search), [])
-        picks = {}
-        succ = [r for r in g if r["success"]]
-        fail = [r for r in g if r["accepted"] and not r["success"]]
-        if fail:
-            picks["failed attack"] = min(fail, key=lambda r: float(r["attack_loss"]))
-        if succ:
-            picks["successful attack"] = max(succ, key=lambda r: float(r["attack_loss"]))
+        picks: dict[str, tuple[str, dict]] = {}
+        for search in config.searches:
+            g = groups.get((src.name, acc, search), [])
+            succ = [r for r in g if r["success"]]
+            fail = [r for r in g if r["accepted"] and not r["success"]]
+            if fail and "failed attack" not in picks:
+                picks["failed attack"] = (search, min(fail, key=lambda r: float(r["attack_loss"])))
+            if succ and "successful attack" not in picks:
+                picks["successful attack"] = (search, max(succ, key=lambda r: float(r["attack_loss"])))
+        picks = {k: picks[k] for k in ("failed attack", "successful attack") if k in picks}
         if picks:
-            panels = _replay_images(out, audited, src.name, first_search, acc, list(picks.values()), batches[acc],
-                                    mask_funcs[acc], objective)
-            path = qualitative_grid(dict(zip(picks, panels)), [m.name for m in audited],
-                                    figs / f"qualitative_{acc:g}x.png",
-                                    title=f"{acc:g}×: features found against {src.name} ({first_search.upper()}), "
-                                          "reconstructed by every model")
+            panels = {}
+            for label, (search, rec) in picks.items():
+                (panel,) = _replay_images(out, audited, src.name, search, acc, [rec], batches[acc], mask_funcs[acc],
+                                          objective)
+                panels[f"{label} ({search.upper()})"] = panel
+            path = qualitative_grid(panels, [m.name for m in audited], figs / f"qualitative_{acc:g}x.png",
+                                    title=f"{acc:g}×: features found against {src.name}, reconstructed by every model")
             made.append(("qualitative", f"Qualitative results, {acc:g}×", path))
         for m in audited:
             g = groups.get((m.name, acc, first_search), [])
@@ -507,7 +510,6 @@ def _figures(out: Path, audited, rows, batches, mask_funcs, objective, config) -
                 p = example_panels(ex, figs / f"worst_{tag}.png", title=f"{m.name} {first_search.upper()} {acc:g}×: "
                                                                          "worst cases")
                 made.append(("worst", f"{m.name}, {first_search.upper()} {acc:g}×: worst cases", p))
-    del by_name
     return made
 
 

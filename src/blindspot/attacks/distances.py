@@ -5,6 +5,8 @@ the reward run away, so every distance here is bounded above by 1, as in the sou
 
 * :class:`BoundedMSE` — ``min(mean((a − b)²), 1)`` per image (the seed's "MSE bounded by +1"). Past the bound its
   gradient is zero, so the optimisation stops growing the change and only keeps the output fixed.
+* :class:`BoundedRMS` — ``min(RMS(a − b), 1)``: the un-squared norm, whose gradient does not vanish at ``a = b``
+  (the natural-invariance generator's default reward, since it starts at ``g(z|x) = x``).
 * :class:`SSIMDistance` — structural dissimilarity ``(1 − SSIM)/2`` with the differentiable
   :func:`blindspot.metrics.ssim` (scikit-image's definition), in ``[0, 1]``.
 * :class:`VGGPerceptual` — a perceptual distance on ImageNet-pretrained VGG16 features (torchvision layer layout,
@@ -28,7 +30,7 @@ from torch import Tensor, nn
 from blindspot.errors import BlindspotError, PathLike
 from blindspot.metrics import ssim
 
-DISTANCES: tuple[str, ...] = ("mse", "ssim", "vgg")
+DISTANCES: tuple[str, ...] = ("mse", "ssim", "vgg", "rms")
 
 #: Indices in torchvision's ``vgg16().features`` of the ReLUs after the last convolution of each block.
 VGG16_LAYERS: dict[str, int] = {"relu1_2": 3, "relu2_2": 8, "relu3_3": 15, "relu4_3": 22, "relu5_3": 29}
@@ -73,6 +75,25 @@ class BoundedMSE(Distance):
         _check_pair(pred, ref)
         mse = (pred - ref).square().mean(dim=(1, 2, 3))
         return mse.clamp(max=self.bound)
+
+
+class BoundedRMS(Distance):
+    """``min(sqrt(mean((pred − ref)²)), bound)`` per image, ``(B,)``: the norm ``‖·‖`` itself (not squared).
+
+    Unlike :class:`BoundedMSE` its gradient does not vanish as ``pred → ref`` (it has unit size whatever the
+    change's size), so a reward ``α·RMS`` can move a generator that starts at ``g(z|x) = x``. A small ``eps``
+    inside the root keeps the gradient finite at exactly zero.
+    """
+
+    name = "rms"
+
+    def __init__(self, bound: float = 1.0, eps: float = 1e-12) -> None:
+        super().__init__()
+        self.bound, self.eps = float(bound), float(eps)
+
+    def forward(self, pred: Tensor, ref: Tensor) -> Tensor:
+        _check_pair(pred, ref)
+        return ((pred - ref).square().mean(dim=(1, 2, 3)) + self.eps).sqrt().clamp(max=self.bound)
 
 
 class SSIMDistance(Distance):
@@ -183,7 +204,7 @@ def build_distance(
     vgg_features: nn.Module | None = None,
     device: torch.device | str | None = None,
 ) -> Distance:
-    """A distance by its CLI name (``"mse"``, ``"ssim"`` or ``"vgg"``).
+    """A distance by its CLI name (``"mse"``, ``"ssim"``, ``"vgg"`` or ``"rms"``).
 
     For ``"vgg"``, pass ``vgg_features`` (an already built extractor) or ``vgg_weights`` (a torchvision-format
     VGG16 state dict on disk, loaded by :func:`blindspot.models.vgg.load_vgg16`); without either the standard torch
@@ -192,6 +213,8 @@ def build_distance(
     """
     if name == "mse":
         dist: Distance = BoundedMSE()
+    elif name == "rms":
+        dist = BoundedRMS()
     elif name == "ssim":
         dist = SSIMDistance()
     elif name == "vgg":

@@ -213,7 +213,9 @@ class NaturalConfig:
     Attributes:
         alpha: weight of the distance reward ``α·D(x, g)``.
         beta: weight of the critic term ``β·C(g)``.
-        distance, fidelity: names of ``D`` and ``‖·‖`` (``mse``, ``ssim``, ``vgg``).
+        distance, fidelity: names of ``D`` and ``‖·‖`` (``rms``, ``mse``, ``ssim``, ``vgg``). ``D`` defaults to the
+            bounded RMS: the generator starts at ``g = x``, where a squared distance has no gradient, so with
+            ``D = mse`` the critic term (which favours ``g = x``) would keep it there.
         patch: training patch side (the source document's 80 px).
         batch_size: patches per step.
         n_critic: critic updates per generator update.
@@ -224,9 +226,9 @@ class NaturalConfig:
         seed: seed of the one random generator (patches, ``z``, interpolates) and of the weight initialisation.
     """
 
-    alpha: float = 0.1
+    alpha: float = 0.01
     beta: float = 1e-3
-    distance: str = "mse"
+    distance: str = "rms"
     fidelity: str = "mse"
     patch: int = 80
     batch_size: int = 16

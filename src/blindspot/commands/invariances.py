@@ -97,7 +97,8 @@ def register(subparsers) -> None:
     _add_model_args(p)
     _add_data_args(p)
     p.add_argument("--distance", choices=DISTANCES, default="mse",
-                   help="D: mse (bounded by 1), ssim ((1 − SSIM)/2) or vgg (VGG16 perceptual) (default mse)")
+                   help="D: mse (bounded by 1, the seed's), ssim ((1 − SSIM)/2), vgg (VGG16 perceptual) or rms "
+                        "(bounded un-squared norm) (default mse)")
     p.add_argument("--fidelity", choices=("same",) + DISTANCES, default="same",
                    help="‖·‖ on the outputs (default: the same as --distance, as the source document)")
     p.add_argument("--alpha", type=float, default=0.01, help="weight of the distance reward (default 0.01)")
@@ -131,9 +132,10 @@ def register(subparsers) -> None:
     t.add_argument("--out", required=True, metavar="DIR")
     t.add_argument("--resume", action="store_true", help="continue from DIR/generator.pt")
     t.add_argument("--steps", type=_positive_int, default=2000, help="generator steps in total (default 2000)")
-    t.add_argument("--alpha", type=float, default=0.1)
-    t.add_argument("--beta", type=float, default=1e-3)
-    t.add_argument("--distance", choices=DISTANCES, default="mse")
+    t.add_argument("--alpha", type=float, default=0.01, help="weight of the distance reward (default 0.01)")
+    t.add_argument("--beta", type=float, default=1e-3, help="weight of the critic term (default 0.001)")
+    t.add_argument("--distance", choices=DISTANCES, default="rms",
+                   help="D (default rms: the bounded un-squared norm, whose gradient does not vanish at g = x)")
     t.add_argument("--fidelity", choices=DISTANCES, default="mse")
     t.add_argument("--patch", type=_positive_int, default=80)
     t.add_argument("--train-batch", type=_positive_int, default=16, help="patches per step (default 16)")
@@ -487,7 +489,7 @@ _METRIC_KEYS = ("mean_abs_change", "max_abs_change", "rms_change", "output_mean_
 
 def run(args: argparse.Namespace) -> int:
     from blindspot.attacks.distances import build_distance
-    from blindspot.attacks.invariance import InvarianceAttack, InvarianceConfig
+    from blindspot.attacks.invariance import InvarianceConfig
 
     if not args.out:
         raise BlindspotError(None, "--out RUN_DIR is required")
@@ -524,6 +526,14 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {k:24s} {agg[k]['mean']:.4g} ± {agg[k]['std']:.2g}{u}")
     print(f"records: {out / 'records.csv'}\nreport: {out / 'report.html'}")
     return 0
+
+
+def _zoom_box(square: Any, height: int, width: int) -> tuple[int, int, int, int] | None:
+    """A box three times a model's invariant square around the image centre, when the image is much larger."""
+    if not isinstance(square, int) or square < 1 or 3 * square >= min(height, width):
+        return None
+    side = 3 * square
+    return (height - side) // 2, (width - side) // 2, side, side
 
 
 def _run_ct(args, loaded: LoadedModel, config, distance, fidelity, out: Path):
@@ -568,7 +578,8 @@ def _run_ct(args, loaded: LoadedModel, config, distance, fidelity, out: Path):
                       units="HU", normalization_mean=norm.mean, normalization_std=norm.std)
             if figures_made < args.figures:
                 ct_invariance_figure(x_hu, xi_hu, fx_hu, fi_hu, out / "figures" / f"{name}.png",
-                                     title=f"{loaded.name}: {it.key} (D = {args.distance}, α = {args.alpha:g})")
+                                     title=f"{loaded.name}: {it.key} (D = {args.distance}, α = {args.alpha:g})",
+                                     zoom=_zoom_box(square, x.shape[-2], x.shape[-1]))
                 figures_made += 1
             for r in range(res.x_inv.shape[1]):
                 row = {"key": it.key, "index": idx, "restart": r, "model": loaded.name, "modality": "ct",

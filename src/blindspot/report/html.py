@@ -156,7 +156,7 @@ IP loss: mean squared difference of the normalised perturbed and clean zero-fill
 {markdown_table_html(md_tables.get('ip', ''))}
 <h2>Transferability</h2>
 <p class="muted">Features that fooled the source model, replayed on the target: the share that fool it too.</p>
-{markdown_table_html(md_tables.get('transfer', '')) or "<p class='muted'>one model: nothing to transfer</p>"}
+{markdown_table_html(md_tables.get('transfer', '')) or "<p class='muted'>not computed (one model, or --no-transfer)</p>"}
 <h2>Qualitative results</h2>
 <p class="muted">Columns: the zero-filled input, the truth with the feature (outlined neighbourhood T), then each
 model's reconstruction; rows: a failed and a successful attack.</p>

@@ -106,6 +106,7 @@ def ct_invariance_figure(
     title: str = "",
     windows: Sequence[str | Window] = ("abdomen", "lung"),
     difference: Window = WINDOWS["difference"],
+    zoom: tuple[int, int, int, int] | None = None,
 ) -> Path:
     """The CT invariance panels of one image.
 
@@ -115,6 +116,8 @@ def ct_invariance_figure(
         restart: which restart to show in the image panels (the std panel uses all).
         windows: display windows of the image rows (names of :data:`blindspot.physics.ct.WINDOWS` or windows).
         difference: window of the difference panels.
+        zoom: optional ``(top, left, height, width)`` box shown enlarged in a last row (x_inv − x, its local mean,
+            f(x_inv) − f(x), x_inv) — e.g. around Gaussian + RI's square on a 512×512 image.
     """
     x, fx = _np(x_hu), _np(f_x_hu)
     xi = np.asarray(x_inv_hu.detach().cpu() if isinstance(x_inv_hu, torch.Tensor) else x_inv_hu, dtype=np.float32)
@@ -140,6 +143,18 @@ def ct_invariance_figure(
         Panel(std, 0.0, max(float(np.percentile(std, 99)), 1.0), f"std of x_inv over {xi.shape[0]} restarts (HU)",
               cmap="magma", colorbar=True),
     ])
+    if zoom is not None:
+        t, l, h, w = zoom
+        box = (slice(t, t + h), slice(l, l + w))
+        lm = local_mean_map(d)
+        win = WINDOWS[windows[0]] if windows and isinstance(windows[0], str) else WINDOWS["abdomen"]
+        where = f"rows {t}–{t + h - 1}, cols {l}–{l + w - 1}"
+        rows.append([
+            _window_panel(d[box], difference, f"x_inv − x, zoom\n{where}", colorbar=True, cmap="RdBu_r"),
+            _window_panel(lm[box], difference, "5×5 local mean, zoom", colorbar=True, cmap="RdBu_r"),
+            _window_panel((fi[r] - fx)[box], difference, "f(x_inv) − f(x), zoom", colorbar=True, cmap="RdBu_r"),
+            _window_panel(xi[r][box], win, "x_inv, zoom"),
+        ])
     return panel_grid(rows, path, title)
 
 

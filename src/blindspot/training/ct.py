@@ -25,14 +25,13 @@ import itertools
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import Dataset
 
-from blindspot.data.ldct import CTBatch, LDCTDataset, LDCTPatient, PatchDataset, collate_ct, find_ldct, split_patients
+from blindspot.data.ldct import LDCTDataset, PatchDataset, collate_ct, find_ldct, split_patients
 from blindspot.errors import BlindspotError, PathLike
 from blindspot.fileio import atomic_write_bytes, read_json, write_json
 from blindspot.metrics import psnr, ssim

@@ -28,7 +28,7 @@ Python API::
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Mapping
 
 import torch
@@ -38,7 +38,8 @@ from blindspot.attacks.features import CENTER_FRACTION, FAMILIES, FeatureSampler
 from blindspot.attacks.fnaf import AttackContext, FnafObjective, eval_mode, subset_batch
 from blindspot.data.sample import MRIBatch
 from blindspot.errors import BlindspotError
-from blindspot.physics.mri import resample_mask
+from blindspot.models.protocol import reconstruct, uses_mask
+from blindspot.physics.mri import resample_mask, zero_filled
 
 ROBUST_SEARCHES: tuple[str, ...] = ("draw", "rs", "grad")
 
@@ -207,8 +208,6 @@ def fnaf_robust_loss(base_loss: Callable, config: RobustConfig, objective: FnafO
             return _split(base_loss(model, batch, ctx))
         # the perturbed inputs exactly as the attack builds them
         fctx = ex.ctx
-        from blindspot.attacks.fnaf import zero_filled
-
         mask_p = fctx.mask.index_select(0, ex.image_idx)
         nx_p = fctx.stats.index(ex.image_idx).apply(zero_filled(fctx.target.index_select(0, ex.image_idx)
                                                                 + ex.feature, mask_p))
@@ -216,8 +215,6 @@ def fnaf_robust_loss(base_loss: Callable, config: RobustConfig, objective: FnafO
         if mask_c.shape[-1] != mask_p.shape[-1]:
             mask_c = resample_mask(mask_c, mask_p.shape[-1])
         mask_c = mask_c.reshape(len(batch), 1, 1, -1)
-        from blindspot.models.protocol import reconstruct, uses_mask
-
         out = reconstruct(model, torch.cat([x, nx_p]), torch.cat([mask_c, mask_p]))
         B = len(batch)
         flag = uses_mask(model)
