@@ -44,15 +44,21 @@ def audit(checkpoints, tmp_path_factory):
 def test_tables_match_records_and_evaluation(audit, checkpoints):
     out, result = audit
     records = read_jsonl(out / "records.jsonl")
-    assert len(records) == 2 * 3 * 3  # 2 models × 3 searches × 3 images
-    for model in ("Tiny U-Net", "Tiny I-RIM"):
-        for search in ("rs", "fd", "grad"):
-            rows = [r for r in records if r["model"] == model and r["search"] == search]
-            sm = result.attack_rates[model]["4x"][search]
-            assert sm["n"] == 3
-            assert sm["attack_rate"] == pytest.approx(sum(bool(r["success"]) for r in rows) / 3)
-            assert sm["ci_low"] <= sm["attack_rate"] <= sm["ci_high"]
-            assert sm["mean_attack_loss"] == pytest.approx(sum(r["attack_loss"] for r in rows) / 3)
+    assert len(records) == 2 * 3 * 3 * 2  # 2 models × 3 searches × 3 images × 2 criteria
+    assert result.attack_rates == result.attack_rates_by_criterion["seed"]  # the first criterion is the headline
+    for criterion, flag in (("seed", "success_seed"), ("recovery", "success_recovery")):
+        for model in ("Tiny U-Net", "Tiny I-RIM"):
+            for search in ("rs", "fd", "grad"):
+                rows = [r for r in records if r["model"] == model and r["search"] == search
+                        and r["criterion"] == criterion]
+                assert [r["success"] for r in rows] == [r[flag] for r in rows]
+                sm = result.attack_rates_by_criterion[criterion][model]["4x"][search]
+                assert sm["n"] == 3
+                assert sm["attack_rate"] == pytest.approx(sum(bool(r["success"]) for r in rows) / 3)
+                assert sm["ci_low"] <= sm["attack_rate"] <= sm["ci_high"]
+                assert sm["mean_attack_loss"] == pytest.approx(sum(r["attack_loss"] for r in rows) / 3)
+                saturated = [r["baseline_loss"] >= r["loss_threshold"] for r in rows]
+                assert sm["baseline_saturation"] == pytest.approx(sum(saturated) / 3)
     # Table 1 has the zero-filled baseline and both models, with the evaluation's own numbers
     names = [r["model"] for r in result.table1]
     assert names == ["Zero-filled", "Tiny U-Net", "Tiny I-RIM"]
@@ -65,8 +71,8 @@ def test_tables_match_records_and_evaluation(audit, checkpoints):
                                                      shape=(32, 32), recon_size=(32, 32)))
     assert result.table1[1]["ssim_mean"] == pytest.approx(ev.rows[0]["ssim_mean"], rel=1e-6)
     # transfer: each model's features replayed on the other, for every search
-    pairs = {(t["source"], t["target"], t["search"]) for t in result.transfer}
-    assert len(pairs) == 2 * 3 and ("Tiny U-Net", "Tiny I-RIM", "rs") in pairs
+    pairs = {(t["source"], t["target"], t["search"], t["criterion"]) for t in result.transfer}
+    assert len(pairs) == 2 * 3 * 2 and ("Tiny U-Net", "Tiny I-RIM", "rs", "recovery") in pairs
 
 
 def test_files_and_self_contained_report(audit):
@@ -82,6 +88,8 @@ def test_files_and_self_contained_report(audit):
     assert len(re.findall(r"src='data:image/png;base64,", html)) >= 4  # grid, scatters, heat-maps, worst cases
     assert not re.search(r"(src|href)=['\"](https?:|file:|/)", html)  # nothing outside the file
     assert "Tiny I-RIM" in result.markdown and "Acceptance Rate" in result.markdown
+    assert "seed criterion" in html and "recovery criterion" in html and "error alone at threshold" in html
+    assert set(data["attack_rates_by_criterion"]) == {"seed", "recovery"}
 
 
 def test_rerun_needs_resume_and_same_settings(audit, checkpoints):
@@ -96,7 +104,7 @@ def test_rerun_needs_resume_and_same_settings(audit, checkpoints):
     with pytest.raises(BlindspotError, match="other settings"):
         run_audit(models, out, config=AuditConfig(**{**cfg.__dict__, "candidates": 4}), resume=True)
     again = run_audit(models, out, config=cfg, resume=True)  # nothing recomputed: same records
-    assert len(again.records) == 18
+    assert len(again.records) == 36
 
 
 def test_cli_bad_input(tmp_path, capsys):
@@ -136,3 +144,10 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     exec(compile(code, "README.md", "exec"), namespace)
     assert (tmp_path / "runs" / "api" / "report.html").exists()
     assert math.isfinite(namespace["rate"])
+
+
+def test_no_lesion_section_without_boxes(audit):
+    out, result = audit
+    assert "lesions" not in json.loads((out / "results.json").read_text())
+    assert not (out / "lesions.csv").exists() and "<h2>Lesions</h2>" not in (out / "report.html").read_text()
+    assert "## Lesions" not in result.markdown

@@ -73,6 +73,7 @@ def test_identity_with_full_sampling_keeps_every_feature():
     res = search(Identity(), batch, FULL)
     ev = res.evaluation
     assert torch.allclose(ev.attack_loss, torch.zeros(8), atol=1e-9)
+    assert torch.allclose(ev.baseline_loss, torch.zeros(8), atol=1e-9)  # no error of its own either
     assert torch.allclose(ev.recovery, torch.ones(8), atol=2e-3)  # float32 round-off of the FFTs
     assert bool(ev.accepted.all())  # the feature is in the (complete) measurements
     assert int(res.success.sum()) == 0  # attack rate 0
@@ -104,6 +105,8 @@ def test_zero_model_has_zero_recovery_and_the_loss_is_the_truth_energy_on_T():
     T = F.max_pool2d(support.float(), 5, 1, 2)
     assert torch.allclose(ev.attack_loss, (T * ny).square().mean((1, 2, 3)), rtol=1e-5)
     assert torch.allclose(ev.recovery, torch.zeros(3), atol=1e-6)
+    # without any feature the zero model's error on T is the clean truth's energy there
+    assert torch.allclose(ev.baseline_loss, (T * ctx.stats.apply(ctx.target)).square().mean((1, 2, 3)), rtol=1e-5)
     x_pert = CartesianUndersampling(ctx.mask)(y_pert)
     x0 = CartesianUndersampling(ctx.mask)(ctx.target)
     _, stats0 = normalize(x0)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import re
 
 import h5py
 import numpy as np
@@ -293,3 +295,57 @@ def test_train_mri_with_boxes(lesion_data, tmp_path):
     assert any((tmp_path / "t").glob("*.pt"))
     rc = main(["train", "mri", "--boxes", str(root / "boxes.csv"), "--epochs", "1", "--out", str(tmp_path / "u")])
     assert rc == 2  # boxes name files: --data is needed
+
+
+def test_audit_lesion_section_matches_blindspot_lesions(lesion_data, tmp_path, capsys):
+    """``audit --boxes`` adds the lesion section; its counts are ``blindspot lesions``' on the same data and masks."""
+    root, _, boxes = lesion_data
+    hp = {"chans": 4, "num_pool_layers": 2}
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "unet.pt", build_model("unet", **hp), "unet", hp,
+                           physics={"modality": "mri", "mask_type": "random"})
+    data, csv_path = str(root / "data"), str(root / "boxes.csv")
+    run = tmp_path / "audit"
+    rc = main(["audit", "--model", str(ckpt), "--names", "Tiny U-Net", "--data", data, "--boxes", csv_path,
+               "--lesion-figures", "2", "--search", "rs", "--candidates", "2", "--criteria", "recovery",
+               "--no-transfer", "--accelerations", "4", "--limit", "2", "--out", str(run), "--device", "cpu"])
+    assert rc == 0
+    section = json.loads((run / "results.json").read_text())["lesions"]
+    rc = main(["lesions", "--model", str(ckpt), "--names", "Tiny U-Net", "--data", data, "--boxes", csv_path,
+               "--acceleration", "4", "--max-figures", "0", "--out", str(tmp_path / "lesions"), "--device", "cpu",
+               "--no-progress"])
+    assert rc == 0
+    alone = json.loads((tmp_path / "lesions" / "table.json").read_text())
+    per = section["by_acceleration"]["4x"]
+    assert per["preserved"] == alone["preserved"]  # every lesion of the data, whatever --limit
+    assert set(per["preserved"]) == {"Zero-filled", "Tiny U-Net"}
+    for label in {b.label for b in boxes}:
+        assert per["preserved"]["Tiny U-Net"][label]["total"] == sum(b.label == label for b in boxes)
+    assert section["lesions"] == len(boxes) and section["rule"]["threshold"] == 0.5
+    # lesions.csv beside results.json: the same per-lesion scores as blindspot lesions' own file
+    with open(run / "lesions.csv", newline="") as f:
+        audit_rows = list(csv.DictReader(f))
+    with open(tmp_path / "lesions" / "lesions.csv", newline="") as f:
+        own_rows = list(csv.DictReader(f))
+    assert [r["acceleration"] for r in audit_rows] == ["4.0"] * len(own_rows)
+    assert [(r["model"], r["file"], r["slice"], r["kept"], r["preserved"]) for r in audit_rows] == \
+        [(r["model"], r["file"], r["slice"], r["kept"], r["preserved"]) for r in own_rows]
+    page = (run / "report.html").read_text()
+    lesions_html = page[page.index("<h2>Lesions</h2>"): page.index("<h2>Run</h2>")]
+    assert "Preservation rule" in lesions_html and "≥ 0.5" in lesions_html
+    cell = per["preserved"]["Tiny U-Net"]["all"]
+    assert "<td>Tiny U-Net</td>" in lesions_html and f"<td>{cell['preserved']}/{cell['total']}</td>" in lesions_html
+    assert len(re.findall(r"<img alt='4×: [^']*' src='data:image/png;base64,", lesions_html)) == 2
+    assert "## Lesions" in (run / "tables.md").read_text()
+    capsys.readouterr()
+    # Boxes that do not match the data: the reader's one-line error, exit 2, before anything is audited.
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file,slice,x,y,width,height,label\nfile_phantom_000000.h5,9,1,1,2,2,meniscus\n")
+    rc = main(["audit", "--model", str(ckpt), "--data", data, "--boxes", str(bad), "--search", "rs",
+               "--no-transfer", "--accelerations", "4", "--out", str(tmp_path / "bad_run"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "row 2: slice 9 is out of range" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "bad_run" / "records.jsonl").exists()
+    rc = main(["audit", "--model", str(ckpt), "--boxes", csv_path, "--out", str(tmp_path / "no_data")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--boxes needs --data" in err and len(err.strip().splitlines()) == 1

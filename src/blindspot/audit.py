@@ -5,13 +5,16 @@ For each acceleration it computes
 * **Table 1** — SSIM, NMSE (mean ± std over volumes) and PSNR of every model, with the zero-filled baseline
   (:func:`blindspot.evaluate.evaluate_models`);
 * **Table 2** — the FNAF attack rate of every search (RS, FD, gradient) with its 95% Wilson interval and the mean
-  attack loss (:mod:`blindspot.attacks.search`, :func:`blindspot.attacks.records.summarize`);
+  attack loss (:mod:`blindspot.attacks.search`, :func:`blindspot.attacks.records.summarize`), once per criterion:
+  the seed's (``L_atk`` reaches a fixed threshold — which also counts the network's own reconstruction error around
+  the feature, so a weak network "loses" every feature; the audit reports how often that error alone decides) and
+  the scale-free ``recovery`` criterion (the share of the feature's energy the reconstruction keeps);
 * **the IP table** — IP acceptance rate and mean IP loss;
 * **transferability** — the features found against each model replayed on every other audited model;
 
 and writes into ``RUN_DIR``: ``report.html`` (self-contained, figures embedded), ``results.json`` (attack rates keyed
 by model name), ``table1.csv``, ``table2.csv``, ``ip_table.csv``, ``transfer.csv``, ``records.csv`` /
-``records.jsonl`` (one row per image, model, acceleration and search), ``tables.md``, ``features/`` (the found
+``records.jsonl`` (one row per image, model, acceleration, search and criterion), ``tables.md``, ``features/CRITERION/MODEL/`` (the found
 features, replayable with ``blindspot fnaf --replay``) and ``figures/``.
 
 Without models it audits the bundled demo models (:func:`bundled_models`) on freshly generated phantoms whose seeds
@@ -31,14 +34,18 @@ import time
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from blindspot.errors import BlindspotError, PathLike
+from blindspot.attacks.fnaf import CRITERION_TEXT
 from blindspot.fileio import append_jsonl, atomic_write_text, read_jsonl, write_csv, write_json
+
+if TYPE_CHECKING:
+    from blindspot.lesions import LesionAuditOptions
 
 #: The bundled demo models: (row label, file in ``blindspot/weights``).
 BUNDLED: tuple[tuple[str, str], ...] = (
@@ -77,7 +84,9 @@ class AuditConfig:
         mask_type: ``"random"`` or ``"equispaced"`` (``None``: the first checkpoint's, else random).
         searches: FNAF searches among ``rs``, ``fd``, ``grad``.
         family: feature family (the seed's ``walk`` by default).
-        criterion: ``seed`` (attack loss ≥ threshold) or ``recovery``.
+        criteria: the FNAF criteria to attack under, each with its own searches, tables and verdicts: ``seed``
+            (attack loss ≥ the seed's threshold) and ``recovery`` (the reconstruction keeps less than half of the
+            feature's energy). The first one's features make the figures.
         candidates: RS candidates per image (seed: 11); fd_iterations; grad_steps and grad_init (4 + 6 + 1 = 11 queries).
         transfer: replay each model's features on every other audited model.
         phantom_volumes, phantom_slices, phantom_seed: the phantom data (without ``data``); geometry follows the first
@@ -95,7 +104,7 @@ class AuditConfig:
     mask_type: str | None = None
     searches: tuple[str, ...] = ("rs", "fd", "grad")
     family: str = "walk"
-    criterion: str = "seed"
+    criteria: tuple[str, ...] = ("seed", "recovery")
     candidates: int = 11
     fd_iterations: int = 2
     grad_steps: int = 6
@@ -113,11 +122,16 @@ class AuditConfig:
     progress: bool | None = None
 
     def check(self) -> None:
+        from blindspot.attacks.fnaf import CRITERIA
         from blindspot.attacks.search import SEARCHES
 
         bad = [s for s in self.searches if s not in SEARCHES]
         if bad or not self.searches:
             raise BlindspotError(None, f"unknown search {bad[0] if bad else ''!r}; choose from {', '.join(SEARCHES)}")
+        bad = [c for c in self.criteria if c not in CRITERIA]
+        if bad or not self.criteria or len(set(self.criteria)) != len(self.criteria):
+            raise BlindspotError(None, f"criteria must be distinct names among {', '.join(CRITERIA)}, got "
+                                       f"{', '.join(self.criteria) or 'none'}")
         if self.center_fractions is not None and len(self.center_fractions) != len(self.accelerations):
             raise BlindspotError(None, "give one centre fraction per acceleration")
         for name in ("candidates", "grad_init", "batch_size", "chunk_size", "phantom_volumes", "phantom_slices"):
@@ -135,7 +149,8 @@ class AuditResult:
         table1: Table 1 rows (one per model and acceleration; :data:`blindspot.evaluate.TABLE_COLUMNS`).
         table2: Table 2 rows (one per model and acceleration, columns per search).
         ip_table: the IP table's two rows.
-        attack_rates: ``{model: {"4x": {search: summary}}}`` (:func:`blindspot.attacks.records.summarize`).
+        attack_rates: ``{model: {"4x": {search: summary}}}`` (:func:`blindspot.attacks.records.summarize`) under the
+            first criterion; ``attack_rates_by_criterion`` holds every criterion's.
         transfer: rows ``{source, target, acceleration, search, transfer_rate, ci_low, ci_high, …}``.
         records: per-image attack records.
         markdown: all tables as Markdown (what the terminal shows).
@@ -152,11 +167,16 @@ class AuditResult:
     markdown: str
     report: Path
     timings: dict[str, float] = field(default_factory=dict)
+    attack_rates_by_criterion: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 def _acc_key(acc: float) -> str:
     return f"{float(acc):g}x"
+
+
+def _features_dir(out: Path, criterion: str, model: str) -> Path:
+    return out / "features" / criterion / _safe(model)
 
 
 def _safe(name: str) -> str:
@@ -184,6 +204,8 @@ def run_audit(
     crop: tuple[int, int] | None = None,
     resume: bool = False,
     log: Callable[[str], None] | None = None,
+    boxes: PathLike | None = None,
+    lesion_options: LesionAuditOptions | None = None,
 ) -> AuditResult:
     """Audit ``models`` and write the report.
 
@@ -196,6 +218,10 @@ def run_audit(
         crop: ``(h, w)`` working size (default: the first checkpoint's crop, else the data's).
         resume: reuse the records of an interrupted run in ``out_dir`` (same settings) instead of recomputing them.
         log: where progress lines go (default: nowhere).
+        boxes: lesion bounding boxes (CSV / JSON, :mod:`blindspot.data.lesions`) on the fastMRI ``data`` (required
+            with boxes): adds the lesion section (:func:`blindspot.lesions.audit_lesions`, at the data's own image
+            size and every acceleration, whatever ``config.limit``): ``results.json["lesions"]``, ``lesions.csv``.
+        lesion_options: its rule, box origin and figures (:class:`blindspot.lesions.LesionAuditOptions`).
     """
     from blindspot.attacks.features import FeatureSampler, Region
     from blindspot.attacks.fnaf import FnafObjective
@@ -210,6 +236,11 @@ def run_audit(
 
     config = config or AuditConfig()
     config.check()
+    if boxes is not None:  # lesion boxes are checked against their data before anything runs
+        from blindspot.lesions import LesionAuditOptions, open_annotated
+
+        lesion_options = lesion_options or LesionAuditOptions()
+        open_annotated(data, boxes, origin=lesion_options.origin)
     say = log or (lambda s: None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -244,6 +275,7 @@ def run_audit(
         "crop": list(crop) if crop else None, "mask_type": mask_type, "center_fractions": cfs,
         **{k: v for k, v in asdict(config).items() if k not in ("device", "progress", "figures")},
     }
+    settings["criteria"] = list(config.criteria)
     settings["accelerations"] = [float(a) for a in config.accelerations]
     settings["searches"] = list(config.searches)
     _check_run_dir(out, settings, resume)
@@ -260,17 +292,33 @@ def run_audit(
     write_csv(out / "table1.csv", t1_rows, TABLE_COLUMNS)
     timings["table1"] = time.perf_counter() - t_load
 
+    # ---- lesions (with boxes): blindspot.lesions on the annotated slices at every acceleration --------------------
+    lesion_section = None
+    if boxes is not None:
+        from blindspot.lesions import audit_lesions
+
+        say("Lesions: preservation of the annotated lesions")
+        lesion_section = audit_lesions(eval_models, data, boxes, config.accelerations, cfs, mask_type, out,
+                                       lesion_options, device=device, figures=config.figures, progress=config.progress)
+        timings["lesions"] = lesion_section.seconds
+
     # ---- attacks -------------------------------------------------------------------------------------------------
     t_att = time.perf_counter()
-    objective = FnafObjective(criterion=config.criterion)
-    common = dict(sampler=FeatureSampler(config.family), objective=objective, region=Region(),
-                  chunk_size=config.chunk_size, seed=config.seed)
+    objectives = {c: FnafObjective(criterion=c) for c in config.criteria}
+    primary = config.criteria[0]
     per = {"rs": dict(n_candidates=config.candidates), "fd": dict(iterations=config.fd_iterations),
            "grad": dict(steps=config.grad_steps, init_candidates=config.grad_init)}
-    searches = [build_search(s, **common, **per[s]) for s in config.searches]
+
+    def common(criterion: str) -> dict[str, Any]:
+        return dict(sampler=FeatureSampler(config.family), objective=objectives[criterion], region=Region(),
+                    chunk_size=config.chunk_size, seed=config.seed)
+
+    def group_of(r: Mapping[str, Any]) -> tuple[str, float, str, str]:
+        return r["model"], float(r["acceleration"]), r["search"], r["criterion"]
+
     log_path = out / "records.jsonl"
     rows: list[dict[str, Any]] = read_jsonl(log_path) if log_path.exists() else []
-    done = {(r["model"], float(r["acceleration"]), r["search"]) for r in rows}
+    done = {group_of(r) for r in rows}
     datasets: dict[float, Dataset] = {}
     batches: dict[float, list] = {}
     mask_funcs = {}
@@ -278,26 +326,31 @@ def run_audit(
         acc = float(acc)
         mask_funcs[acc] = create_mask_func(mask_type, [acc], [cf])
         datasets[acc] = open_dataset(mask_funcs[acc])
-        loader = DataLoader(datasets[acc], batch_size=config.batch_size, shuffle=False, collate_fn=collate_mri)
-        batches[acc] = list(loader)
-        for m in audited:
-            for search in searches:
-                group = (m.name, acc, search.name)
-                fdir = out / "features" / _safe(m.name) / f"{search.name}_{acc:g}x"
-                if group in done and fdir.is_dir():
-                    continue
-                rows = [r for r in rows if (r["model"], float(r["acceleration"]), r["search"]) != group]
-                new = []
-                bar = tqdm(batches[acc], desc=f"{m.name} {search.name.upper()} {acc:g}x", unit="batch",
-                           disable=None if config.progress is None else not config.progress, leave=False)
-                for bi, batch in enumerate(bar):
-                    result = search(m.model, batch, mask_funcs[acc])
-                    save_features(fdir / f"batch_{bi:05d}.pt", result, m.name)
-                    new.extend(result.rows(m.name))
-                append_jsonl(log_path, new)
-                rows.extend(new)
-                k = sum(bool(r["success"]) for r in new)
-                say(f"  {m.name:>20s} {search.name.upper():>4s} {acc:g}x: {k}/{len(new)} images attacked")
+        batches[acc] = list(DataLoader(datasets[acc], batch_size=config.batch_size, shuffle=False,
+                                       collate_fn=collate_mri))
+    for criterion in config.criteria:
+        searches = [build_search(s, **common(criterion), **per[s]) for s in config.searches]
+        for acc in batches:
+            for m in audited:
+                for search in searches:
+                    group = (m.name, acc, search.name, criterion)
+                    fdir = _features_dir(out, criterion, m.name) / f"{search.name}_{acc:g}x"
+                    if group in done and fdir.is_dir():
+                        continue
+                    rows = [r for r in rows if group_of(r) != group]
+                    new = []
+                    bar = tqdm(batches[acc], desc=f"{m.name} {search.name.upper()} {acc:g}x {criterion}",
+                               unit="batch", leave=False,
+                               disable=None if config.progress is None else not config.progress)
+                    for bi, batch in enumerate(bar):
+                        result = search(m.model, batch, mask_funcs[acc])
+                        save_features(fdir / f"batch_{bi:05d}.pt", result, m.name)
+                        new.extend(result.rows(m.name))
+                    append_jsonl(log_path, new)
+                    rows.extend(new)
+                    k = sum(bool(r["success"]) for r in new)
+                    say(f"  {m.name:>20s} {search.name.upper():>4s} {acc:g}x {criterion:>8s}: {k}/{len(new)} images "
+                        "attacked")
     write_csv(out / "records.csv", rows, RECORD_COLUMNS)
     timings["attacks"] = time.perf_counter() - t_att
 
@@ -305,58 +358,78 @@ def run_audit(
     t_tr = time.perf_counter()
     transfer: list[dict[str, Any]] = []
     if config.transfer and len(audited) > 1:
-        for src in audited:
-            saved = load_features(out / "features" / _safe(src.name))
-            for tgt in audited:
-                if tgt is src:
-                    continue
-                for search in config.searches:
-                    replay = ReplaySearch(saved=saved, source_search=search, **common)
-                    for acc in batches:
-                        tgt_rows = []
-                        for batch in batches[acc]:
-                            res = replay(tgt.model, batch, mask_funcs[acc])
-                            if len(res):
-                                tgt_rows.extend(res.rows(tgt.name))
-                        src_rows = [r for r in rows if r["model"] == src.name and r["search"] == search
-                                    and float(r["acceleration"]) == acc]
-                        tr = transfer_rate(src_rows, tgt_rows, criterion=config.criterion)
-                        transfer.append({"source": src.name, "target": tgt.name, "acceleration": acc,
-                                         "search": search, **tr})
+        for criterion in config.criteria:
+            for src in audited:
+                saved = load_features(_features_dir(out, criterion, src.name))
+                for tgt in audited:
+                    if tgt is src:
+                        continue
+                    for search in config.searches:
+                        replay = ReplaySearch(saved=saved, source_search=search, **common(criterion))
+                        for acc in batches:
+                            tgt_rows = []
+                            for batch in batches[acc]:
+                                res = replay(tgt.model, batch, mask_funcs[acc])
+                                if len(res):
+                                    tgt_rows.extend(res.rows(tgt.name))
+                            src_rows = [r for r in rows if group_of(r) == (src.name, acc, search, criterion)]
+                            tr = transfer_rate(src_rows, tgt_rows, criterion=criterion)
+                            transfer.append({"source": src.name, "target": tgt.name, "acceleration": acc,
+                                             "search": search, **tr})
         write_csv(out / "transfer.csv", transfer)
     timings["transfer"] = time.perf_counter() - t_tr
 
     # ---- tables --------------------------------------------------------------------------------------------------
-    groups = group_rows(rows)
     order = {(m.name, float(a), s): i for i, (m, a, s) in enumerate(
         (m, a, s) for a in config.accelerations for m in audited for s in config.searches)}
-    summaries = {k: summarize(groups[k]) for k in sorted(groups, key=lambda k: order.get(k, 1 << 30))}
-    t2_rows, t2_md = table2(summaries)
-    ip_rows, _ = ip_table(summaries)
-    ip_md = ip_markdown(summaries)
+    t2_rows: list[dict[str, Any]] = []
+    ip_rows: list[dict[str, Any]] = []
+    headline: list[dict[str, Any]] = []
+    rates_by: dict[str, dict[str, dict[str, dict[str, dict[str, Any]]]]] = {}
+    md_t2: dict[str, str] = {}
+    md_ip: dict[str, str] = {}
+    md_tr: dict[str, str] = {}
+    md_parts = ["## Table 1: reconstruction quality (per-volume mean ± std)\n\n" + table_markdown(t1_rows)]
+    for criterion in config.criteria:
+        groups = group_rows(r for r in rows if r["criterion"] == criterion)
+        summaries = {k: summarize(groups[k]) for k in sorted(groups, key=lambda k: order.get(k, 1 << 30))}
+        c_t2_rows, c_t2_md = table2(summaries)
+        if criterion == "seed":
+            c_t2_md += "\n" + saturation_markdown(summaries)
+        c_ip_rows, _ = ip_table(summaries)
+        t2_rows += [{"criterion": criterion, **r} for r in c_t2_rows]
+        ip_rows += [{"criterion": criterion, **r} for r in c_ip_rows]
+        rates = rates_by.setdefault(criterion, {})
+        for (m, a, s), sm in summaries.items():
+            rates.setdefault(m, {}).setdefault(_acc_key(a), {})[s] = sm
+        headline += [{"criterion": criterion, **h} for h in robustness_headline(t1_rows, rates)]
+        md_t2[criterion], md_ip[criterion] = c_t2_md, ip_markdown(summaries)
+        md_tr[criterion] = transfer_markdown([t for t in transfer if t["criterion"] == criterion])
+        title = f"{criterion} criterion — {CRITERION_TEXT[criterion]}"
+        md_parts += [f"## Table 2: FNAF attack rates, {title}\n\n" + md_t2[criterion],
+                     f"## Information preservation, {criterion} criterion\n\n" + md_ip[criterion]]
+        if transfer:
+            md_parts.append(f"## Transferability, {criterion} criterion\n\n" + md_tr[criterion])
     write_csv(out / "table2.csv", t2_rows)
     write_csv(out / "ip_table.csv", ip_rows)
-    rates: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
-    for (m, a, s), sm in summaries.items():
-        rates.setdefault(m, {}).setdefault(_acc_key(a), {})[s] = sm
-    tr_md = transfer_markdown(transfer)
-    md = ("## Table 1: reconstruction quality (per-volume mean ± std)\n\n" + table_markdown(t1_rows)
-          + "\n## Table 2: FNAF attack rates\n\n" + t2_md
-          + "\n## Information preservation\n\n" + ip_md
-          + ("\n## Transferability\n\n" + tr_md if transfer else ""))
+    if lesion_section is not None:
+        md_parts.append(lesion_section.markdown)
+    md = "\n".join(md_parts)
     atomic_write_text(out / "tables.md", md)
 
     # ---- figures and report --------------------------------------------------------------------------------------
     t_fig = time.perf_counter()
     figures: list[tuple[str, str, Path]] = []
     if config.figures:
-        figures = _figures(out, audited, rows, batches, mask_funcs, objective, config)
+        figures = _figures(out, audited, [r for r in rows if r["criterion"] == primary], batches, mask_funcs,
+                           objectives[primary], config)
     timings["figures"] = time.perf_counter() - t_fig
     timings["total"] = time.perf_counter() - t0
-    headline = robustness_headline(t1_rows, rates)
     results = {
         "settings": settings,
-        "attack_rates": rates,
+        "criteria": list(config.criteria),
+        "attack_rates": rates_by[primary],
+        "attack_rates_by_criterion": rates_by,
         "table1": t1_rows,
         "table2": t2_rows,
         "ip_table": ip_rows,
@@ -364,12 +437,15 @@ def run_audit(
         "headline": headline,
         "timings_s": timings,
     }
+    if lesion_section is not None:
+        results["lesions"] = lesion_section.results
+        figures = [*figures, *lesion_section.figures]
     write_json(out / "results.json", results)
     from blindspot.report.html import render_audit_report
 
     report = render_audit_report(out / "report.html", results, md_tables={
-        "table1": table_markdown(t1_rows), "table2": t2_md, "ip": ip_md, "transfer": tr_md}, figures=figures)
-    return AuditResult(t1_rows, t2_rows, ip_rows, rates, transfer, rows, md, report, timings)
+        "table1": table_markdown(t1_rows), "table2": md_t2, "ip": md_ip, "transfer": md_tr}, figures=figures)
+    return AuditResult(t1_rows, t2_rows, ip_rows, rates_by[primary], transfer, rows, md, report, timings, rates_by)
 
 
 def _check_run_dir(out: Path, settings: dict[str, Any], resume: bool) -> None:
@@ -412,6 +488,22 @@ def transfer_markdown(transfer: Sequence[dict[str, Any]]) -> str:
             lines.append(f"| {src} | " + " | ".join(cells) + " |")
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"
+
+
+def saturation_markdown(summaries: dict) -> str:
+    """How much of the seed criterion's verdict the network's own error explains: per model, acceleration and search,
+    the share of images whose found feature's neighbourhood already reaches the threshold without the feature."""
+    lines = ["**How much the network's own error decides the seed criterion** (share of images whose found feature's "
+             "neighbourhood T holds, without any feature, reconstruction error at the threshold — there every "
+             "feature counts as lost)", "",
+             "| model | acceleration | search | error alone at threshold (%) | mean error alone | mean L_atk | "
+             "threshold |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for (m, a, s), sm in summaries.items():
+        sat = sm.get("baseline_saturation", float("nan"))
+        thr = sm.get("loss_threshold", float("nan"))
+        lines.append(f"| {m} | {a:g}× | {s.upper()} | {'—' if not math.isfinite(sat) else f'{100 * sat:.1f}'} | "
+                     f"{sm.get('mean_baseline_loss', float('nan')):.5f} | {sm['mean_attack_loss']:.5f} | {thr:.5f} |")
+    return "\n".join(lines) + "\n"
 
 
 def ip_markdown(summaries: dict) -> str:
@@ -520,7 +612,7 @@ def _replay_images(out: Path, models, source: str, search: str, acc: float, pick
     from blindspot.attacks.records import load_features
     from blindspot.attacks.search import ReplaySearch, example_images
 
-    saved = load_features(out / "features" / _safe(source) / f"{search}_{acc:g}x")
+    saved = load_features(_features_dir(out, objective.criterion, source) / f"{search}_{acc:g}x")
     result_panels = []
     for rec in picks:
         batch = next(b for b in batches if rec["key"] in b.keys)

@@ -24,14 +24,20 @@ inside the box; tight boxes make the figures more specific to the lesion.
 Tables group lesions by label as "preserved / total" per model, like the source document's (U-Net 1/8 cartilage,
 8/9 meniscus). Models run on the annotated slices only, in batches, all on the same inputs (masks seeded by file
 name).
+
+Two entry points share :func:`open_annotated` (boxes read and checked against the data) and
+:func:`evaluate_lesions`: ``blindspot lesions`` (one acceleration, :mod:`blindspot.commands.lesions`) and the audit's
+lesion section (every audited acceleration, :func:`audit_lesions`).
 """
 
 from __future__ import annotations
 
 import io
-import re
 import math
-from dataclasses import dataclass
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -42,13 +48,15 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from blindspot.data.fastmri import FastMRISliceDataset
-from blindspot.data.lesions import LesionBox, boxes_tensor, volume_key
+from blindspot.data.lesions import LesionAnnotations, LesionBox, boxes_tensor, read_annotations, \
+    validate_annotations, volume_key
 from blindspot.data.sample import collate_mri
 from blindspot.errors import BlindspotError, PathLike
-from blindspot.evaluate import ZERO_FILLED, EvalModel
+from blindspot.evaluate import ZERO_FILLED, EvalModel, load_eval_models
 from blindspot.fileio import atomic_write_bytes, atomic_write_text, write_csv, write_json
 from blindspot.metrics import ssim_map
 from blindspot.models.protocol import reconstruct
+from blindspot.physics.mri import create_mask_func
 
 SCORES = ("ssim_box", "nmse_box", "psnr_box", "ssim_region", "nmse_region", "psnr_region",
           "contrast_truth", "contrast_recon", "kept")
@@ -255,25 +263,43 @@ def preservation_table(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, tu
             for m, v in out.items()}
 
 
-def table_markdown(rows: Sequence[dict[str, Any]], rule: PreservationRule, title: str | None = None) -> str:
-    """Preserved / total per model (rows) and label (columns), then mean kept fraction and box SSIM per model."""
+def summarize_rows(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The numbers of the lesion tables, JSON-ready: ``{"preserved": {model: {label: {"preserved": p, "total": n}}},
+    "mean": {model: {score: mean over the model's lesions}}}`` (labels in order of appearance, ``"all"`` last; means
+    of ``kept``, ``ssim_box``, ``ssim_region`` and ``psnr_region``)."""
     table = preservation_table(rows)
+    mean: dict[str, dict[str, float]] = {}
+    for model in table:
+        sel = [r for r in rows if r["model"] == model]
+        mean[model] = {k: sum(float(r[k]) for r in sel) / len(sel) for k in ("kept", "ssim_box", "ssim_region",
+                                                                             "psnr_region")}
+    preserved = {m: {lab: {"preserved": p, "total": n} for lab, (p, n) in v.items()} for m, v in table.items()}
+    return {"preserved": preserved, "mean": mean}
+
+
+def summary_markdown(summary: dict[str, Any], rule_text: str, title: str | None = None) -> str:
+    """Markdown of :func:`summarize_rows`' dict: preserved / total per model (rows) and label (columns), the rule,
+    then mean kept fraction and box / region SSIM and region PSNR per model."""
+    table = summary["preserved"]
     labels = list(dict.fromkeys(lab for v in table.values() for lab in v if lab != "all")) + ["all"]
     lines = [title, ""] if title else []
     lines.append("| model | " + " | ".join(labels) + " |")
     lines.append("| --- |" + " --- |" * len(labels))
     for model, cells in table.items():
         lines.append(f"| {model} | " + " | ".join(
-            f"{cells[lab][0]}/{cells[lab][1]}" if lab in cells else "–" for lab in labels) + " |")
-    lines += ["", f"Rule: {rule.describe()}.", "",
+            f"{cells[lab]['preserved']}/{cells[lab]['total']}" if lab in cells else "–" for lab in labels) + " |")
+    lines += ["", f"Rule: {rule_text}.", "",
               "| model | mean kept fraction | mean SSIM (box) | mean SSIM (region) | mean PSNR (region, dB) |",
               "| --- | --- | --- | --- | --- |"]
-    for model in table:
-        sel = [r for r in rows if r["model"] == model]
-        mean = lambda k: sum(r[k] for r in sel) / len(sel)  # noqa: E731
-        lines.append(f"| {model} | {mean('kept'):.3f} | {mean('ssim_box'):.4f} | {mean('ssim_region'):.4f} | "
-                     f"{mean('psnr_region'):.2f} |")
+    for model, m in summary["mean"].items():
+        lines.append(f"| {model} | {m['kept']:.3f} | {m['ssim_box']:.4f} | {m['ssim_region']:.4f} | "
+                     f"{m['psnr_region']:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def table_markdown(rows: Sequence[dict[str, Any]], rule: PreservationRule, title: str | None = None) -> str:
+    """Preserved / total per model (rows) and label (columns), then mean kept fraction and box SSIM per model."""
+    return summary_markdown(summarize_rows(rows), rule.describe(), title)
 
 
 def save_crop_figure(crops: LesionCrops, path: PathLike, dpi: int = 110) -> Path:
@@ -309,19 +335,145 @@ def write_results(out_dir: PathLike, result: LesionResult, meta: dict[str, Any] 
                   title: str | None = None) -> dict[str, Path]:
     """Write ``lesions.csv`` (one row per model and lesion), ``table.md``, ``table.json`` and ``figures/*.png``."""
     out = Path(out_dir)
-    table = preservation_table(result.rows)
+    summary = summarize_rows(result.rows)
     paths = {
         "lesions": write_csv(out / "lesions.csv", result.rows, LESION_COLUMNS),
         "markdown": atomic_write_text(out / "table.md", table_markdown(result.rows, result.rule, title)),
-        "json": write_json(out / "table.json", {
-            **(meta or {}), "rule": {"threshold": result.rule.threshold, "margin": result.rule.margin,
-                                      "text": result.rule.describe()},
-            "preserved": {m: {lab: {"preserved": p, "total": n} for lab, (p, n) in v.items()}
-                          for m, v in table.items()},
-        }),
+        "json": write_json(out / "table.json", {**(meta or {}), "rule": rule_json(result.rule),
+                                                "preserved": summary["preserved"]}),
     }
     for i, crop in enumerate(result.crops):
-        b = crop.box
-        stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"lesion_{i:03d}_{volume_key(b.file)}_s{b.slice}_{b.label}")
-        paths[f"figure_{i}"] = save_crop_figure(crop, out / "figures" / f"{stem}.png")
+        paths[f"figure_{i}"] = save_crop_figure(crop, out / "figures" / f"{_figure_stem(i, crop.box)}.png")
     return paths
+
+
+def rule_json(rule: PreservationRule) -> dict[str, Any]:
+    """The rule as stored in result files: threshold, margin (pixels) and its statement."""
+    return {"threshold": rule.threshold, "margin": int(rule.margin), "text": rule.describe()}
+
+
+def _figure_stem(i: int, b: LesionBox) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"lesion_{i:03d}_{volume_key(b.file)}_s{b.slice}_{b.label}")
+
+
+def open_annotated(
+    data: PathLike | None,
+    boxes: PathLike | LesionAnnotations,
+    mask_func=None,
+    origin: str = "top",
+    progress: bool | None = None,
+) -> tuple[FastMRISliceDataset, list[LesionBox], LesionAnnotations]:
+    """The annotated fastMRI data under ``mask_func``, and its boxes checked against it.
+
+    Args:
+        data: the fastMRI ``.h5`` file or folder the boxes name (``None`` is an error: boxes need their volumes).
+        boxes: the boxes file (CSV or JSON, :func:`blindspot.data.lesions.read_annotations`) or its parsed content.
+        mask_func: the under-sampling mask function (fastMRI seeding: masks fixed by file name).
+        origin: ``"top"`` or ``"bottom"`` (rows of ``y`` counted from the image's bottom, as fastMRI+ draws them).
+    Returns:
+        ``(dataset, boxes with rows from the top, annotations)``; boxes are in pixels of the volumes'
+        reconstruction images (each file's own size, no other crop).
+    Raises:
+        BlindspotError: no data, data that is not fastMRI, or a box that does not match the volumes (naming the row).
+    """
+    from blindspot.data.mri import FASTMRI, detect_kind
+
+    annotations = boxes if isinstance(boxes, LesionAnnotations) else read_annotations(boxes)
+    if data is None:
+        raise BlindspotError(annotations.source, "lesion boxes need --data: the fastMRI volumes they name "
+                                                 "(phantoms with lesions: blindspot data lesion-phantoms)")
+    if detect_kind(data) != FASTMRI:
+        raise BlindspotError(data, "lesion boxes name fastMRI volumes: give an .h5 file or a folder of them")
+    dataset = FastMRISliceDataset(data, mask_func=mask_func, progress=progress)
+    volumes = {v.fname: (v.num_slices, v.crop) for v in dataset.volumes}
+    return dataset, validate_annotations(annotations, volumes, origin=origin), annotations
+
+
+@dataclass(frozen=True)
+class LesionAuditOptions:
+    """The audit's lesion section: the preservation rule, the boxes' row origin, crop figures per acceleration."""
+
+    rule: PreservationRule = PreservationRule()
+    origin: str = "top"
+    max_figures: int = 3
+    batch_size: int = 4
+
+
+@dataclass
+class LesionSection:
+    """What :func:`audit_lesions` gives the audit: ``results`` (its ``results.json`` ``"lesions"`` entry),
+    ``markdown`` (the tables), ``figures`` (``("lesion", caption, png path)``), ``csv`` (``lesions.csv``) and
+    ``seconds``."""
+
+    results: dict[str, Any]
+    markdown: str
+    figures: list[tuple[str, str, Path]] = field(default_factory=list)
+    csv: Path | None = None
+    seconds: float = 0.0
+
+
+def audit_lesions(
+    models: Sequence[EvalModel],
+    data: PathLike | None,
+    boxes: PathLike | LesionAnnotations,
+    accelerations: Sequence[float],
+    center_fractions: Sequence[float],
+    mask_type: str,
+    out_dir: PathLike,
+    options: LesionAuditOptions | None = None,
+    device: torch.device | str = "cpu",
+    figures: bool = True,
+    progress: bool | None = None,
+) -> LesionSection:
+    """The audit's lesion section: :func:`evaluate_lesions` at every acceleration, as ``blindspot lesions`` runs it.
+
+    The zero-filled baseline is added in front of ``models`` unless it is among them. Writes ``out_dir/lesions.csv``
+    (one row per acceleration, model and lesion: ``acceleration`` then :data:`LESION_COLUMNS`) and, with ``figures``,
+    up to ``options.max_figures`` crop figures per acceleration in ``out_dir/figures/lesions/``.
+
+    Args:
+        models: the audited models (:class:`blindspot.evaluate.EvalModel`, on ``device``).
+        data, boxes: the annotated fastMRI data and its boxes (:func:`open_annotated`).
+        accelerations, center_fractions: one centre fraction per acceleration.
+        mask_type: ``"random"`` or ``"equispaced"`` (masks seeded by file name, as everywhere).
+    """
+    t0 = time.perf_counter()
+    opts = options or LesionAuditOptions()
+    if opts.max_figures < 0 or opts.batch_size < 1:
+        raise BlindspotError(None, "lesion max_figures must be >= 0 and batch_size >= 1")
+    if not any(m.architecture == ZERO_FILLED for m in models):
+        models = [*load_eval_models([ZERO_FILLED], device=device, zero_filled=False), *models]
+    out = Path(out_dir)
+    rows: list[dict[str, Any]] = []
+    per_acc: dict[str, Any] = {}
+    md: list[str] = []
+    figs: list[tuple[str, str, Path]] = []
+    meta: dict[str, Any] = {}
+    annotations: PathLike | LesionAnnotations = boxes
+    for acc, cf in zip(accelerations, center_fractions):
+        acc = float(acc)
+        dataset, checked, annotations = open_annotated(data, annotations, create_mask_func(mask_type, [acc], [cf]),
+                                                       opts.origin, progress)
+        res = evaluate_lesions(models, dataset, checked, opts.rule, batch_size=opts.batch_size, device=device,
+                               max_crops=opts.max_figures if figures else 0, progress=progress)
+        rows += [{"acceleration": acc, **r} for r in res.rows]
+        key = f"{acc:g}x"
+        per_acc[key] = {"acceleration": acc, "center_fraction": float(cf), **summarize_rows(res.rows)}
+        md.append(summary_markdown(per_acc[key], opts.rule.describe(),
+                                   f"**{acc:g}×: lesions preserved / total** ({len(checked)} lesions on "
+                                   f"{len({b.key for b in checked})} slices, {mask_type} masks)"))
+        for i, crop in enumerate(res.crops):
+            b = crop.box
+            path = save_crop_figure(crop, out / "figures" / "lesions" / f"{key}_{_figure_stem(i, b)}.png")
+            figs.append(("lesion", f"{acc:g}×: {b.label}, {b.file} slice {b.slice} (box {b.width}×{b.height} px)",
+                         path))
+        meta = {"lesions": len(checked), "slices": len({b.key for b in checked}),
+                "volumes": len({volume_key(b.file) for b in checked}),
+                "labels": dict(Counter(b.label for b in checked)),
+                "study_level_rows_skipped": annotations.study_level}
+    csv = write_csv(out / "lesions.csv", rows, ("acceleration", *LESION_COLUMNS))
+    results = {"data": str(data), "boxes": str(annotations.source), "origin": opts.origin, **meta,
+               "mask_type": mask_type, "rule": rule_json(opts.rule), "models": [m.name for m in models],
+               "by_acceleration": per_acc}
+    md_text = "## Lesions\n\n" + "\n".join(md)
+    return LesionSection(results, md_text, figs, csv, time.perf_counter() - t0)

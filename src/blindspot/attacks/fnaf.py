@@ -29,6 +29,11 @@ from blindspot.models.protocol import reconstruct
 from blindspot.physics.mri import CartesianUndersampling, MaskFunc, NormStats, normalize, resample_mask, zero_filled
 
 CRITERIA: tuple[str, ...] = ("seed", "recovery")
+#: What each FNAF criterion calls a lost feature (report and terminal headings).
+CRITERION_TEXT = {
+    "seed": "lost when the attack loss L_atk reaches the seed's 1e-3 (at 320×320, scaled to the image size)",
+    "recovery": "lost when the reconstruction keeps less than half of the feature's energy",
+}
 
 
 def model_device(model: nn.Module, default: torch.device | str = "cpu") -> torch.device:
@@ -173,6 +178,9 @@ class Evaluation:
 
     Attributes:
         attack_loss: ``L_atk`` in normalised units² (whole-image mean).
+        baseline_loss: the part of ``L_atk`` the network owes to no feature: ``MSE(T ⊙ f(N(A(y))), T ⊙ N(y))`` on the
+            same ``T`` (NaN when the reference is off). When it alone reaches the seed threshold, the seed criterion
+            calls the feature lost whatever the network does with it.
         recovery: kept fraction of the feature's energy in ``T`` (NaN when the reference is off).
         ip_loss: MSE between normalised perturbed and clean zero-filled inputs.
         accepted: ``ip_loss > ε`` (the feature is in the measurements).
@@ -182,6 +190,7 @@ class Evaluation:
     """
 
     attack_loss: Tensor
+    baseline_loss: Tensor
     recovery: Tensor
     ip_loss: Tensor
     accepted: Tensor
@@ -205,12 +214,25 @@ class Evaluation:
 
     @staticmethod
     def cat(items: Sequence["Evaluation"]) -> "Evaluation":
-        fields = ("attack_loss", "recovery", "ip_loss", "accepted", "lost_seed", "lost_recovery", "score")
-        return Evaluation(**{k: torch.cat([getattr(e, k) for e in items]) for k in fields})
+        return Evaluation(**{k: torch.cat([getattr(e, k) for e in items]) for k in EVALUATION_FIELDS})
 
     def index(self, idx) -> "Evaluation":
-        fields = ("attack_loss", "recovery", "ip_loss", "accepted", "lost_seed", "lost_recovery", "score")
-        return Evaluation(**{k: getattr(self, k)[idx] for k in fields})
+        return Evaluation(**{k: getattr(self, k)[idx] for k in EVALUATION_FIELDS})
+
+    def map(self, fn) -> "Evaluation":
+        """Apply ``fn`` to every score tensor (e.g. ``Tensor.detach`` or ``Tensor.cpu``)."""
+        return Evaluation(**{k: fn(getattr(self, k)) for k in EVALUATION_FIELDS})
+
+    @staticmethod
+    def where(cond: Tensor, a: "Evaluation", b: "Evaluation") -> "Evaluation":
+        """Per candidate, ``a``'s scores where ``cond`` else ``b``'s."""
+        return Evaluation(**{k: torch.where(cond, getattr(a, k), getattr(b, k)) for k in EVALUATION_FIELDS})
+
+
+#: The score tensors of an :class:`Evaluation` (every field but ``images``).
+EVALUATION_FIELDS: tuple[str, ...] = (
+    "attack_loss", "baseline_loss", "recovery", "ip_loss", "accepted", "lost_seed", "lost_recovery", "score",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -360,13 +382,16 @@ class FnafObjective:
         attack_loss = (T * (out - ny)).square().mean(dims)
         ip_loss = (nx - ctx.clean_input.index_select(0, idx)).square().mean(dims)
         if ctx.clean_output is not None:
+            clean_out = ctx.clean_output.index_select(0, idx)
+            baseline_loss = (T * (clean_out - stats.apply(y))).square().mean(dims).detach()
             nd = stats.scale(feature)
             den = (T * nd).square().sum(dims)
-            num = (T * (out - ctx.clean_output.index_select(0, idx) - nd)).square().sum(dims)
+            num = (T * (out - clean_out - nd)).square().sum(dims)
             recovery = torch.where(den > 0, 1.0 - num / den.clamp_min(1e-30), torch.ones_like(den))
             lost_recovery = recovery.detach() < self.recovery_threshold
         else:
             recovery = torch.full_like(attack_loss, float("nan"))
+            baseline_loss = torch.full_like(attack_loss, float("nan")).detach()
             lost_recovery = torch.zeros_like(attack_loss, dtype=torch.bool)
         score = attack_loss if self.criterion == "seed" else 1.0 - recovery
         images = None
@@ -374,6 +399,7 @@ class FnafObjective:
             images = {"input": nx.detach(), "truth": ny.detach(), "output": out.detach(), "T": T.detach()}
         return Evaluation(
             attack_loss=attack_loss,
+            baseline_loss=baseline_loss,
             recovery=recovery,
             ip_loss=ip_loss,
             accepted=ip_loss.detach() > self.ip_threshold,

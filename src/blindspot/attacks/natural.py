@@ -425,6 +425,9 @@ class NaturalInvarianceTrainer:
             self.opt_g.load_state_dict(obj["optimizers"]["generator"])
             self.opt_c.load_state_dict(obj["optimizers"]["critic"])
             self.rng.set_state(obj["rng"].cpu())
+            for opt in (self.opt_g, self.opt_c):  # a resume may change the learning rate or betas
+                for group in opt.param_groups:
+                    group["lr"], group["betas"] = self.config.lr, (self.config.beta1, self.config.beta2)
         except (KeyError, RuntimeError, ValueError, TypeError) as err:
             raise BlindspotError(path, f"generator checkpoint is incomplete or does not fit ({str(err).splitlines()[0][:160]})") from None
         self.step = int(obj.get("step", 0))

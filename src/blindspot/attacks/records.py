@@ -35,7 +35,7 @@ FEATURES_VERSION = 1
 RECORD_COLUMNS: tuple[str, ...] = (
     "key", "fname", "slice", "acceleration", "model", "search", "family", "criterion",
     "row", "col", "size0", "size1", "angle", "intensity", "shape_seed", "pixels", "feature_max",
-    "attack_loss", "loss_threshold", "recovery", "ip_loss", "accepted", "success_seed", "success_recovery", "success",
+    "attack_loss", "baseline_loss", "loss_threshold", "recovery", "ip_loss", "accepted", "success_seed", "success_recovery", "success",
     "queries", "gradients",
 )  # fmt: skip
 
@@ -104,10 +104,7 @@ class FnafResult:
             self.features.detach().to("cpu"),
             self.feature.detach().cpu(),
             self.support.detach().cpu(),
-            Evaluation(
-                **{k: getattr(ev, k).detach().cpu() for k in
-                   ("attack_loss", "recovery", "ip_loss", "accepted", "lost_seed", "lost_recovery", "score")}
-            ),
+            ev.map(lambda t: t.detach().cpu()),
             self.queries.cpu(),
             self.gradients.cpu(),
             self.loss_threshold,
@@ -129,6 +126,7 @@ class FnafResult:
             "intensity": f.intensity.tolist(),
             "shape_seed": f.seed.tolist(),
             "attack_loss": ev.attack_loss.tolist(),
+            "baseline_loss": ev.baseline_loss.tolist(),
             "recovery": ev.recovery.tolist(),
             "ip_loss": ev.ip_loss.tolist(),
             "accepted": ev.accepted.tolist(),
@@ -170,7 +168,10 @@ def summarize(rows: Sequence[Mapping[str, Any]], criterion: str | None = None, z
     Returns:
         ``n``, ``attack_rate`` with ``ci_low``/``ci_high`` (Wilson), the same under both criteria
         (``attack_rate_seed``, ``attack_rate_recovery``), ``mean_attack_loss`` (the seed's "MSE" column: mean of each
-        image's worst-case loss), ``mean_recovery``, ``ip_acceptance`` and ``mean_ip_loss``, ``mean_queries``.
+        image's worst-case loss), ``mean_baseline_loss`` and ``baseline_saturation`` (the share of images whose found
+        feature's neighbourhood already holds, without any feature, as much reconstruction error as the seed
+        threshold: there the seed criterion says "lost" whatever the network does with the feature; NaN when the
+        records have no reference), ``mean_recovery``, ``ip_acceptance`` and ``mean_ip_loss``, ``mean_queries``.
     """
     n = len(rows)
 
@@ -192,7 +193,7 @@ def summarize(rows: Sequence[Mapping[str, Any]], criterion: str | None = None, z
         raise BlindspotError(None, f"unknown criterion {criterion!r}")
 
     def mean(key: str) -> float:
-        vals = [_float(r[key]) for r in rows]
+        vals = [_float(r.get(key)) for r in rows]
         vals = [v for v in vals if math.isfinite(v)]
         return sum(vals) / len(vals) if vals else float("nan")
 
@@ -200,6 +201,8 @@ def summarize(rows: Sequence[Mapping[str, Any]], criterion: str | None = None, z
     ar_s, lo_s, hi_s = rate(seed_ok)
     ar_r, lo_r, hi_r = rate(rec_ok)
     acc = [_bool(r["accepted"]) for r in rows]
+    base = [(_float(r.get("baseline_loss")), _float(r.get("loss_threshold"))) for r in rows]
+    base = [(b, t) for b, t in base if math.isfinite(b) and math.isfinite(t)]
     return {
         "n": n,
         "criterion": criterion_name,
@@ -211,6 +214,9 @@ def summarize(rows: Sequence[Mapping[str, Any]], criterion: str | None = None, z
         "attack_rate_recovery": ar_r,
         "ci_recovery": [lo_r, hi_r],
         "mean_attack_loss": mean("attack_loss"),
+        "loss_threshold": mean("loss_threshold"),
+        "mean_baseline_loss": sum(b for b, _ in base) / len(base) if base else float("nan"),
+        "baseline_saturation": sum(b >= t for b, t in base) / len(base) if base else float("nan"),
         "mean_recovery": mean("recovery"),
         "ip_acceptance": sum(acc) / n if n else float("nan"),
         "mean_ip_loss": mean("ip_loss"),

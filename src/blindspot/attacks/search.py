@@ -29,15 +29,6 @@ from blindspot.physics.mri import CartesianUndersampling, MaskFunc
 
 SEARCHES: tuple[str, ...] = ("rs", "fd", "grad")
 
-_EV_FIELDS = ("attack_loss", "recovery", "ip_loss", "accepted", "lost_seed", "lost_recovery", "score")
-
-
-def _ev_where(cond: Tensor, a: Evaluation, b: Evaluation) -> Evaluation:
-    return Evaluation(**{k: torch.where(cond, getattr(a, k), getattr(b, k)) for k in _EV_FIELDS})
-
-
-def _ev_detach(ev: Evaluation) -> Evaluation:
-    return Evaluation(**{k: getattr(ev, k).detach() for k in _EV_FIELDS})
 
 
 class _Best:
@@ -58,7 +49,7 @@ class _Best:
         j = key.argmax(1)  # first maximum
         k = key.gather(1, j[:, None])[:, 0]
         cand = torch.arange(B, device=key.device) * per_image + j
-        f, e = features[cand], _ev_detach(ev.index(cand))
+        f, e = features[cand], ev.index(cand).map(Tensor.detach)
         v = None if values is None else values[cand].detach()
         s = None if support is None else support[cand]
         if self.features is None:
@@ -67,7 +58,7 @@ class _Best:
         better = k > self.key
         self.key = torch.where(better, k, self.key)
         self.features = f.where(better, self.features)
-        self.ev = _ev_where(better, e, self.ev)
+        self.ev = Evaluation.where(better, e, self.ev)
         if v is not None and self.values is not None:
             b4 = better.reshape(-1, 1, 1, 1)
             self.values = torch.where(b4, v, self.values)
@@ -133,7 +124,7 @@ class Search:
             values, support = f.render(ctx.shape)
             with torch.no_grad():
                 ev = self.objective.evaluate(model, ctx, image_idx[s : s + self.chunk_size], values, support)
-            out.append(_ev_detach(ev))
+            out.append(ev.map(Tensor.detach))
         return Evaluation.cat(out)
 
     def allowed_max(self, ctx: AttackContext) -> Tensor:
@@ -406,7 +397,7 @@ class ReplaySearch(Search):
             empty = Features("walk", *(torch.zeros(0, 2, device=dev),) * 2, torch.zeros(0, device=dev),
                              torch.zeros(0, device=dev), torch.zeros(0, dtype=torch.int64, device=dev))
             z = torch.zeros(0, device=dev)
-            ev = Evaluation(z, z, z, z.bool(), z.bool(), z.bool(), z)
+            ev = Evaluation(z, z, z, z, z.bool(), z.bool(), z.bool(), z)
             return FnafResult(self.name, self.objective.criterion, [], [], [], torch.zeros(0), empty,
                               torch.zeros(0, 1, *ctx.shape, device=dev), torch.zeros(0, 1, *ctx.shape, device=dev).bool(),
                               ev, torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
@@ -426,7 +417,7 @@ class ReplaySearch(Search):
         for s in range(0, B, self.chunk_size):
             i = torch.arange(s, min(B, s + self.chunk_size), device=dev)
             with torch.no_grad():
-                evs.append(_ev_detach(self.objective.evaluate(model, sub, i, values[i], support[i])))
+                evs.append(self.objective.evaluate(model, sub, i, values[i], support[i]).map(Tensor.detach))
         ev = Evaluation.cat(evs)
         return FnafResult(
             search=self.name,

@@ -4,7 +4,9 @@ Without ``--model`` it audits the bundled demo models (standard U-Net, FNAF-robu
 phantoms; with ``--model CKPT [--model CKPT …] [--data PATH]`` it audits yours. It prints Table 1 (SSIM, NMSE ± std,
 PSNR), Table 2 (RS / FD / gradient attack rates with 95% intervals and mean attack loss), the IP table and the
 transfer rates, and writes ``RUN_DIR/report.html`` with ``results.json`` and CSVs beside it
-(:mod:`blindspot.audit`).
+(:mod:`blindspot.audit`). With ``--boxes CSV`` (lesion bounding boxes on the ``--data`` fastMRI files) the report
+gains a lesion section: preserved / total per model and label at each acceleration (:mod:`blindspot.lesions`),
+``results.json["lesions"]`` and ``lesions.csv``.
 """
 
 from __future__ import annotations
@@ -36,7 +38,10 @@ def add_audit_arguments(p: argparse.ArgumentParser, out_default: str | None = No
     p.add_argument("--crop", nargs=2, type=int, metavar=("H", "W"))
     p.add_argument("--search", nargs="+", choices=["rs", "fd", "grad"], default=["rs", "fd", "grad"])
     p.add_argument("--family", choices=FAMILIES, default="walk")
-    p.add_argument("--criterion", choices=["seed", "recovery"], default="seed")
+    p.add_argument("--criteria", nargs="+", choices=["seed", "recovery"], default=["seed", "recovery"],
+                   help="FNAF criteria, each attacked and reported on its own (default both: seed = L_atk reaches "
+                        "the seed's threshold, recovery = less than half of the feature's energy kept); the first "
+                        "one's features make the figures")
     p.add_argument("--candidates", type=int, default=11, help="RS candidates per image (seed: 11)")
     p.add_argument("--phantom-volumes", type=int, default=6)
     p.add_argument("--phantom-slices", type=int, default=6)
@@ -60,6 +65,14 @@ def register(subparsers) -> None:
         "results.json and CSVs.",
     )
     add_audit_arguments(p)
+    g = p.add_argument_group("lesions (blindspot.lesions): a lesion section in the report")
+    g.add_argument("--boxes", metavar="CSV", help="lesion bounding boxes (CSV or JSON) on the --data fastMRI files")
+    g.add_argument("--lesion-threshold", type=float, default=0.5,
+                   help="preserved when the kept contrast fraction is at least this (default 0.5)")
+    g.add_argument("--lesion-margin", type=int, default=4, help="ring around each box, pixels (default 4)")
+    g.add_argument("--box-origin", choices=["top", "bottom"], default="top",
+                   help="rows of y counted from the image's top (default) or bottom (fastMRI+)")
+    g.add_argument("--lesion-figures", type=int, default=3, help="lesion crop figures per acceleration (default 3)")
     p.set_defaults(func=run)
 
 
@@ -67,6 +80,17 @@ def run(args: argparse.Namespace) -> int:
     from blindspot.audit import AuditConfig, bundled_models, run_audit
 
     t0 = time.perf_counter()
+    lesion_options = None
+    if getattr(args, "boxes", None):
+        from blindspot.lesions import LesionAuditOptions, PreservationRule
+
+        if not args.data:
+            raise BlindspotError(args.boxes, "--boxes needs --data: the fastMRI volumes the boxes name (phantoms "
+                                             "with lesions: blindspot data lesion-phantoms)")
+        if args.lesion_figures < 0:
+            raise BlindspotError(None, "--lesion-figures must be >= 0")
+        lesion_options = LesionAuditOptions(PreservationRule(args.lesion_threshold, args.lesion_margin),
+                                            args.box_origin, args.lesion_figures)
     if args.model:
         if args.names and len(args.names) != len(args.model):
             raise BlindspotError(None, f"give one --names entry per --model ({len(args.model)})")
@@ -82,18 +106,20 @@ def run(args: argparse.Namespace) -> int:
     config = AuditConfig(
         accelerations=tuple(args.accelerations),
         center_fractions=tuple(args.center_fractions) if args.center_fractions else None,
-        mask_type=args.mask_type, searches=tuple(args.search), family=args.family, criterion=args.criterion,
+        mask_type=args.mask_type, searches=tuple(args.search), family=args.family, criteria=tuple(args.criteria),
         candidates=args.candidates, transfer=not args.no_transfer, phantom_volumes=args.phantom_volumes,
         phantom_slices=args.phantom_slices, phantom_seed=args.phantom_seed, limit=args.limit,
         batch_size=args.batch_size, seed=args.seed, device=args.device, figures=not args.no_figures,
     )
     result = run_audit(models, args.out, data=args.data, config=config,
                        crop=tuple(args.crop) if args.crop else None, resume=args.resume,
-                       log=lambda s: print(s, file=sys.stderr))
+                       log=lambda s: print(s, file=sys.stderr), boxes=getattr(args, "boxes", None),
+                       lesion_options=lesion_options)
     print(result.markdown)
     t = result.timings
     print(f"audit finished in {time.perf_counter() - t0:.1f} s (Table 1 {t.get('table1', 0):.1f} s, attacks "
-          f"{t.get('attacks', 0):.1f} s, transfer {t.get('transfer', 0):.1f} s, figures {t.get('figures', 0):.1f} s)")
+          f"{t.get('attacks', 0):.1f} s, transfer {t.get('transfer', 0):.1f} s, figures {t.get('figures', 0):.1f} s"
+          + (f", lesions {t['lesions']:.1f} s)" if "lesions" in t else ")"))
     print(f"report: {result.report.resolve()}")
     print(f"results: {(Path(args.out) / 'results.json').resolve()}")
     return 0

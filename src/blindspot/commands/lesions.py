@@ -57,12 +57,10 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from blindspot.commands.train_mri import parse_hparams
-    from blindspot.data.fastmri import FastMRISliceDataset
-    from blindspot.data.lesions import read_annotations, validate_annotations, volume_key
-    from blindspot.data.mri import FASTMRI, detect_kind
+    from blindspot.data.lesions import read_annotations, volume_key
     from blindspot.evaluate import load_eval_models
     from blindspot.fileio import write_json
-    from blindspot.lesions import PreservationRule, evaluate_lesions, table_markdown, write_results
+    from blindspot.lesions import PreservationRule, evaluate_lesions, open_annotated, table_markdown, write_results
     from blindspot.physics.mri import create_mask_func
     from blindspot.training.distributed import resolve_device
 
@@ -73,9 +71,7 @@ def run(args: argparse.Namespace) -> int:
     if args.hparam and not args.arch:
         raise BlindspotError(None, "--hparam needs --arch (hyper-parameters of a bare state dict)")
     rule = PreservationRule(args.threshold, args.margin)
-    annotations = read_annotations(args.boxes)
-    if detect_kind(args.data) != FASTMRI:
-        raise BlindspotError(args.data, "lesion boxes name fastMRI volumes: give an .h5 file or a folder of them")
+    annotations = read_annotations(args.boxes)  # malformed rows fail before any model is loaded
     device = resolve_device(args.device, None)
     models = load_eval_models(args.model, args.names, device, zero_filled=not args.no_zero_filled, arch=args.arch,
                               hparams=parse_hparams(args.hparam) if args.arch else None)
@@ -83,9 +79,8 @@ def run(args: argparse.Namespace) -> int:
     mask_type = args.mask_type or physics.get("mask_type") or "random"
     cfs = [args.center_fraction] if args.center_fraction is not None else None
     mask_func = create_mask_func(mask_type, [args.acceleration], cfs)
-    dataset = FastMRISliceDataset(args.data, mask_func=mask_func, progress=args.progress)
-    volumes = {v.fname: (v.num_slices, v.crop) for v in dataset.volumes}
-    boxes = validate_annotations(annotations, volumes, origin=args.origin)
+    dataset, boxes, _ = open_annotated(args.data, annotations, mask_func, origin=args.origin,
+                                       progress=args.progress)
     result = evaluate_lesions(models, dataset, boxes, rule, batch_size=args.batch_size, device=device,
                               max_crops=args.max_figures, progress=args.progress)
     meta = {

@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from blindspot import __version__
+from blindspot.attacks.fnaf import CRITERION_TEXT
 from blindspot.errors import PathLike
 from blindspot.fileio import atomic_write_bytes, atomic_write_text
 
@@ -81,7 +82,7 @@ def _pct(x: Any) -> str:
 
 
 def _verdicts(headline: Sequence[Mapping[str, Any]]) -> str:
-    """The FNAF-robust training check, one line per (model, acceleration): rates, ratio and SSIM change."""
+    """The FNAF-robust training check, one line per (criterion, model, acceleration): rates, ratio and SSIM change."""
     parts = []
     for h in headline:
         searches = [k[: -len("_ratio")] for k in h if k.endswith("_ratio")]
@@ -94,7 +95,7 @@ def _verdicts(headline: Sequence[Mapping[str, Any]]) -> str:
         claim = ("meets" if ok else "does not meet") + " the target (attack rate at most a third, SSIM within 0.01)"
         parts.append(
             f"<div class='verdict {cls}'><b>{html.escape(h['robust'])} vs {html.escape(h['model'])}, "
-            f"{html.escape(h['acceleration'])}</b>: attack rate {cells}; SSIM change {dssim:+.4f}, NMSE change "
+            f"{html.escape(h['acceleration'])}, {html.escape(str(h.get('criterion', '')))} criterion</b>: attack rate {cells}; SSIM change {dssim:+.4f}, NMSE change "
             f"{100 * dnmse:+.1f}% — {claim}.</div>"
         )
     return "\n".join(parts)
@@ -107,17 +108,28 @@ def render_audit_report(path: PathLike, results: Mapping[str, Any], md_tables: M
     Args:
         path: the ``report.html`` to write.
         results: the dict written to ``results.json`` (``settings``, ``attack_rates``, ``headline``, ``timings_s``…).
-        md_tables: Markdown of ``table1``, ``table2``, ``ip`` and ``transfer``.
+        md_tables: Markdown of ``table1``; ``table2``, ``ip`` and ``transfer`` are ``{criterion: markdown}``.
         figures: ``(kind, caption, png path)``; kinds ``qualitative``, ``scatter``, ``heatmap``, ``worst``.
     """
     st = results.get("settings", {})
     models = ", ".join(html.escape(m["name"]) for m in st.get("models", []))
-    rates = results.get("attack_rates", {})
+    criteria = list(results.get("criteria", []))
     summary_items = []
-    for m, per in rates.items():
-        cells = "; ".join(f"{a}: " + ", ".join(f"{s.upper()} {_pct(v['attack_rate'])}" for s, v in ps.items())
-                          for a, ps in per.items())
-        summary_items.append(f"<li><b>{html.escape(m)}</b> — {html.escape(cells)}</li>")
+    for criterion, rates in results.get("attack_rates_by_criterion", {}).items():
+        for m, per in rates.items():
+            cells = "; ".join(f"{a}: " + ", ".join(f"{s.upper()} {_pct(v['attack_rate'])}" for s, v in ps.items())
+                              for a, ps in per.items())
+            summary_items.append(f"<li><b>{html.escape(m)}</b>, {html.escape(criterion)} criterion — "
+                                 f"{html.escape(cells)}</li>")
+
+    def per_criterion(key: str, empty: str) -> str:
+        parts = []
+        for c in criteria:
+            body = markdown_table_html(md_tables.get(key, {}).get(c, ""))
+            parts.append(f"<h3 class='criterion'>{html.escape(c)} criterion: {html.escape(CRITERION_TEXT[c])}</h3>"
+                         + (body or f"<p class='muted'>{empty}</p>"))
+        return "\n".join(parts)
+
     fig_html = {}
     for kind in ("qualitative", "scatter", "heatmap", "worst"):
         items = [f for f in figures if f[0] == kind]
@@ -127,17 +139,21 @@ def render_audit_report(path: PathLike, results: Mapping[str, Any], md_tables: M
             f"</figcaption></figure>" for _, c, p in items) + "</div>" if items else "<p class='muted'>none</p>"
     t = results.get("timings_s", {})
     timing = ", ".join(f"{k} {v:.1f} s" for k, v in t.items())
-    thr_note = ("A feature is <i>lost</i> when the attack loss <code>L_atk</code> (mean squared error of the "
+    thr_note = ("Each criterion is attacked on its own (its searches maximise what it measures). <b>seed</b>: a "
+                "feature is <i>lost</i> when the attack loss <code>L_atk</code> (mean squared error of the "
                 "normalised reconstruction against the normalised truth-with-feature, on the feature's neighbourhood "
                 "T, averaged over the whole image) reaches the seed's 1e-3 at 320×320, scaled by 320²/(h·w) for "
-                "other sizes; it counts as an <i>attack</i> only when it is also still in the measurements (IP loss "
-                "&gt; 1e-4). The attack rate is the share of images with such a feature, with its 95% Wilson "
-                "interval.")
+                "other sizes. That loss also counts the network's own error around the feature, so the table under "
+                "it says how often that error alone reaches the threshold. <b>recovery</b>: lost when the change of "
+                "the reconstruction keeps less than half of the feature's energy in T, whatever the network's "
+                "error without the feature. Under both, a lost feature counts as an <i>attack</i> only when it is "
+                "still in the measurements (IP loss &gt; 1e-4). The attack rate is the share of images with such a "
+                "feature, with its 95% Wilson interval.")
     body = f"""
 <h1>blindspot audit</h1>
 <p class="muted">blindspot {html.escape(__version__)} · models: {models} · data: {html.escape(str(st.get('data', '')))}
  · accelerations: {', '.join(f'{a:g}×' for a in st.get('accelerations', []))} · feature family
- {html.escape(str(st.get('family', '')))} · criterion {html.escape(str(st.get('criterion', '')))}</p>
+ {html.escape(str(st.get('family', '')))} · criteria {html.escape(', '.join(criteria))}</p>
 <h2>Summary</h2>
 <p>The FNAF attack adds a small, real-looking feature to the true image and asks whether each network's
 reconstruction keeps it. The share of images where some feature is lost — although the under-sampled measurements
@@ -149,17 +165,19 @@ still carry it — is the attack rate: lower is better.</p>
 {markdown_table_html(md_tables.get('table1', ''))}
 <h2>Table 2: FNAF attack rates</h2>
 <p class="muted">{thr_note}</p>
-{markdown_table_html(md_tables.get('table2', ''))}
+{per_criterion('table2', 'none')}
 <h2>Information preservation</h2>
 <p class="muted">Acceptance rate: share of the chosen features still present in the measurements (IP loss &gt; ε);
 IP loss: mean squared difference of the normalised perturbed and clean zero-filled inputs.</p>
-{markdown_table_html(md_tables.get('ip', ''))}
+{per_criterion('ip', 'none')}
 <h2>Transferability</h2>
 <p class="muted">Features that fooled the source model, replayed on the target: the share that fool it too.</p>
-{markdown_table_html(md_tables.get('transfer', '')) or "<p class='muted'>not computed (one model, or --no-transfer)</p>"}
+{per_criterion('transfer', 'not computed (one model, or --no-transfer)') if results.get('transfer') else
+   "<p class='muted'>not computed (one model, or --no-transfer)</p>"}
 <h2>Qualitative results</h2>
 <p class="muted">Columns: the zero-filled input, the truth with the feature (outlined neighbourhood T), then each
-model's reconstruction; rows: a failed and a successful attack.</p>
+model's reconstruction; rows: a failed and a successful attack. Figures show the features found under the
+{html.escape(criteria[0] if criteria else '')} criterion.</p>
 {fig_html['qualitative']}
 <h2>Attack loss vs IP loss</h2>
 {fig_html['scatter']}
@@ -167,6 +185,7 @@ model's reconstruction; rows: a failed and a successful attack.</p>
 {fig_html['heatmap']}
 <h2>Worst cases</h2>
 {fig_html['worst']}
+{lesion_section_html(results.get('lesions'), figures)}
 <h2>Run</h2>
 <p class="muted">Timings: {html.escape(timing)}. Files beside this report: <code>results.json</code>,
 <code>table1.csv</code>, <code>table2.csv</code>, <code>ip_table.csv</code>, <code>transfer.csv</code>,
@@ -222,3 +241,36 @@ def qualitative_grid(examples: Mapping[str, Mapping[str, Mapping[str, Any]]], mo
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return atomic_write_bytes(path, buf.getvalue())
+
+
+def lesion_section_html(lesions: Mapping[str, Any] | None, figures: Sequence[tuple[str, str, Path]] = ()) -> str:
+    """The report's "Lesions" section (empty without boxes): the preservation rule, "preserved / total" per model
+    and label at each acceleration (:func:`blindspot.lesions.summary_markdown` of ``results["lesions"]``, the
+    terminal's tables) and the ``"lesion"`` crop figures."""
+    if not lesions:
+        return ""
+    from blindspot.lesions import summary_markdown
+
+    rule = lesions["rule"]
+    labels = ", ".join(f"{n} {lab}" for lab, n in lesions.get("labels", {}).items())
+    tables = "\n".join(markdown_table_html(summary_markdown(
+        per, rule["text"], f"**{per['acceleration']:g}×** (centre fraction {per['center_fraction']:g})"))
+        for per in lesions["by_acceleration"].values())
+    items = [f for f in figures if f[0] == "lesion"]
+    figs = ("<div class='grid'>" + "".join(
+        f"<figure class='wide'><img alt='{html.escape(c)}' src='{_b64_png(p)}'><figcaption>{html.escape(c)}"
+        f"</figcaption></figure>" for _, c, p in items) + "</div>") if items else "<p class='muted'>none</p>"
+    return f"""<h2>Lesions</h2>
+<p>Every annotated lesion (a box on one slice of {html.escape(str(lesions.get('data', '')))}, boxes from
+<code>{html.escape(str(lesions.get('boxes', '')))}</code>: {lesions.get('lesions', 0)} lesions —
+{html.escape(labels)} — on {lesions.get('slices', 0)} slices of {lesions.get('volumes', 0)} volumes) is scored on each model's reconstruction
+and on the zero-filled input, under the same seeded masks as <code>blindspot lesions</code>.</p>
+<p><b>Preservation rule</b>: {html.escape(rule['text'])}.</p>
+<p class="muted">Cells: lesions preserved / total, by label; below each table the mean kept contrast fraction and the
+SSIM / PSNR in the box and its surroundings. Per-lesion scores: <code>lesions.csv</code>.</p>
+{tables}
+<h3>Lesion crops</h3>
+<p class="muted">Zero-filled input, truth and each model's reconstruction around the box (yellow), one grey scale per
+lesion.</p>
+{figs}
+"""
