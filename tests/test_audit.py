@@ -122,6 +122,14 @@ def test_headline_compares_a_model_with_its_robust_version():
     (h,) = robustness_headline(t1, rates)
     assert h["rs_ratio"] == pytest.approx(1 / 3) and h["ssim_diff"] == pytest.approx(-0.005)
     assert h["nmse_rel_change"] == pytest.approx(0.031 / 0.030 - 1)
+    assert h["rs_meets"] and h["ssim_within"] and h["nmse_within"] and h["searches_met"] == ["rs"]
+    rates["FNAF-robust U-Net"]["4x"]["rs"]["attack_rate"] = 0.31  # just above a third of 0.9
+    (h,) = robustness_headline(t1, rates)
+    assert not h["rs_meets"] and h["searches_not_met"] == ["rs"]
+    t1[1]["ssim_mean"] = 0.75  # a robust model that is better than the standard one has no quality cost
+    assert robustness_headline(t1, rates)[0]["ssim_within"]
+    t1[1]["ssim_mean"] = 0.689
+    assert not robustness_headline(t1, rates)[0]["ssim_within"]
 
 
 def test_bundled_models_are_recorded():

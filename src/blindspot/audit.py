@@ -14,8 +14,8 @@ For each acceleration it computes
 
 and writes into ``RUN_DIR``: ``report.html`` (self-contained, figures embedded), ``results.json`` (attack rates keyed
 by model name), ``table1.csv``, ``table2.csv``, ``ip_table.csv``, ``transfer.csv``, ``records.csv`` /
-``records.jsonl`` (one row per image, model, acceleration, search and criterion), ``tables.md``, ``features/CRITERION/MODEL/`` (the found
-features, replayable with ``blindspot fnaf --replay``) and ``figures/``.
+``records.jsonl`` (one row per image, model, acceleration, search and criterion), ``tables.md``,
+``features/CRITERION/MODEL/`` (the found features, replayable with ``blindspot fnaf --replay``) and ``figures/``.
 
 Without models it audits the bundled demo models (:func:`bundled_models`) on freshly generated phantoms whose seeds
 were used neither for training nor for model selection.
@@ -516,10 +516,17 @@ def ip_markdown(summaries: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: The seed's claim for FNAF-robust training: the attack rate falls to at most this fraction of the standard model's,
+#: at a quality cost of at most ``SSIM_TOLERANCE`` in SSIM and ``NMSE_TOLERANCE`` (relative) in NMSE. Both checks
+#: are one-sided: a robust model with better SSIM or NMSE than the standard one meets them.
+RATE_FRACTION, SSIM_TOLERANCE, NMSE_TOLERANCE = 1 / 3, 0.01, 0.05
+
+
 def robustness_headline(table1: Sequence[dict[str, Any]], rates: dict) -> list[dict[str, Any]]:
     """For every pair (model, its FNAF-robust version) — labels ``X`` and ``FNAF-robust X`` — and acceleration:
-    attack-rate ratios per search and the SSIM / NMSE differences (the seed's claim: the rate falls to a fraction,
-    SSIM within 0.01, NMSE within 5%)."""
+    attack-rate ratios per search and the SSIM / NMSE differences, each checked against the seed's claim
+    (:data:`RATE_FRACTION`, :data:`SSIM_TOLERANCE`, :data:`NMSE_TOLERANCE`): ``{search}_meets``, ``ssim_within``,
+    ``nmse_within``, and ``searches_met`` / ``searches_not_met``."""
     out = []
     for robust in rates:
         if not robust.startswith("FNAF-robust "):
@@ -533,6 +540,9 @@ def robustness_headline(table1: Sequence[dict[str, Any]], rates: dict) -> list[d
             if base in t1 and robust in t1:
                 row["ssim_diff"] = t1[robust]["ssim_mean"] - t1[base]["ssim_mean"]
                 row["nmse_rel_change"] = t1[robust]["nmse_mean"] / t1[base]["nmse_mean"] - 1.0
+                row["ssim_within"] = row["ssim_diff"] >= -SSIM_TOLERANCE
+                row["nmse_within"] = row["nmse_rel_change"] <= NMSE_TOLERANCE
+            met, not_met = [], []
             for s, sm in per.items():
                 b = rates[base].get(acc_key, {}).get(s)
                 if b is None:
@@ -540,6 +550,10 @@ def robustness_headline(table1: Sequence[dict[str, Any]], rates: dict) -> list[d
                 row[f"{s}_rate"] = b["attack_rate"]
                 row[f"{s}_robust_rate"] = sm["attack_rate"]
                 row[f"{s}_ratio"] = sm["attack_rate"] / b["attack_rate"] if b["attack_rate"] > 0 else float("nan")
+                bound = RATE_FRACTION * b["attack_rate"] + 1e-12  # 12/36 against 36/36 is a third
+                row[f"{s}_meets"] = b["attack_rate"] > 0 and sm["attack_rate"] <= bound
+                (met if row[f"{s}_meets"] else not_met).append(s)
+            row["searches_met"], row["searches_not_met"] = met, not_met
             out.append(row)
     return out
 

@@ -35,6 +35,7 @@ th{background:#eef1f5;text-align:center} td:first-child,th:first-child{text-alig
 tr:nth-child(even) td{background:#fafbfc}
 .verdict{border-radius:6px;padding:10px 14px;margin:10px 0;font-size:14px}
 .ok{background:#e8f5ec;border:1px solid #9ed3ad} .bad{background:#fdecec;border:1px solid #f0a8a8}
+.partial{background:#fff6e0;border:1px solid #e8c872}
 .grid{display:flex;flex-wrap:wrap;gap:14px} figure{margin:6px 0;flex:0 1 auto}
 figure img{max-width:100%;border:1px solid #e3e6eb} figcaption{font-size:12px;color:#475467;margin-top:3px}
 .wide img{max-width:100%} .small img{width:360px}
@@ -82,21 +83,28 @@ def _pct(x: Any) -> str:
 
 
 def _verdicts(headline: Sequence[Mapping[str, Any]]) -> str:
-    """The FNAF-robust training check, one line per (criterion, model, acceleration): rates, ratio and SSIM change."""
+    """The FNAF-robust training check, one line per (criterion, model, acceleration): rates, which searches meet the
+    seed's claim (:func:`blindspot.audit.robustness_headline`) and the SSIM / NMSE changes."""
     parts = []
     for h in headline:
         searches = [k[: -len("_ratio")] for k in h if k.endswith("_ratio")]
         cells = ", ".join(f"{s.upper()} {_pct(h[f'{s}_rate'])} → {_pct(h[f'{s}_robust_rate'])}" for s in searches)
-        ratios = [h[f"{s}_ratio"] for s in searches if math.isfinite(h[f"{s}_ratio"])]
+        met = [s.upper() for s in h.get("searches_met", [])]
+        not_met = [s.upper() for s in h.get("searches_not_met", [])]
         dssim = h.get("ssim_diff", float("nan"))
         dnmse = h.get("nmse_rel_change", float("nan"))
-        ok = bool(ratios) and max(ratios) <= 1 / 3 and math.isfinite(dssim) and abs(dssim) <= 0.01
-        cls = "ok" if ok else "bad"
-        claim = ("meets" if ok else "does not meet") + " the target (attack rate at most a third, SSIM within 0.01)"
+        quality = bool(h.get("ssim_within")) and bool(h.get("nmse_within"))
+        ok = bool(met) and not not_met and quality
+        cls = "ok" if ok else ("partial" if met and quality else "bad")
+        rate_claim = (f"rate at most a third for {', '.join(met) or 'no search'}"
+                      + (f", not for {', '.join(not_met)}" if not_met else ""))
+        qual_claim = (f"SSIM {'at most' if h.get('ssim_within') else 'more than'} 0.01 lower, NMSE "
+                      f"{'at most' if h.get('nmse_within') else 'more than'} 5% higher")
         parts.append(
             f"<div class='verdict {cls}'><b>{html.escape(h['robust'])} vs {html.escape(h['model'])}, "
-            f"{html.escape(h['acceleration'])}, {html.escape(str(h.get('criterion', '')))} criterion</b>: attack rate {cells}; SSIM change {dssim:+.4f}, NMSE change "
-            f"{100 * dnmse:+.1f}% — {claim}.</div>"
+            f"{html.escape(h['acceleration'])}, {html.escape(str(h.get('criterion', '')))} criterion</b>: attack "
+            f"rate {cells}; SSIM change {dssim:+.4f}, NMSE change {100 * dnmse:+.1f}%. Seed's claim: "
+            f"{rate_claim}; {qual_claim}.</div>"
         )
     return "\n".join(parts)
 
