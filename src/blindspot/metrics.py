@@ -44,13 +44,11 @@ def ssim_map(
         raise ValueError(f"ssim needs two (B, C, H, W) tensors of one shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
     if min(pred.shape[-2:]) < win_size:
         raise ValueError(f"images of {tuple(pred.shape[-2:])} are smaller than the {win_size}x{win_size} window")
-    channels = pred.shape[1]
-    kernel = torch.full((channels, 1, win_size, win_size), 1.0 / win_size**2, dtype=pred.dtype, device=pred.device)
-    conv = lambda t: F.conv2d(t, kernel, groups=channels)  # noqa: E731
+    # the five local means (scikit-image's uniform window) in one pooling call
+    means = F.avg_pool2d(torch.cat([pred, target, pred * pred, target * target, pred * target], dim=1), win_size, 1)
+    ux, uy, uxx, uyy, uxy = means.chunk(5, dim=1)
     np_ = win_size * win_size
     cov_norm = np_ / (np_ - 1)
-    ux, uy = conv(pred), conv(target)
-    uxx, uyy, uxy = conv(pred * pred), conv(target * target), conv(pred * target)
     vx = cov_norm * (uxx - ux * ux)
     vy = cov_norm * (uyy - uy * uy)
     vxy = cov_norm * (uxy - ux * uy)

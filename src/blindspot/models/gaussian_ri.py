@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from blindspot.models.registry import register_model
@@ -58,8 +57,7 @@ class GaussianRI(nn.Module):
         flat = x.reshape(B * C, 1, H, W)
         # SciPy "reflect" = torch "replicate"-then-mirror (d c b a | a b c d); torch's "reflect" skips the edge pixel
         flat = _symmetric_pad(flat, r)
-        flat = F.conv2d(flat, k.view(1, 1, 1, -1))
-        flat = F.conv2d(flat, k.view(1, 1, -1, 1))
+        flat = _taps(_taps(flat, k, -1, W), k, -2, H)
         out = flat.reshape(B, C, H, W)
         rows, cols = central_square(H, W, self.square)
         mask = torch.ones(H, W, dtype=x.dtype, device=x.device)
@@ -72,6 +70,15 @@ class GaussianRI(nn.Module):
         rows, cols = central_square(height, width, self.square)
         m[rows, cols] = True
         return m
+
+
+def _taps(x: Tensor, k: Tensor, dim: int, n: int) -> Tensor:
+    """Valid 1-D correlation of ``x`` (padded by ``len(k) // 2`` on ``dim``) with ``k``, as a sum of shifted slices:
+    ``n`` outputs along ``dim``. On a CPU this scales with the batch where a one-channel ``conv2d``'s backward does not."""
+    out = k[0] * x.narrow(dim, 0, n)
+    for j in range(1, k.numel()):
+        out = out + k[j] * x.narrow(dim, j, n)
+    return out
 
 
 def _symmetric_pad(x: Tensor, r: int) -> Tensor:
