@@ -34,7 +34,6 @@ from __future__ import annotations
 import os
 import random
 import re
-import tempfile
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +45,7 @@ from torch.utils.data import Dataset
 
 from blindspot.data.sample import KspaceTransform, MRISample
 from blindspot.errors import BlindspotError, PathLike
+from blindspot.fileio import temporary_sibling
 from blindspot.physics.mri import Mask, MaskFunc, Seed
 
 SINGLECOIL = "singlecoil"
@@ -197,7 +197,7 @@ def write_fastmri_h5(
     import h5py
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temporary_sibling(path)
     os.close(fd)
     try:
         with h5py.File(tmp, "w") as hf:
