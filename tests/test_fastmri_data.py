@@ -174,3 +174,27 @@ def test_stored_complex128_and_attrs_roundtrip(tmp_path):
     assert sample.input.dtype == torch.float32
     torch.testing.assert_close(sample.target, torch.ones(1, 16, 16), rtol=0, atol=1e-6)
     assert sample.max_value == 2.0 and sample.attrs["acquisition"] == "CORPDFS_FBK"
+
+
+def test_volumes_of_different_kspace_widths_batch_together(tmp_path, mask_func):
+    """fastMRI knee k-space is 368 or 372 columns wide: such volumes share a batch once cropped, their masks mapped
+    onto the image's columns (what I-RIM and the attack do with a mask anyway); equal widths keep theirs."""
+    from blindspot.physics.mri import resample_mask
+
+    write_singlecoil(tmp_path / "a.h5", slices=2, size=(32, 32), recon=(24, 24), seed=0)
+    write_singlecoil(tmp_path / "b.h5", slices=2, size=(32, 36), recon=(24, 24), seed=1)
+    ds = open_mri_dataset(tmp_path, mask_func, challenge="singlecoil")
+    samples = [ds[i] for i in range(len(ds))]
+    assert {s.mask.shape[-1] for s in samples} == {32, 36}
+    batch = collate_mri(samples)
+    assert batch.mask.shape == (4, 1, 1, 24)
+    for i, s in enumerate(samples):
+        assert torch.equal(batch.mask[i].reshape(-1), resample_mask(s.mask.reshape(-1), 24))
+    same = collate_mri(samples[:2])
+    assert same.mask.shape == (2, 1, 1, samples[0].mask.shape[-1])
+    from blindspot.errors import BlindspotError
+
+    other = ds[0]
+    other.target = other.target[..., :20]
+    with pytest.raises(BlindspotError, match="different sizes"):
+        collate_mri([samples[1], other])

@@ -14,7 +14,9 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from blindspot.physics.mri import CartesianUndersampling, MaskFunc, NormStats, center_crop, normalize, rss, ifft2c
+from blindspot.errors import BlindspotError
+from blindspot.physics.mri import (CartesianUndersampling, MaskFunc, NormStats, center_crop, ifft2c, normalize,
+                                  resample_mask, rss)
 
 
 @dataclass
@@ -95,13 +97,27 @@ class MRIBatch:
 
 
 def collate_mri(samples: Sequence[MRISample]) -> MRIBatch:
-    """``DataLoader`` collate function: stacks :class:`MRISample` into an :class:`MRIBatch` (equal shapes required)."""
+    """``DataLoader`` collate function: stacks :class:`MRISample` into an :class:`MRIBatch`.
+
+    Images must share one ``(h, w)`` (the crop). Masks keep their k-space width ``W`` when all samples share it;
+    volumes of different widths (fastMRI knee k-space is 368 or 372 columns wide, …) get their masks mapped onto the
+    image's ``w`` columns by nearest frequency (:func:`~blindspot.physics.mri.resample_mask`), which is what every
+    mask consumer does anyway.
+    """
+    shapes = {tuple(s.target.shape) for s in samples} | {tuple(s.input.shape) for s in samples}
+    if len(shapes) > 1:
+        raise BlindspotError(samples[0].fname, f"cannot batch images of different sizes {sorted(shapes)}; give a "
+                                               "common crop")
+    widths = {s.mask.shape[-1] for s in samples}
+    w = samples[0].target.shape[-1]
+    masks = [s.mask.reshape(1, 1, -1) if len(widths) == 1 else resample_mask(s.mask.reshape(1, 1, -1), w)
+             for s in samples]
     mean = torch.stack([torch.as_tensor(s.mean, dtype=torch.float32) for s in samples]).reshape(-1, 1, 1, 1)
     std = torch.stack([torch.as_tensor(s.std, dtype=torch.float32) for s in samples]).reshape(-1, 1, 1, 1)
     return MRIBatch(
         input=torch.stack([s.input for s in samples]),
         target=torch.stack([s.target for s in samples]),
-        mask=torch.stack([s.mask.reshape(1, 1, -1) for s in samples]),
+        mask=torch.stack(masks),
         stats=NormStats(mean, std),
         fname=[s.fname for s in samples],
         slice_num=[int(s.slice_num) for s in samples],
