@@ -113,6 +113,11 @@ def test_cli_bad_input(tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     assert main(["audit", "--model", str(bad), "--out", str(tmp_path / "o2")]) == 2
+    ct_model = bundled_models()[0][1].parent / "cnn10.pt"  # a CT denoiser is not an MRI reconstruction model
+    capsys.readouterr()
+    assert main(["audit", "--model", str(ct_model), "--out", str(tmp_path / "o3")]) == 2
+    err = capsys.readouterr().err
+    assert "cnn10.pt" in err and "trained for ct" in err and len(err.strip().splitlines()) == 1
 
 
 def test_headline_compares_a_model_with_its_robust_version():

@@ -193,7 +193,13 @@ def load_models(specs: Sequence[tuple[str | None, PathLike]], device: torch.devi
     sources = [str(p) for _, p in specs]
     if any(n is None for n in names):
         names = None if all(n is None for n in names) else [n or Path(p).stem for n, p in specs]
-    return load_eval_models(sources, names, device=device, zero_filled=False)
+    loaded = load_eval_models(sources, names, device=device, zero_filled=False)
+    for m in loaded:
+        modality = (m.physics or {}).get("modality")
+        if modality not in (None, "mri"):
+            raise BlindspotError(m.source, f"was trained for {modality} (its checkpoint's physics), but the audit "
+                                           "attacks MRI reconstruction; use `blindspot invariances` for CT denoisers")
+    return loaded
 
 
 def run_audit(
