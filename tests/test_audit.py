@@ -164,3 +164,23 @@ def test_no_lesion_section_without_boxes(audit):
     assert "lesions" not in json.loads((out / "results.json").read_text())
     assert not (out / "lesions.csv").exists() and "<h2>Lesions</h2>" not in (out / "report.html").read_text()
     assert "## Lesions" not in result.markdown
+
+
+def test_lesion_phantoms_add_the_lesion_section(checkpoints, tmp_path):
+    """``lesion_phantoms`` plants lesions in held-out phantoms and scores them; the counts match the boxes written."""
+    from blindspot.data.lesions import read_annotations
+    from blindspot.errors import BlindspotError
+
+    cfg = AuditConfig(accelerations=(4.0,), searches=("rs",), phantom_volumes=1, phantom_slices=2, candidates=2,
+                      transfer=False, figures=False, device="cpu", progress=False, lesion_phantoms=1)
+    result = run_audit([("Tiny U-Net", checkpoints[0])], tmp_path / "run", config=cfg)
+    boxes = read_annotations(tmp_path / "run" / "lesion_phantoms" / "boxes.csv")
+    data = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert len(boxes.boxes) > 0
+    per_model = data["lesions"]["by_acceleration"]["4x"]["preserved"]
+    assert set(per_model) == {"Zero-filled", "Tiny U-Net"}
+    assert all(v["all"]["total"] == len(boxes.boxes) for v in per_model.values())
+    assert "Lesions" in result.report.read_text()
+    with pytest.raises(BlindspotError, match="not both"):
+        run_audit([("Tiny U-Net", checkpoints[0])], tmp_path / "run2", config=cfg,
+                  boxes=tmp_path / "run" / "lesion_phantoms" / "boxes.csv")

@@ -92,6 +92,9 @@ class AuditConfig:
         phantom_volumes, phantom_slices, phantom_seed: the phantom data (without ``data``); geometry follows the first
             checkpoint's training phantoms.
         limit: attack / evaluate only the first ``limit`` images.
+        lesion_phantoms: without ``boxes``, plant lesions in this many held-out phantom volumes
+            (:func:`blindspot.lesions.write_held_out_lesion_phantoms`, in ``out_dir/lesion_phantoms``, the first
+            checkpoint's phantom geometry) and add the lesion section on them; 0 for none.
         batch_size: images per attack batch; chunk_size: most candidates per model call.
         seed: the attack's seed.
         device: ``auto``, ``cpu``, ``cuda``…
@@ -114,6 +117,7 @@ class AuditConfig:
     phantom_slices: int = 6
     phantom_seed: int = AUDIT_PHANTOM_SEED
     limit: int | None = None
+    lesion_phantoms: int = 0
     batch_size: int = 16
     chunk_size: int = 96
     seed: int = 0
@@ -134,6 +138,8 @@ class AuditConfig:
                                        f"{', '.join(self.criteria) or 'none'}")
         if self.center_fractions is not None and len(self.center_fractions) != len(self.accelerations):
             raise BlindspotError(None, "give one centre fraction per acceleration")
+        if self.lesion_phantoms < 0:
+            raise BlindspotError(None, "lesion-phantoms must be >= 0")
         for name in ("candidates", "grad_init", "batch_size", "chunk_size", "phantom_volumes", "phantom_slices"):
             if getattr(self, name) < 1:
                 raise BlindspotError(None, f"{name.replace('_', '-')} must be >= 1")
@@ -242,6 +248,8 @@ def run_audit(
 
     config = config or AuditConfig()
     config.check()
+    if boxes is not None and config.lesion_phantoms:
+        raise BlindspotError(boxes, "give lesion boxes or lesion phantoms, not both")
     if boxes is not None:  # lesion boxes are checked against their data before anything runs
         from blindspot.lesions import LesionAuditOptions, open_annotated
 
@@ -300,11 +308,19 @@ def run_audit(
 
     # ---- lesions (with boxes): blindspot.lesions on the annotated slices at every acceleration --------------------
     lesion_section = None
+    lesion_data = data
+    if config.lesion_phantoms:
+        from blindspot.lesions import LesionAuditOptions, write_held_out_lesion_phantoms
+
+        say(f"Lesions: planting lesions in {config.lesion_phantoms} held-out phantom volumes")
+        lesion_data, boxes = write_held_out_lesion_phantoms(out / "lesion_phantoms", config.lesion_phantoms,
+                                                            geometry.get("shape"), geometry.get("recon_size"))
+        lesion_options = lesion_options or LesionAuditOptions()
     if boxes is not None:
         from blindspot.lesions import audit_lesions
 
         say("Lesions: preservation of the annotated lesions")
-        lesion_section = audit_lesions(eval_models, data, boxes, config.accelerations, cfs, mask_type, out,
+        lesion_section = audit_lesions(eval_models, lesion_data, boxes, config.accelerations, cfs, mask_type, out,
                                        lesion_options, device=device, figures=config.figures, progress=config.progress)
         timings["lesions"] = lesion_section.seconds
 

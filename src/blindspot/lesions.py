@@ -399,6 +399,25 @@ class LesionAuditOptions:
     batch_size: int = 4
 
 
+#: The held-out lesion phantoms of ``docs/lesions.md``: volume seeds from 2000 (training uses 1000+, validation 0+,
+#: the audit's FNAF phantoms 100+), lesion seed 2, 8 slices and 4 planted lesions per volume.
+HELD_OUT_LESIONS = {"seed": 2000, "lesion_seed": 2, "slices": 8, "lesions_per_volume": 4}
+
+
+def write_held_out_lesion_phantoms(folder: PathLike, volumes: int, shape: Sequence[int] | None = None,
+                                   recon_size: Sequence[int] | None = None) -> tuple[Path, Path]:
+    """Write ``volumes`` knee phantoms with planted lesions (:data:`HELD_OUT_LESIONS`) as ``folder/data/*.h5`` and their
+    boxes as ``folder/boxes.csv``; ``shape`` / ``recon_size`` default to fastMRI's. Returns ``(data folder, boxes)``."""
+    from blindspot.data.lesion_phantom import write_lesion_phantoms
+
+    folder = Path(folder)
+    geometry = {k: tuple(v) for k, v in (("shape", shape), ("recon_size", recon_size)) if v is not None}
+    write_lesion_phantoms(folder / "data", folder / "boxes.csv", volumes, HELD_OUT_LESIONS["slices"],
+                          HELD_OUT_LESIONS["lesions_per_volume"], seed=HELD_OUT_LESIONS["seed"],
+                          lesion_seed=HELD_OUT_LESIONS["lesion_seed"], progress=False, **geometry)
+    return folder / "data", folder / "boxes.csv"
+
+
 @dataclass
 class LesionSection:
     """What :func:`audit_lesions` gives the audit: ``results`` (its ``results.json`` ``"lesions"`` entry),

@@ -19,8 +19,8 @@ from pathlib import Path
 from blindspot.errors import BlindspotError
 
 
-def add_audit_arguments(p: argparse.ArgumentParser, out_default: str | None = None) -> None:
-    """Options shared by ``audit`` and ``demo``."""
+def add_audit_arguments(p: argparse.ArgumentParser, out_default: str | None = None, lesion_phantoms: int = 0) -> None:
+    """Options shared by ``audit`` and ``demo`` (``lesion_phantoms``: the default of ``--lesion-phantoms``)."""
     from blindspot.attacks.features import FAMILIES
     from blindspot.audit import AUDIT_PHANTOM_SEED
 
@@ -48,6 +48,9 @@ def add_audit_arguments(p: argparse.ArgumentParser, out_default: str | None = No
     p.add_argument("--phantom-seed", type=int, default=AUDIT_PHANTOM_SEED,
                    help=f"first phantom seed (default {AUDIT_PHANTOM_SEED}: seen neither in training nor validation)")
     p.add_argument("--limit", type=int, help="only the first N images")
+    p.add_argument("--lesion-phantoms", type=int, default=lesion_phantoms, metavar="N",
+                   help="plant lesions in N held-out phantom volumes (RUN_DIR/lesion_phantoms) and add the lesion "
+                        f"section on them (default {lesion_phantoms})")
     p.add_argument("--no-transfer", action="store_true", help="skip the transferability replay")
     p.add_argument("--no-figures", action="store_true")
     p.add_argument("--batch-size", type=int, default=16)
@@ -81,16 +84,19 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     lesion_options = None
-    if getattr(args, "boxes", None):
+    boxes = getattr(args, "boxes", None)
+    if boxes and not args.data:
+        raise BlindspotError(boxes, "--boxes needs --data: the fastMRI volumes the boxes name (or use "
+                                    "--lesion-phantoms N for built-in phantoms with planted lesions)")
+    if boxes or args.lesion_phantoms:
         from blindspot.lesions import LesionAuditOptions, PreservationRule
 
-        if not args.data:
-            raise BlindspotError(args.boxes, "--boxes needs --data: the fastMRI volumes the boxes name (phantoms "
-                                             "with lesions: blindspot data lesion-phantoms)")
-        if args.lesion_figures < 0:
+        figures = getattr(args, "lesion_figures", 3)
+        if figures < 0:
             raise BlindspotError(None, "--lesion-figures must be >= 0")
-        lesion_options = LesionAuditOptions(PreservationRule(args.lesion_threshold, args.lesion_margin),
-                                            args.box_origin, args.lesion_figures)
+        lesion_options = LesionAuditOptions(PreservationRule(getattr(args, "lesion_threshold", 0.5),
+                                                             getattr(args, "lesion_margin", 4)),
+                                            getattr(args, "box_origin", "top"), figures)
     if args.model:
         if args.names and len(args.names) != len(args.model):
             raise BlindspotError(None, f"give one --names entry per --model ({len(args.model)})")
@@ -109,11 +115,12 @@ def run(args: argparse.Namespace) -> int:
         mask_type=args.mask_type, searches=tuple(args.search), family=args.family, criteria=tuple(args.criteria),
         candidates=args.candidates, transfer=not args.no_transfer, phantom_volumes=args.phantom_volumes,
         phantom_slices=args.phantom_slices, phantom_seed=args.phantom_seed, limit=args.limit,
+        lesion_phantoms=args.lesion_phantoms,
         batch_size=args.batch_size, seed=args.seed, device=args.device, figures=not args.no_figures,
     )
     result = run_audit(models, args.out, data=args.data, config=config,
                        crop=tuple(args.crop) if args.crop else None, resume=args.resume,
-                       log=lambda s: print(s, file=sys.stderr), boxes=getattr(args, "boxes", None),
+                       log=lambda s: print(s, file=sys.stderr), boxes=boxes,
                        lesion_options=lesion_options)
     print(result.markdown)
     t = result.timings
