@@ -96,8 +96,8 @@ def _verdicts(headline: Sequence[Mapping[str, Any]]) -> str:
         quality = bool(h.get("ssim_within")) and bool(h.get("nmse_within"))
         ok = bool(met) and not not_met and quality
         cls = "ok" if ok else ("partial" if met and quality else "bad")
-        rate_claim = (f"rate at most a third for {', '.join(met) or 'no search'}"
-                      + (f", not for {', '.join(not_met)}" if not_met else ""))
+        rate_claim = (f"rate at most a third for {', '.join(met)}" + (f", not for {', '.join(not_met)}" if not_met else "")
+                      if met else f"rate at most a third for none of {', '.join(not_met)}")
         qual_claim = (f"SSIM {'at most' if h.get('ssim_within') else 'more than'} 0.01 lower, NMSE "
                       f"{'at most' if h.get('nmse_within') else 'more than'} 5% higher")
         parts.append(
