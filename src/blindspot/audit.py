@@ -262,7 +262,6 @@ def run_audit(
     t0 = time.perf_counter()
     device = resolve_device(config.device)
     audited = load_models(models, device)
-    names = [m.name for m in audited]
     physics0 = audited[0].physics or {}
     mask_type = config.mask_type or physics0.get("mask_type") or "random"
     if crop is None and physics0.get("crop"):
