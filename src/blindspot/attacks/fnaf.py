@@ -383,7 +383,7 @@ class FnafObjective:
         ip_loss = (nx - ctx.clean_input.index_select(0, idx)).square().mean(dims)
         if ctx.clean_output is not None:
             clean_out = ctx.clean_output.index_select(0, idx)
-            baseline_loss = (T * (clean_out - stats.apply(y))).square().mean(dims).detach()
+            baseline_loss = (T * (clean_out - stats.apply(y))).square().mean(dims).detach()  # N(y) is clamped
             nd = stats.scale(feature)
             den = (T * nd).square().sum(dims)
             num = (T * (out - clean_out - nd)).square().sum(dims)

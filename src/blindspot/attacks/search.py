@@ -21,13 +21,14 @@ import torch
 from torch import Tensor, nn
 
 from blindspot.attacks.features import Features, FeatureSampler, Region, candidate_keys
-from blindspot.attacks.fnaf import AttackContext, Evaluation, FnafObjective, eval_mode
+from blindspot.attacks.fnaf import EVALUATION_FIELDS, AttackContext, Evaluation, FnafObjective, eval_mode
 from blindspot.attacks.records import FnafResult, SavedFeatures
 from blindspot.data.sample import MRIBatch
 from blindspot.errors import BlindspotError
 from blindspot.physics.mri import CartesianUndersampling, MaskFunc
 
 SEARCHES: tuple[str, ...] = ("rs", "fd", "grad")
+_BOOL_FIELDS = ("accepted", "lost_seed", "lost_recovery")
 
 
 
@@ -116,15 +117,17 @@ class Search:
         keys = candidate_keys(ctx.image_keys, torch.arange(indices.start, indices.stop, dtype=torch.int64))
         return self.sampler.sample(keys, ctx.region, ctx.dynamic_range)
 
-    def score(self, model: nn.Module, ctx: AttackContext, image_idx: Tensor, features: Features) -> Evaluation:
-        """Render and score candidates chunk by chunk without gradients."""
+    def score(self, model: nn.Module, ctx: AttackContext, image_idx: Tensor, features: Features | None = None,
+              values: Tensor | None = None, support: Tensor | None = None) -> Evaluation:
+        """Score candidates chunk by chunk without gradients: ``features`` (rendered one chunk at a time, so memory
+        stays at one chunk's images) or already rendered ``values`` / ``support`` ``(C, 1, h, w)``."""
+        n = len(features) if features is not None else values.shape[0]
         out = []
-        for s in range(0, len(features), self.chunk_size):
-            f = features[s : s + self.chunk_size]
-            values, support = f.render(ctx.shape)
+        for s in range(0, n, self.chunk_size):
+            e = s + self.chunk_size
+            v, m = features[s:e].render(ctx.shape) if features is not None else (values[s:e], support[s:e])
             with torch.no_grad():
-                ev = self.objective.evaluate(model, ctx, image_idx[s : s + self.chunk_size], values, support)
-            out.append(ev.map(Tensor.detach))
+                out.append(self.objective.evaluate(model, ctx, image_idx[s:e], v, m).map(Tensor.detach))
         return Evaluation.cat(out)
 
     def allowed_max(self, ctx: AttackContext) -> Tensor:
@@ -132,6 +135,8 @@ class Search:
         return self.sampler.intensities[1] * ctx.dynamic_range
 
     def result(self, ctx: AttackContext, best: _Best, queries: int, gradients: int = 0) -> FnafResult:
+        """The search's outcome: ``best`` per image of ``ctx``, after ``queries`` model queries per image (plus the
+        clean reference) and ``gradients`` backward passes."""
         B = len(ctx)
         values, support = (best.values, best.support) if best.values is not None else best.features.render(ctx.shape)
         return FnafResult(
@@ -393,14 +398,15 @@ class ReplaySearch(Search):
         entries = [found[i] for i in keep]
         sub = ctx.subset(keep)
         dev = ctx.device
+        best = _Best(len(entries), dev)
         if not entries:
-            empty = Features("walk", *(torch.zeros(0, 2, device=dev),) * 2, torch.zeros(0, device=dev),
-                             torch.zeros(0, device=dev), torch.zeros(0, dtype=torch.int64, device=dev))
-            z = torch.zeros(0, device=dev)
-            ev = Evaluation(z, z, z, z, z.bool(), z.bool(), z.bool(), z)
-            return FnafResult(self.name, self.objective.criterion, [], [], [], torch.zeros(0), empty,
-                              torch.zeros(0, 1, *ctx.shape, device=dev), torch.zeros(0, 1, *ctx.shape, device=dev).bool(),
-                              ev, torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
+            best.features = Features("walk", *(torch.zeros(0, 2, device=dev),) * 2, torch.zeros(0, device=dev),
+                                     torch.zeros(0, device=dev), torch.zeros(0, dtype=torch.int64, device=dev))
+            best.ev = Evaluation(**{k: torch.zeros(0, device=dev, dtype=torch.bool if k in _BOOL_FIELDS else None)
+                                    for k in EVALUATION_FIELDS})
+            best.values = torch.zeros(0, 1, *ctx.shape, device=dev)
+            best.support = best.values.bool()
+            return self.result(sub, best, queries=1)
         families = {e.family for e in entries}
         if len(families) != 1:
             raise BlindspotError(None, f"saved features mix families {sorted(families)}")
@@ -412,28 +418,9 @@ class ReplaySearch(Search):
         support = torch.stack([e.support for e in entries]).to(dev)
         p = {name: torch.stack([e.params[name] for e in entries]).to(dev) for name in entries[0].params}
         feats = Features(entries[0].family, p["center"], p["size"], p["angle"], p["intensity"], p["seed"])
-        B = len(entries)
-        evs = []
-        for s in range(0, B, self.chunk_size):
-            i = torch.arange(s, min(B, s + self.chunk_size), device=dev)
-            with torch.no_grad():
-                evs.append(self.objective.evaluate(model, sub, i, values[i], support[i]).map(Tensor.detach))
-        ev = Evaluation.cat(evs)
-        return FnafResult(
-            search=self.name,
-            criterion=self.objective.criterion,
-            keys=list(sub.keys),
-            fname=list(sub.fname),
-            slice_num=list(sub.slice_num),
-            acceleration=sub.acceleration,
-            features=feats,
-            feature=values,
-            support=support,
-            evaluation=ev,
-            queries=torch.full((B,), 1 + sub.reference_queries, dtype=torch.int64),
-            gradients=torch.zeros(B, dtype=torch.int64),
-            loss_threshold=self.objective.effective_loss_threshold(ctx.shape),
-        )
+        ev = self.score(model, sub, torch.arange(len(entries), device=dev), values=values, support=support)
+        best.update(feats, ev, 1, values, support)  # one candidate per image: it is the result
+        return self.result(sub, best, queries=1)
 
 
 def build_search(name: str, **kwargs) -> Search:

@@ -12,8 +12,7 @@ import argparse
 from collections import Counter
 from pathlib import Path
 
-from blindspot.commands.data_phantoms import _non_negative, _positive
-from blindspot.data.knee_phantom import CHALLENGES, FASTMRI_KNEE_SHAPE, FASTMRI_RECON_SIZE
+from blindspot.commands.data_phantoms import _non_negative, add_volume_arguments
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,13 +47,5 @@ def register(subparsers) -> None:
     parser.add_argument("--kinds", nargs="+", choices=LESION_KINDS, default=list(LESION_KINDS),
                         help="lesion kinds, cycled through (default: all)")
     parser.add_argument("--lesion-seed", type=_non_negative, default=0, help="seed of the lesions (default 0)")
-    parser.add_argument("--volumes", type=_positive, default=4, help="number of volumes (default 4)")
-    parser.add_argument("--slices", type=_positive, default=35, help="slices per volume (default 35)")
-    parser.add_argument("--seed", type=_non_negative, default=0, help="seed of the first volume (default 0)")
-    parser.add_argument("--shape", type=_positive, nargs=2, metavar=("H", "W"), default=list(FASTMRI_KNEE_SHAPE),
-                        help="k-space size (default 640 368)")
-    parser.add_argument("--recon-size", type=_positive, nargs=2, metavar=("h", "w"),
-                        default=list(FASTMRI_RECON_SIZE), help="reconstruction crop (default 320 320)")
-    parser.add_argument("--challenge", choices=CHALLENGES, default="singlecoil")
-    parser.add_argument("--coils", type=_positive, default=8, help="coils of multi-coil volumes (default 8)")
+    add_volume_arguments(parser)
     parser.set_defaults(func=run)

@@ -92,13 +92,8 @@ def _non_negative(text: str) -> int:
     return value
 
 
-def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "phantoms",
-        help="write synthetic knee MR phantoms as fastMRI HDF5 files",
-        description=__doc__.split("\n\n")[0] + " Files: OUT/file_phantom_{seed:06d}.h5.",
-    )
-    parser.add_argument("--out", required=True, type=Path, help="output folder")
+def add_volume_arguments(parser: argparse.ArgumentParser) -> None:
+    """What every phantom writer asks for: ``--volumes --slices --seed --shape --recon-size --challenge --coils``."""
     parser.add_argument("--volumes", type=_positive, default=4, help="number of volumes (default 4)")
     parser.add_argument("--slices", type=_positive, default=35, help="slices per volume (default 35)")
     parser.add_argument("--seed", type=_non_negative, default=0, help="seed of the first volume (default 0)")
@@ -108,6 +103,16 @@ def register(subparsers) -> None:
                         default=list(FASTMRI_RECON_SIZE), help="reconstruction crop (default 320 320)")
     parser.add_argument("--challenge", choices=CHALLENGES, default="singlecoil")
     parser.add_argument("--coils", type=_positive, default=8, help="coils of multi-coil volumes (default 8)")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "phantoms",
+        help="write synthetic knee MR phantoms as fastMRI HDF5 files",
+        description=__doc__.split("\n\n")[0] + " Files: OUT/file_phantom_{seed:06d}.h5.",
+    )
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    add_volume_arguments(parser)
     parser.add_argument("--overwrite", action="store_true", help="rewrite files that already exist")
     parser.add_argument("--panel", type=Path, default=None, metavar="PNG", help="also save a PNG panel of slices")
     parser.set_defaults(func=run)

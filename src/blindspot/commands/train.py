@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 
 SUBCOMMAND_MODULES = (
@@ -22,3 +23,21 @@ def register(subparsers) -> None:
                 continue
             raise
         module.register(inner)
+
+
+def add_optimisation_arguments(p: argparse.ArgumentParser, batch_size: int, lr: float, lr_gamma: float,
+                               batch_help: str, seed_help: str) -> argparse._ArgumentGroup:
+    """The "optimisation" options every trainer shares, with the modality's defaults; returns the group."""
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--epochs", type=int, default=20)
+    o.add_argument("--batch-size", type=int, default=batch_size, help=batch_help)
+    o.add_argument("--lr", type=float, default=lr)
+    o.add_argument("--optimizer", default="adam", choices=["adam", "adamw", "rmsprop", "sgd"])
+    o.add_argument("--weight-decay", type=float, default=0.0)
+    o.add_argument("--lr-step-size", type=int, default=0, help="epochs between learning-rate decays (0: none)")
+    o.add_argument("--lr-gamma", type=float, default=lr_gamma)
+    o.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm (0: off)")
+    o.add_argument("--seed", type=int, default=0, help=seed_help)
+    o.add_argument("--num-workers", type=int, default=0, help="data loader workers per process")
+    o.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (torchrun: the local GPU)")
+    return o

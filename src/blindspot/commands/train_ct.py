@@ -22,6 +22,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from blindspot.commands.train import add_optimisation_arguments
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -44,18 +46,8 @@ def register(subparsers) -> None:
     d.add_argument("--split-seed", type=int, help="seed of the patient split (default --seed)")
     d.add_argument("--eval-window", default="abdomen", help="window of PSNR/SSIM: lung, abdomen or C,W (default abdomen)")
     d.add_argument("--val-batch-size", type=int, default=1, help="slices per validation forward pass")
-    o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=int, default=20)
-    o.add_argument("--batch-size", type=int, default=16, help="global batch of patches (split over processes)")
-    o.add_argument("--lr", type=float, default=1e-4)
-    o.add_argument("--optimizer", default="adam", choices=["adam", "adamw", "rmsprop", "sgd"])
-    o.add_argument("--weight-decay", type=float, default=0.0)
-    o.add_argument("--lr-step-size", type=int, default=0, help="epochs between learning-rate decays (0: none)")
-    o.add_argument("--lr-gamma", type=float, default=0.5)
-    o.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm (0: off)")
-    o.add_argument("--seed", type=int, default=0, help="weights, patches and split")
-    o.add_argument("--num-workers", type=int, default=0, help="data loader workers per process")
-    o.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (torchrun: the local GPU)")
+    add_optimisation_arguments(p, batch_size=16, lr=1e-4, lr_gamma=0.5, seed_help="weights, patches and split",
+                               batch_help="global batch of patches (split over processes)")
     w = p.add_argument_group("WGAN-VGG")
     w.add_argument("--vgg-weights", type=Path, help="torchvision-format VGG16 weights (default: torch hub cache file)")
     w.add_argument("--vgg-layers", nargs="+", default=["relu5_3"], help="perceptual-loss layers (default relu5_3)")

@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from blindspot.commands.train import add_optimisation_arguments
 from blindspot.errors import BlindspotError
 
 #: Phantom seeds: training volumes start at 1000; validation (and every command's default phantoms) start at 0.
@@ -82,19 +83,9 @@ def register(subparsers) -> None:
     g.add_argument("--phantom-val-volumes", type=int, default=4, help="validation volumes (default 4)")
     g.add_argument("--phantom-seed", type=int, default=PHANTOM_TRAIN_SEED, help="first training volume seed")
     g.add_argument("--phantom-val-seed", type=int, default=PHANTOM_VAL_SEED, help="first validation volume seed")
-    o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=int, default=20)
-    o.add_argument("--batch-size", type=int, default=4, help="global batch (split over processes)")
-    o.add_argument("--lr", type=float, default=1e-3)
-    o.add_argument("--optimizer", default="adam", choices=["adam", "adamw", "rmsprop", "sgd"])
-    o.add_argument("--weight-decay", type=float, default=0.0)
-    o.add_argument("--lr-step-size", type=int, default=0, help="epochs between learning-rate decays (0: none)")
-    o.add_argument("--lr-gamma", type=float, default=0.1)
-    o.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm (0: off)")
+    o = add_optimisation_arguments(p, batch_size=4, lr=1e-3, lr_gamma=0.1, seed_help="weights, shuffling and "
+                                   "training masks", batch_help="global batch (split over processes)")
     o.add_argument("--loss", default="l1", choices=["l1", "mse", "ssim"])
-    o.add_argument("--seed", type=int, default=0, help="weights, shuffling and training masks")
-    o.add_argument("--num-workers", type=int, default=0, help="data loader workers per process")
-    o.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (torchrun: the local GPU)")
     r = p.add_argument_group("FNAF-robust training (blindspot.training.robust)")
     r.add_argument("--robust", action="store_true", help="add the FNAF attack loss of on-the-fly features to the loss")
     r.add_argument("--robust-fraction", type=float, default=0.5, help="share of each batch given an FNAF (0.5)")
