@@ -93,7 +93,7 @@ def bench_size(model, size: int, args, device: torch.device) -> dict:
     from blindspot.attacks.features import FeatureSampler, candidate_keys
     from blindspot.attacks.fnaf import FnafObjective, eval_mode
     from blindspot.attacks.search import GradientSearch, RandomSearch
-    from blindspot.models.protocol import reconstruct
+    from blindspot.models.adapters import reconstruct
     from blindspot.physics.mri import CartesianUndersampling, create_mask_func
 
     mask_func = create_mask_func("random", [4])
@@ -108,7 +108,7 @@ def bench_size(model, size: int, args, device: torch.device) -> dict:
     with eval_mode(model):
         ctx = obj.prepare(model, batch, mask_func)
     x_bare = ctx.clean_input.repeat_interleave(n, 0)  # B·n inputs, the RS batch's shape
-    mask_bare = ctx.mask.repeat_interleave(n, 0)
+    mask_bare = ctx.acquisition.mask.repeat_interleave(n, 0)
 
     def bare_forward():
         with torch.no_grad():
@@ -118,7 +118,7 @@ def bench_size(model, size: int, args, device: torch.device) -> dict:
     def bare_forward_backward():  # what one gradient step costs the network: forward + input gradient
         for s in range(0, B, cs):
             v = ctx.clean_input[s : s + cs].clone().requires_grad_(True)
-            out = reconstruct(model, v, ctx.mask[s : s + cs])
+            out = reconstruct(model, v, ctx.acquisition.mask[s : s + cs])
             torch.autograd.grad(out.square().sum(), v)
 
     model.eval()
@@ -157,7 +157,7 @@ def bench_size(model, size: int, args, device: torch.device) -> dict:
             for k, s in enumerate(range(0, B * n, cs)):
                 i = idx[s : s + cs]
                 y = ctx.target[i] + rendered[k][0]
-                ctx.stats.index(i).apply(CartesianUndersampling(ctx.mask[i])(y))
+                ctx.stats.index(i).apply(CartesianUndersampling(ctx.acquisition.mask[i])(y))
 
     class _Echo(torch.nn.Module):  # a free "network": what remains is physics + scoring
         def forward(self, x):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blindspot.attacks.features import FeatureSampler
-from blindspot.attacks.fnaf import FnafObjective, attack_masks
+from blindspot.attacks.fnaf import FnafObjective, as_truths, attack_acquisition
 from blindspot.attacks.search import RandomSearch
 from blindspot.data.sample import KspaceTransform, collate_mri
 from blindspot.errors import BlindspotError
@@ -107,8 +107,8 @@ def test_zero_model_has_zero_recovery_and_the_loss_is_the_truth_energy_on_T():
     assert torch.allclose(ev.recovery, torch.zeros(3), atol=1e-6)
     # without any feature the zero model's error on T is the clean truth's energy there
     assert torch.allclose(ev.baseline_loss, (T * ctx.stats.apply(ctx.target)).square().mean((1, 2, 3)), rtol=1e-5)
-    x_pert = CartesianUndersampling(ctx.mask)(y_pert)
-    x0 = CartesianUndersampling(ctx.mask)(ctx.target)
+    x_pert = CartesianUndersampling(ctx.acquisition.mask)(y_pert)
+    x0 = CartesianUndersampling(ctx.acquisition.mask)(ctx.target)
     _, stats0 = normalize(x0)
     ip = (stats0.apply(x_pert) - stats0.apply(x0)).square().mean((1, 2, 3))
     assert torch.allclose(ev.ip_loss, ip, rtol=1e-5)
@@ -128,7 +128,7 @@ def test_a_feature_in_the_masks_null_space_fails_ip():
     batch = make_batch(phantoms(2), mask_func)
     obj = FnafObjective()
     ctx = obj.prepare(Identity(), batch, mask_func)
-    m = ctx.mask[0, 0, 0]
+    m = ctx.acquisition.mask[0, 0, 0]
     c = S // 2
     k = next(k for k in range(3, c) if m[c + k] == 0 and m[c - k] == 0)  # an unsampled ±k column pair
     rows = torch.arange(S, dtype=torch.float32).reshape(S, 1)
@@ -151,18 +151,20 @@ def test_a_feature_in_the_masks_null_space_fails_ip():
 def test_masks_are_drawn_for_the_truths_width_and_seeded_by_file_name():
     mf = create_mask_func("random", [8])
     batch = make_batch(phantoms(3), mf)
-    masks, acc = attack_masks(batch, mf)
+    truths = as_truths(batch)
+    acq = attack_acquisition(truths, mf)
+    masks, acc = acq.mask, acq.accelerations
     assert masks.shape == (3, 1, 1, S)
     for i, f in enumerate(batch.fname):
         assert torch.equal(masks[i].reshape(-1), mf(S, seed=f).mask.reshape(-1))
     assert torch.equal(acc, torch.full((3,), 8.0))
     # None → the batch's own masks; an explicit mask broadcasts over the batch
-    own, _ = attack_masks(batch, None)
+    own = attack_acquisition(truths, None).mask
     assert torch.equal(own.reshape(3, S), batch.mask.reshape(3, S))
-    one, acc1 = attack_masks(batch, torch.ones(S))
-    assert one.shape == (3, 1, 1, S) and torch.allclose(acc1, torch.ones(3))
+    one = attack_acquisition(truths, torch.ones(S))
+    assert one.mask.shape == (3, 1, 1, S) and torch.allclose(one.accelerations, torch.ones(3))
     with pytest.raises(BlindspotError):
-        attack_masks(batch, torch.ones(S + 2))
+        attack_acquisition(truths, torch.ones(S + 2))
 
 
 def test_models_that_need_the_mask_receive_it():

@@ -43,7 +43,7 @@ def test_writes_records_summary_tables_and_figures(image_dir, tmp_path, capsys):
     assert {(r["search"], r["acceleration"]) for r in rows} == {("rs", 4.0), ("rs", 8.0), ("fd", 4.0), ("fd", 8.0)}
     assert all(r["model"] == "zero-filled" and r["queries"] == (5 if r["search"] == "rs" else 12) for r in rows)
     csv_lines = (out / "records.csv").read_text().splitlines()
-    assert len(csv_lines) == 21 and csv_lines[0].startswith("key,fname,slice,acceleration,model,search")
+    assert len(csv_lines) == 21 and csv_lines[0].startswith("key,fname,slice,modality,acceleration,model,search")
     summary = json.loads((out / "summary.json").read_text())
     sm = summary["results"]["4x"]["rs"]
     assert sm["n"] == 5 and 0 <= sm["ci_low"] <= sm["attack_rate"] <= sm["ci_high"] <= 1

@@ -3,8 +3,10 @@
 import pytest
 import torch
 
+from blindspot.errors import BlindspotError
+
 from blindspot.models.irim import PRESETS, IRIM, DataConsistencyUpdate, HouseholderMixing, MixedCoupling
-from blindspot.models.protocol import reconstruct, uses_mask
+from blindspot.models.adapters import network_convention, reconstruct
 from blindspot.models.registry import build_model
 
 TINY = dict(n_steps=2, n_latent=6, hidden_channels=[6, 6], dilations=[1, 2], head_channels=6)
@@ -101,13 +103,13 @@ def test_activation_memory_is_constant_in_steps():
 def test_untrained_model_returns_the_input_and_contract():
     torch.manual_seed(3)
     model = build_model("irim", **TINY)
-    assert uses_mask(model)
+    assert network_convention(model) == "image+mask"
     x = torch.randn(3, 1, 20, 20)
     with torch.no_grad():
         out = reconstruct(model, x, _mask(3, 24))
     # zero-initialised head and near-identity couplings: an untrained I-RIM stays close to the zero-filled input
     assert out.shape == x.shape and (out - x).abs().max() < 0.1 * x.abs().max()
-    with pytest.raises(ValueError, match="mask"):
+    with pytest.raises(BlindspotError, match="mask"):
         reconstruct(model, x)
 
 

@@ -25,7 +25,7 @@ from blindspot.attacks.search import (
     build_search,
 )
 from blindspot.errors import BlindspotError
-from blindspot.models.protocol import reconstruct
+from blindspot.models.adapters import reconstruct
 from blindspot.models.unet import Unet
 from blindspot.physics.mri import create_mask_func
 from test_fnaf import Blur, Identity, make_batch, phantoms

@@ -644,7 +644,7 @@ def _figures(out: Path, audited, rows, batches, mask_funcs, objective, config) -
                 continue
             tag = f"{_safe(m.name)}_{first_search}_{acc:g}x"
             thr = float(g[0]["loss_threshold"])
-            p = loss_vs_ip_scatter(g, figs / f"loss_vs_ip_{tag}.png", thr, objective.ip_threshold,
+            p = loss_vs_ip_scatter(g, figs / f"loss_vs_ip_{tag}.png", thr, float(g[0]["ip_threshold"]),
                                    title=f"{m.name} {first_search.upper()} {acc:g}×")
             made.append(("scatter", f"{m.name}, {first_search.upper()} {acc:g}×: attack loss vs IP loss", p))
             p = location_heatmap(g, shape, figs / f"locations_{tag}.png", region_box=box,

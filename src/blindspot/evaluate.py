@@ -25,7 +25,7 @@ from blindspot.errors import BlindspotError, PathLike
 from blindspot.fileio import append_jsonl, atomic_write_text, read_jsonl, write_csv, write_json
 from blindspot.metrics import VolumeMetrics
 from blindspot.models.checkpoint import load_checkpoint
-from blindspot.models.protocol import reconstruct
+from blindspot.models.adapters import reconstruct
 from blindspot.models.registry import build_model
 from blindspot.physics.mri import MaskFunc, create_mask_func
 

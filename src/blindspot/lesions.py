@@ -55,7 +55,7 @@ from blindspot.errors import BlindspotError, PathLike
 from blindspot.evaluate import ZERO_FILLED, EvalModel, load_eval_models
 from blindspot.fileio import atomic_write_bytes, atomic_write_text, write_csv, write_json
 from blindspot.metrics import ssim_map
-from blindspot.models.protocol import reconstruct
+from blindspot.models.adapters import reconstruct
 from blindspot.physics.mri import create_mask_func
 
 SCORES = ("ssim_box", "nmse_box", "psnr_box", "ssim_region", "nmse_region", "psnr_region",

@@ -1,32 +1,38 @@
-"""The FNAF objective: perturbed truth → physics → normalisation → model → attack loss, recovery and IP.
+"""The FNAF objective: perturbed truth → acquisition → normalisation → network → attack loss, recovery and IP.
 
 Notation (DESIGN.md §1.2): ``y`` the truth ``(B, 1, h, w)``, ``δ'`` a feature, ``y' = y + δ'``, ``A`` the
-under-sampling (:class:`~blindspot.physics.mri.CartesianUndersampling`, mask drawn for the truth's width and seeded by
-the file name), ``N`` the normalisation with the statistics of the *clean* zero-filled input ``A(y)``, ``f`` the model
-(called only through :func:`blindspot.models.protocol.reconstruct`), ``T`` the neighbourhood of the feature.
+acquisition (:class:`~blindspot.physics.acquisition.Acquisition`: MRI under-sampling with masks seeded by the file
+name, or low-dose CT), ``N`` the normalisation with the statistics of the *clean* input ``A(y)``, ``f`` the network
+(called through its adapter, :class:`~blindspot.models.adapters.Network`: image, image + mask or k-space), ``T`` the
+neighbourhood of the feature.
 
 * attack loss ``L_atk = mean_pixels((T ⊙ (f(N(x')) − N(y')))²)`` (whole-image mean, as the seed); lost when ≥ 1e-3.
 * recovery ``1 − ‖T ⊙ (f(N(x')) − f(N(A(y))) − δ'/σ)‖² / ‖T ⊙ δ'/σ‖²``; lost when < 0.5.
-* IP loss ``mean_pixels((N(x') − N(A(y)))²)``; the feature is in the measurements (accepted) when > 1e-4.
+* IP: the acquisition's information statistic (MRI: the seed's ``mean_pixels((N(x') − N(A(y)))²)`` > 1e-4; CT: the
+  feature's detectability ``d'`` in the low-dose input ≥ 5, see :mod:`blindspot.physics.acquisition`).
 
 Everything is batched over candidates: ``evaluate`` takes any number of features for any images of the batch and runs
-them through physics, model and scoring as one tensor batch on the model's device.
+them through acquisition, network and scoring as one tensor batch on the network's device.
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, replace
-from typing import Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from blindspot.attacks.features import Region, neighbourhood, string_key
+from blindspot.data.ldct import CTBatch
 from blindspot.data.sample import MRIBatch
 from blindspot.errors import BlindspotError
-from blindspot.models.protocol import reconstruct
-from blindspot.physics.mri import CartesianUndersampling, MaskFunc, NormStats, normalize, resample_mask, zero_filled
+from blindspot.models.adapters import Network, as_network, eval_mode, model_device
+from blindspot.physics.acquisition import Acquisition, CartesianMRI, LowDoseCTScan, Measurement
+from blindspot.physics.mri import CartesianUndersampling, MaskFunc, NormStats, resample_mask
+
+__all__ = ["CRITERIA", "CRITERION_TEXT", "AttackContext", "Evaluation", "FnafObjective", "Truths", "as_truths",
+           "attack_acquisition", "eval_mode", "model_device", "subset_batch"]
 
 CRITERIA: tuple[str, ...] = ("seed", "recovery")
 #: What each FNAF criterion calls a lost feature (report and terminal headings).
@@ -35,73 +41,91 @@ CRITERION_TEXT = {
     "recovery": "lost when the reconstruction keeps less than half of the feature's energy",
 }
 
-
-def model_device(model: nn.Module, default: torch.device | str = "cpu") -> torch.device:
-    """The device of the model's first parameter or buffer (``default`` for a parameter-free model)."""
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device(default)
+#: What an attack accepts as its acquisition: an :class:`Acquisition`, or for MRI a mask function (drawn per image,
+#: seeded by file name), an operator or mask tensor, or ``None`` for an MRI batch's own masks.
+Physics = "Acquisition | MaskFunc | CartesianUndersampling | Tensor | None"
 
 
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the model in eval mode (dropout, batch-norm statistics fixed), restoring its mode afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
+@dataclass
+class Truths:
+    """The images an attack perturbs, with their identities.
+
+    Attributes:
+        image: truths ``(B, 1, H, W)`` in the data's units (MRI magnitude; CT full-dose HU).
+        fname, slice_num: per-image identity (volume or patient, slice); ``keys`` are ``"fname:slice"``.
+        observed: CT only: the scanner's low-dose images ``(B, 1, H, W)`` HU of a real pair (``None``: simulate).
+        mask, acceleration: MRI only: the batch's own column masks ``(B, 1, 1, W)`` and accelerations ``(B,)``.
+    """
+
+    image: Tensor
+    fname: list[str]
+    slice_num: list[int]
+    observed: Tensor | None = None
+    mask: Tensor | None = None
+    acceleration: Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.image.shape[0])
+
+    @property
+    def keys(self) -> list[str]:
+        return [f"{f}:{s}" for f, s in zip(self.fname, self.slice_num)]
+
+    def subset(self, idx: Sequence[int]) -> "Truths":
+        i = torch.as_tensor(list(idx), dtype=torch.long)
+        pick = lambda t: None if t is None else t[i.to(t.device)]  # noqa: E731
+        il = i.tolist()
+        return Truths(pick(self.image), [self.fname[k] for k in il], [self.slice_num[k] for k in il],
+                      pick(self.observed), pick(self.mask), pick(self.acceleration))
 
 
-def attack_masks(batch: MRIBatch, physics: MaskFunc | CartesianUndersampling | Tensor | None) -> tuple[Tensor, Tensor]:
-    """The column masks of the attack's acquisition for the truth's width ``w``.
+def as_truths(batch: "Truths | MRIBatch | CTBatch | Tensor") -> Truths:
+    """Any batch an attack accepts as :class:`Truths`: an MRI batch (its ``target``), a CT batch (``full`` with its
+    ``low`` as the observed input), or a bare tensor ``(B, 1, H, W)`` (images named ``image-0``, …)."""
+    if isinstance(batch, Truths):
+        return batch
+    if isinstance(batch, MRIBatch):
+        return Truths(batch.target, list(batch.fname), [int(s) for s in batch.slice_num], None, batch.mask,
+                      batch.acceleration)
+    if isinstance(batch, CTBatch):
+        return Truths(batch.full, list(batch.patient), [int(i) for i in batch.index], batch.low)
+    if isinstance(batch, Tensor):
+        return Truths(batch, [f"image-{i}" for i in range(batch.shape[0])], [0] * batch.shape[0])
+    raise BlindspotError(None, f"cannot attack a {type(batch).__name__}; give Truths, an MRI or CT batch or a tensor")
+
+
+def subset_batch(batch: "Truths | MRIBatch | CTBatch | Tensor", idx: Sequence[int]) -> Truths:
+    """The images ``idx`` of a batch."""
+    return as_truths(batch).subset(idx)
+
+
+def attack_acquisition(truths: Truths, physics: Any) -> Acquisition:
+    """The attack's acquisition for these truths (on their device), one set of parameters per image.
 
     Args:
-        batch: the images; only ``target`` ``(B, 1, h, w)``, ``fname`` and ``mask`` are used.
-        physics: a mask function (drawn per image with ``mask_func(w, seed=fname)``, as fastMRI seeds by volume), an
-            operator or a mask tensor (``(w,)``, ``(1, w)`` or ``(B, 1, 1, w)``), or ``None`` for the batch's own masks
-            mapped onto ``w`` columns (:func:`~blindspot.physics.mri.resample_mask`).
-    Returns:
-        ``(masks, accelerations)``: float32 ``(B, 1, 1, w)`` on the target's device and float32 ``(B,)``.
+        truths: the images (``image`` ``(B, 1, h, w)``).
+        physics: an :class:`Acquisition` (used as it is; a one-mask MRI acquisition serves every image), a mask
+            function (drawn per image with ``mask_func(w, seed=fname)``, as fastMRI seeds by volume), an operator or
+            mask tensor (``(w,)``, ``(1, w)`` or ``(B, 1, 1, w)``), or ``None`` for the batch's own masks mapped onto
+            ``w`` columns (:func:`~blindspot.physics.mri.resample_mask`).
     """
-    B, _, _, w = batch.target.shape
-    dev = batch.target.device
+    B, _, _, w = truths.image.shape
+    dev = truths.image.device
+    if isinstance(physics, Acquisition):
+        acq = physics.to(dev)
+        return acq.select(torch.arange(B)) if isinstance(acq, CartesianMRI) and len(acq) == 1 else acq
     if isinstance(physics, MaskFunc):
-        drawn = [physics(w, seed=f) for f in batch.fname]  # host work once per image, never per candidate
-        masks = torch.stack([d.mask.reshape(1, 1, w) for d in drawn]).to(dev)
-        acc = torch.tensor([d.acceleration for d in drawn], dtype=torch.float32)
-        return masks, acc
+        return CartesianMRI.from_mask_func(physics, w, truths.fname).to(dev)
     if physics is None:
-        m = resample_mask(batch.mask.to(dev).to(torch.float32), w).reshape(B, 1, 1, w)
-        return m, batch.acceleration.detach().cpu().to(torch.float32)
+        if truths.mask is None:
+            raise BlindspotError(None, "no acquisition given and the batch carries no sampling masks")
+        m = resample_mask(truths.mask.to(dev).to(torch.float32), w).reshape(B, 1, 1, w)
+        return CartesianMRI(m, accelerations=truths.acceleration.detach().cpu().to(torch.float32))
     m = physics.mask if isinstance(physics, CartesianUndersampling) else torch.as_tensor(physics)
     m = m.to(device=dev, dtype=torch.float32)
     if m.shape[-1] != w:
         raise BlindspotError(None, f"the attack's mask has {m.shape[-1]} columns but the truth is {w} wide")
-    m = m.reshape(-1, 1, 1, w).expand(B, 1, 1, w).contiguous()
-    acc = w / m.flatten(1).sum(1).clamp_min(1.0)
-    return m, acc.detach().cpu()
-
-
-def subset_batch(batch: MRIBatch, idx: Sequence[int]) -> MRIBatch:
-    """The images ``idx`` of a batch (every field indexed alike)."""
-    i = torch.as_tensor(list(idx), dtype=torch.long)
-    il = i.tolist()
-    dev = batch.target.device
-    di = i.to(dev)
-    return MRIBatch(
-        input=batch.input[di],
-        target=batch.target[di],
-        mask=batch.mask[i.to(batch.mask.device)],
-        stats=batch.stats.index(i.to(batch.stats.mean.device)),
-        fname=[batch.fname[k] for k in il],
-        slice_num=[batch.slice_num[k] for k in il],
-        max_value=batch.max_value[i.to(batch.max_value.device)],
-        acceleration=batch.acceleration[i.to(batch.acceleration.device)],
-    )
+    return CartesianMRI(m.reshape(-1, 1, 1, w).expand(B, 1, 1, w).contiguous())
 
 
 @dataclass
@@ -109,9 +133,10 @@ class AttackContext:
     """Everything about a batch of images that every candidate reuses (computed once per batch).
 
     Attributes:
-        target: truths ``y`` ``(B, 1, h, w)`` on the model's device.
-        mask: column masks ``(B, 1, 1, w)`` (also passed to models that need them).
-        stats: normalisation statistics of the clean input ``A(y)``, ``(B, 1, 1, 1)`` each.
+        target: truths ``y`` ``(B, 1, h, w)`` on the network's device.
+        acquisition: the acquisition, one set of parameters per image (MRI masks).
+        measurement: the clean measurement ``A(y)`` (CT: with its noise realisation, shared by every candidate).
+        stats: normalisation statistics of the clean input, ``(B, 1, 1, 1)`` each.
         clean_input: ``N(A(y))`` ``(B, 1, h, w)``.
         clean_output: ``f(N(A(y)))`` ``(B, 1, h, w)``, or ``None`` when the recovery criterion is off or until the
             first :meth:`FnafObjective.evaluate` of the batch computes it (``needs_reference``).
@@ -119,13 +144,14 @@ class AttackContext:
         region: allowed feature centres, bool ``(B, h, w)``.
         image_keys: int64 ``(B,)`` 32-bit keys of (run seed, image, acceleration) for counter-based sampling.
         keys, fname, slice_num: identities (host lists).
-        acceleration: float32 ``(B,)`` (host).
+        acceleration: float32 ``(B,)`` (host): MRI acceleration, CT dose-reduction factor ``1/dose``.
         reference_queries: model queries spent on ``clean_output`` per image (0 or 1).
         needs_reference: ``clean_output`` is still to be computed, inside the next model call.
     """
 
     target: Tensor
-    mask: Tensor
+    acquisition: Acquisition
+    measurement: Measurement
     stats: NormStats
     clean_input: Tensor
     clean_output: Tensor | None
@@ -158,7 +184,8 @@ class AttackContext:
         return replace(
             self,
             target=self.target[di],
-            mask=self.mask[di],
+            acquisition=self.acquisition.select(di),
+            measurement=self.measurement.select(di),
             stats=self.stats.index(di),
             clean_input=self.clean_input[di],
             clean_output=None if self.clean_output is None else self.clean_output[di],
@@ -249,7 +276,8 @@ class FnafObjective:
             scaled by ``threshold_pixels / (h·w)`` so that a feature counts as lost at every size exactly when it
             would at 320×320 (at 320×320 it is the seed's criterion unchanged). ``None``: ``loss_threshold`` as is.
         recovery_threshold: 0.5 on the kept energy fraction.
-        ip_threshold: the seed's ε = 1e-4 on the IP loss.
+        ip_threshold: the IP threshold; ``None`` takes the acquisition's (MRI: the seed's ε = 1e-4 on the IP
+            loss; CT: detectability ``d' ≥ 5``).
         reference: compute ``f(N(A(y)))`` (one extra model query per image) for the recovery criterion; forced on when
             ``criterion="recovery"``. Without it ``recovery`` is NaN and ``lost_recovery`` false.
         clamp: the normalisation's clamp (fastMRI: 6); ``None`` for none.
@@ -263,7 +291,7 @@ class FnafObjective:
     loss_threshold: float = 1e-3
     threshold_pixels: int | None = 320 * 320
     recovery_threshold: float = 0.5
-    ip_threshold: float = 1e-4
+    ip_threshold: float | None = None
     reference: bool = True
     clamp: float | None = 6.0
     fuse_reference: bool = True
@@ -287,69 +315,94 @@ class FnafObjective:
     # ------------------------------------------------------------------------------------------------------------
     def prepare(
         self,
-        model: nn.Module,
-        batch: MRIBatch,
-        physics: MaskFunc | CartesianUndersampling | Tensor | None = None,
+        model: "nn.Module | Network",
+        batch: "Truths | MRIBatch | CTBatch | Tensor",
+        physics: Any = None,
         region: Region = Region(),
         seed: int = 0,
     ) -> AttackContext:
-        """Move a batch to the model's device and compute what all its candidates share.
+        """Move a batch to the network's device and compute what all its candidates share.
 
         Args:
-            model: any reconstruction ``nn.Module`` (called through ``reconstruct``).
-            batch: the images; ``target`` ``(B, 1, h, w)`` is the truth ``y``.
-            physics: how the attack acquires ``y'`` (see :func:`attack_masks`).
+            model: any network (an ``nn.Module``, adapted by :func:`~blindspot.models.adapters.as_network`, or a
+                :class:`~blindspot.models.adapters.Network`).
+            batch: the truths (:func:`as_truths`).
+            physics: the acquisition (see :func:`attack_acquisition`).
             region: where features may be centred.
-            seed: the run's seed; with the image identity and acceleration it keys every random draw.
+            seed: the run's seed; with the image identity and acceleration it keys every random draw (the CT noise
+                of a simulated low-dose input too).
         """
-        device = model_device(model, batch.target.device)
-        y = batch.target.to(device=device, dtype=torch.float32)
+        net = as_network(model)
+        truths = as_truths(batch)
+        device = model_device(net.module, truths.image.device)
+        y = truths.image.to(device=device, dtype=torch.float32)
         if y.ndim != 4 or y.shape[1] != 1:
             raise BlindspotError(None, f"the FNAF attack needs truths of shape (B, 1, h, w), got {tuple(y.shape)}")
         if not torch.isfinite(y).all():
-            bad = [k for k, ok in zip(batch.keys, torch.isfinite(y).flatten(1).all(1).tolist()) if not ok]
+            bad = [k for k, ok in zip(truths.keys, torch.isfinite(y).flatten(1).all(1).tolist()) if not ok]
             raise BlindspotError(bad[0] if bad else None, "ground truth contains NaN or Inf")
-        mask, acc = attack_masks(replace(batch, target=y), physics)
-        x0 = zero_filled(y, mask)  # the same operator as the candidates', so δ' = 0 gives an IP loss of exactly 0
-        nx0, stats = normalize(x0, clamp=self.clamp)
+        truths = replace(truths, image=y)
+        acq = attack_acquisition(truths, physics)
+        net.check(acq)
+        keys = truths.keys
+        acc = acq.accelerations.expand(len(keys)) if len(acq.accelerations) == 1 else acq.accelerations
+        image_keys_host = [string_key(seed, k, f"{float(a):g}") for k, a in zip(keys, acc.tolist())]
+        meas = self._measure(acq, truths, image_keys_host)
+        stats = acq.normalization(meas)
+        nx0 = stats.apply(meas.image)
         flat = y.flatten(1)
         dyn = flat.amax(1) - flat.amin(1)
-        keys = list(batch.keys)
-        image_keys = torch.tensor(
-            [string_key(seed, k, f"{float(a):g}") for k, a in zip(keys, acc.tolist())], dtype=torch.int64
-        ).to(device)
         clean_out = None
         if self.uses_reference and not self.fuse_reference:
             with torch.no_grad():
-                clean_out = reconstruct(model, nx0, mask).detach()
+                clean_out = net(acq, meas, nx0, stats).detach()
         return AttackContext(
             target=y,
-            mask=mask,
+            acquisition=acq,
+            measurement=meas,
             stats=stats,
             clean_input=nx0,
             clean_output=clean_out,
             dynamic_range=dyn,
             region=region.masks(y),
-            image_keys=image_keys,
+            image_keys=torch.tensor(image_keys_host, dtype=torch.int64).to(device),
             keys=keys,
-            fname=list(batch.fname),
-            slice_num=[int(s) for s in batch.slice_num],
-            acceleration=acc,
+            fname=list(truths.fname),
+            slice_num=[int(s) for s in truths.slice_num],
+            acceleration=acc.detach().cpu().to(torch.float32),
             reference_queries=1 if self.uses_reference else 0,
             needs_reference=self.uses_reference and self.fuse_reference,
         )
 
+    @staticmethod
+    def _measure(acq: Acquisition, truths: Truths, image_keys: list[int]) -> Measurement:
+        """The clean measurement: a real pair's observed low dose, a per-image seeded CT simulation (the same noise
+        whatever the batch), or the MRI under-sampling."""
+        if isinstance(acq, LowDoseCTScan):
+            if truths.observed is not None:
+                return acq.observed(truths.image, truths.observed.to(truths.image))
+            parts = []
+            for i, key in enumerate(image_keys):
+                g = torch.Generator(device=truths.image.device).manual_seed(int(key))
+                parts.append(acq.measure(truths.image[i : i + 1], g))
+            return Measurement.cat(parts)
+        return acq.measure(truths.image)
+
+    def ip_cut(self, acquisition: Acquisition) -> float:
+        """The IP threshold in force: the objective's, else the acquisition's (MRI 1e-4, CT d' ≥ 5)."""
+        return float(acquisition.ip_threshold if self.ip_threshold is None else self.ip_threshold)
+
     # ------------------------------------------------------------------------------------------------------------
     def evaluate(
         self,
-        model: nn.Module,
+        model: "nn.Module | Network",
         ctx: AttackContext,
         image_idx: Tensor,
         feature: Tensor,
         support: Tensor,
         return_images: bool = False,
     ) -> Evaluation:
-        """Score ``C`` candidates in one batch: physics → normalisation → model → losses.
+        """Score ``C`` candidates in one batch: acquisition → normalisation → network → losses.
 
         Args:
             model: the network.
@@ -359,32 +412,35 @@ class FnafObjective:
             support: bool ``(C, 1, h, w)`` — ``S``; ``T`` is its dilation.
             return_images: also return the normalised input, truth, output and ``T``.
         Differentiable with respect to ``feature`` when grad mode is on. The first call on a context that still
-        ``needs_reference`` also reconstructs the clean inputs, in the same model call, and stores them in ``ctx``.
+        ``needs_reference`` also reconstructs the clean inputs, in the same network call, and stores them in ``ctx``.
         """
+        net = as_network(model)
         idx = image_idx.to(ctx.device)
         y = ctx.target.index_select(0, idx)
-        mask = ctx.mask.index_select(0, idx)
+        acq = ctx.acquisition.select(idx)
+        meas = ctx.measurement.select(idx)
         stats = ctx.stats.index(idx)
-        y_pert = y + feature
-        x_pert = zero_filled(y_pert, mask)  # = CartesianUndersampling(mask)(y_pert), faster
-        nx = stats.apply(x_pert)
-        ny = stats.apply(y_pert)
+        meas_p = acq.perturb(meas, feature)
+        nx = stats.apply(meas_p.image)
+        ny = acq.target(y + feature, stats)
         if ctx.needs_reference and ctx.clean_output is None:
             B = len(ctx)
-            both = reconstruct(model, torch.cat([ctx.clean_input, nx]), torch.cat([ctx.mask, mask]))
+            all_idx = torch.cat([torch.arange(B, device=ctx.device), idx])
+            both = net(ctx.acquisition.select(all_idx), Measurement.cat([ctx.measurement, meas_p]),
+                       torch.cat([ctx.clean_input, nx]), ctx.stats.index(all_idx))
             ctx.clean_output = both[:B].detach()
             ctx.needs_reference = False
             out = both[B:]
         else:
-            out = reconstruct(model, nx, mask)
-        T = neighbourhood(support, self.dilation)
+            out = net(acq, meas_p, nx, stats)
+        T = acq.crop_image(neighbourhood(support, self.dilation))
         dims = (1, 2, 3)
         attack_loss = (T * (out - ny)).square().mean(dims)
-        ip_loss = (nx - ctx.clean_input.index_select(0, idx)).square().mean(dims)
+        ip_loss = acq.information(meas, meas_p, stats)
         if ctx.clean_output is not None:
             clean_out = ctx.clean_output.index_select(0, idx)
-            baseline_loss = (T * (clean_out - stats.apply(y))).square().mean(dims).detach()  # N(y) is clamped
-            nd = stats.scale(feature)
+            baseline_loss = (T * (clean_out - acq.target(y, stats))).square().mean(dims).detach()  # N(y) is clamped
+            nd = stats.scale(acq.crop_image(feature))
             den = (T * nd).square().sum(dims)
             num = (T * (out - clean_out - nd)).square().sum(dims)
             recovery = torch.where(den > 0, 1.0 - num / den.clamp_min(1e-30), torch.ones_like(den))
@@ -402,8 +458,8 @@ class FnafObjective:
             baseline_loss=baseline_loss,
             recovery=recovery,
             ip_loss=ip_loss,
-            accepted=ip_loss.detach() > self.ip_threshold,
-            lost_seed=attack_loss.detach() >= self.effective_loss_threshold(tuple(feature.shape[-2:])),
+            accepted=ip_loss.detach() > self.ip_cut(acq),
+            lost_seed=attack_loss.detach() >= self.effective_loss_threshold(tuple(T.shape[-2:])),
             lost_recovery=lost_recovery,
             score=score,
             images=images,

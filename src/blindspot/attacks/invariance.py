@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from blindspot.attacks.distances import Distance
 from blindspot.errors import BlindspotError
-from blindspot.models.protocol import reconstruct
+from blindspot.models.adapters import reconstruct
 from blindspot.physics.mri import CartesianUndersampling, NormStats, fft2c, ifft2c, normalize, resample_mask
 
 
@@ -70,7 +70,7 @@ class MRITarget(nn.Module):
     statistics of the *perturbed* zero-filled image, and the output is mapped back through them.
 
     Args:
-        model: the reconstruction network (called through :func:`blindspot.models.protocol.reconstruct`).
+        model: the reconstruction network (called through :func:`blindspot.models.adapters.reconstruct`).
         truth: true magnitude images ``(B, 1, h, w)`` in the data's units.
         mask: column masks ``(B, 1, 1, W)``, ``(1, W)`` or ``(W,)``; resampled to ``w`` columns by spatial
             frequency when ``W ≠ w`` (k-space is simulated from the truth as ``F(y)``, as the FNAF attack does).

@@ -33,9 +33,9 @@ FEATURES_VERSION = 1
 
 #: Columns of ``records.csv``, in order.
 RECORD_COLUMNS: tuple[str, ...] = (
-    "key", "fname", "slice", "acceleration", "model", "search", "family", "criterion",
+    "key", "fname", "slice", "modality", "acceleration", "model", "search", "family", "criterion",
     "row", "col", "size0", "size1", "angle", "intensity", "shape_seed", "pixels", "feature_max",
-    "attack_loss", "baseline_loss", "loss_threshold", "recovery", "ip_loss", "accepted", "success_seed", "success_recovery", "success",
+    "attack_loss", "baseline_loss", "loss_threshold", "recovery", "ip_loss", "ip_threshold", "accepted", "success_seed", "success_recovery", "success",
     "queries", "gradients",
 )  # fmt: skip
 
@@ -68,6 +68,8 @@ class FnafResult:
         queries: int64 ``(B,)`` model forward passes spent on the image (including the clean reference).
         gradients: int64 ``(B,)`` backward passes spent on the image.
         loss_threshold: the ``L_atk`` threshold the seed criterion used at this image size.
+        ip_threshold: the IP threshold in force (the acquisition's unless the objective set one).
+        modality: the acquisition's modality (``mri`` / ``ct``); for CT, ``acceleration`` is ``1/dose``.
     """
 
     search: str
@@ -83,6 +85,8 @@ class FnafResult:
     queries: Tensor
     gradients: Tensor
     loss_threshold: float = float("nan")
+    ip_threshold: float = float("nan")
+    modality: str = "mri"
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -108,6 +112,8 @@ class FnafResult:
             self.queries.cpu(),
             self.gradients.cpu(),
             self.loss_threshold,
+            self.ip_threshold,
+            self.modality,
         )
 
     def rows(self, model: str = "") -> list[dict[str, Any]]:
@@ -149,6 +155,8 @@ class FnafResult:
                 "pixels": int(pixels[i]),
                 "feature_max": float(fmax[i]),
                 "loss_threshold": float(r.loss_threshold),
+                "ip_threshold": float(r.ip_threshold),
+                "modality": r.modality,
             }
             row.update({k: v[i] for k, v in cols.items()})
             out.append({c: row[c] for c in RECORD_COLUMNS})

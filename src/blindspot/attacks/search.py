@@ -21,11 +21,10 @@ import torch
 from torch import Tensor, nn
 
 from blindspot.attacks.features import Features, FeatureSampler, Region, candidate_keys
-from blindspot.attacks.fnaf import EVALUATION_FIELDS, AttackContext, Evaluation, FnafObjective, eval_mode
+from blindspot.attacks.fnaf import EVALUATION_FIELDS, AttackContext, Evaluation, FnafObjective, subset_batch
 from blindspot.attacks.records import FnafResult, SavedFeatures
-from blindspot.data.sample import MRIBatch
 from blindspot.errors import BlindspotError
-from blindspot.physics.mri import CartesianUndersampling, MaskFunc
+from blindspot.models.adapters import Network, as_network, eval_mode
 
 SEARCHES: tuple[str, ...] = ("rs", "fd", "grad")
 _BOOL_FIELDS = ("accepted", "lost_seed", "lost_recovery")
@@ -90,23 +89,21 @@ class Search:
         if self.chunk_size < 1:
             raise BlindspotError(None, f"chunk size must be >= 1, got {self.chunk_size}")
 
-    def __call__(
-        self,
-        model: nn.Module,
-        batch: MRIBatch,
-        physics: MaskFunc | CartesianUndersampling | Tensor | None = None,
-    ) -> FnafResult:
+    def __call__(self, model: "nn.Module | Network", batch, physics=None) -> FnafResult:
         """Attack every image of ``batch``.
 
         Args:
-            model: any MRI reconstruction ``nn.Module`` (run in eval mode; its mode is restored afterwards).
-            batch: the images (``target`` ``(B, 1, h, w)`` is the truth).
-            physics: a mask function (drawn per image for the truth's width, seeded by file name), an operator or mask,
-                or ``None`` for the batch's own masks.
+            model: any network, MRI or CT (an ``nn.Module`` in its declared convention, or a
+                :class:`~blindspot.models.adapters.Network`); run in eval mode, its mode restored afterwards.
+            batch: the truths (:func:`~blindspot.attacks.fnaf.as_truths`: an MRI or CT batch, or ``Truths``).
+            physics: the acquisition (:func:`~blindspot.attacks.fnaf.attack_acquisition`): an ``Acquisition``, or
+                for MRI a mask function (drawn per image, seeded by file name), an operator or mask, or ``None`` for
+                the batch's own masks.
         """
-        with eval_mode(model):
-            ctx = self.objective.prepare(model, batch, physics, self.region, self.seed)
-            return self.run(model, ctx)
+        net = as_network(model)
+        with eval_mode(net.module):
+            ctx = self.objective.prepare(net, batch, physics, self.region, self.seed)
+            return self.run(net, ctx)
 
     def run(self, model: nn.Module, ctx: AttackContext) -> FnafResult:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -153,6 +150,8 @@ class Search:
             queries=torch.full((B,), queries + ctx.reference_queries, dtype=torch.int64),
             gradients=torch.full((B,), gradients, dtype=torch.int64),
             loss_threshold=self.objective.effective_loss_threshold(ctx.shape),
+            ip_threshold=self.objective.ip_cut(ctx.acquisition),
+            modality=ctx.acquisition.modality,
         )
 
 
@@ -432,27 +431,28 @@ def build_search(name: str, **kwargs) -> Search:
 
 
 def example_images(
-    model: nn.Module,
-    batch: MRIBatch,
-    physics: MaskFunc | CartesianUndersampling | Tensor | None,
+    model: "nn.Module | Network",
+    batch,
+    physics,
     result: FnafResult,
     objective: FnafObjective,
     which: list[int],
+    seed: int = 0,
 ) -> list[dict]:
     """The images behind some records, for figures: re-runs the chosen features (one query each, plus the clean
     reference) and returns, per record, CPU tensors ``(h, w)`` ``input`` ``N(x')``, ``truth`` ``N(y')``, ``output``
-    ``f(N(x'))``, ``clean_output``, ``feature`` ``δ'/σ`` and ``T``, with the record's ``key`` and scores."""
-    from blindspot.attacks.fnaf import subset_batch
-
+    ``f(N(x'))``, ``clean_output``, ``feature`` ``δ'/σ`` and ``T``, with the record's ``key`` and scores; ``seed`` is
+    the run's (it keys a simulated CT input's noise)."""
     if not which:
         return []
+    net = as_network(model)
     pos = [batch.keys.index(result.keys[i]) for i in which]
     obj = replace(objective, reference=True)
-    with eval_mode(model), torch.no_grad():
-        ctx = obj.prepare(model, subset_batch(batch, pos), physics)
+    with eval_mode(net.module), torch.no_grad():
+        ctx = obj.prepare(net, subset_batch(batch, pos), physics, seed=seed)
         feat = result.feature[which].to(ctx.device)
         sup = result.support[which].to(ctx.device)
-        ev = obj.evaluate(model, ctx, torch.arange(len(which), device=ctx.device), feat, sup, return_images=True)
+        ev = obj.evaluate(net, ctx, torch.arange(len(which), device=ctx.device), feat, sup, return_images=True)
         scaled = ctx.stats.scale(feat)
     out = []
     for j, i in enumerate(which):

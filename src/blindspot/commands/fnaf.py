@@ -403,7 +403,7 @@ def _write_figures(out: Path, rows, args, objective) -> None:
         location_heatmap(v, shape, figs / f"locations_{tag}.png", region_box=box,
                          title=f"{m} {s.upper()} {acc:g}x: FNAF locations")
         thr = float(v[0].get("loss_threshold", objective.loss_threshold))
-        loss_vs_ip_scatter(v, figs / f"loss_vs_ip_{tag}.png", thr, objective.ip_threshold,
+        loss_vs_ip_scatter(v, figs / f"loss_vs_ip_{tag}.png", thr, float(v[0].get("ip_threshold", 1e-4)),
                            title=f"{m} {s.upper()} {acc:g}x")
         ordered = {k: examples[k] for k in ("failed", "successful") if k in examples}
         example_panels(ordered, figs / f"examples_{tag}.png", title=f"{m} {s.upper()} {acc:g}x")

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from blindspot.data.lesions import LesionBox, boxes_tensor, read_annotations, validate_annotations, volume_key
 from blindspot.data.sample import MRIBatch
 from blindspot.errors import BlindspotError, PathLike
-from blindspot.models.protocol import reconstruct
+from blindspot.models.adapters import reconstruct
 from blindspot.training.engine import StepContext
 
 WEIGHTED_LOSSES = ("l1", "mse")

@@ -30,7 +30,7 @@ from blindspot.data.sample import MRIBatch, collate_mri
 from blindspot.errors import BlindspotError, PathLike
 from blindspot.fileio import write_json
 from blindspot.metrics import VolumeMetrics, ssim
-from blindspot.models.protocol import reconstruct
+from blindspot.models.adapters import reconstruct
 from blindspot.physics.mri import Mask, MaskFunc, Seed
 from blindspot.training.distributed import DistContext
 from blindspot.training.engine import CheckpointInfo, FitResult, StepContext, TrainConfig, Trainer

@@ -35,11 +35,11 @@ import torch
 from torch import Tensor, nn
 
 from blindspot.attacks.features import CENTER_FRACTION, FAMILIES, FeatureSampler, Region, candidate_keys
-from blindspot.attacks.fnaf import AttackContext, FnafObjective, eval_mode, subset_batch
+from blindspot.attacks.fnaf import AttackContext, FnafObjective, subset_batch
 from blindspot.data.sample import MRIBatch
 from blindspot.errors import BlindspotError
-from blindspot.models.protocol import reconstruct, uses_mask
-from blindspot.physics.mri import resample_mask, zero_filled
+from blindspot.models.adapters import eval_mode, network_convention, reconstruct
+from blindspot.physics.mri import resample_mask
 
 ROBUST_SEARCHES: tuple[str, ...] = ("draw", "rs", "grad")
 
@@ -97,7 +97,7 @@ class RobustConfig:
 
 class _Fixed:
     """A stand-in "model" that returns outputs already computed (so the usual loss and the attack loss can reuse one
-    joint forward pass through :func:`~blindspot.models.protocol.reconstruct`)."""
+    joint forward pass through :func:`~blindspot.models.adapters.reconstruct`)."""
 
     def __init__(self, output: Tensor, uses_mask: bool) -> None:
         self.output, self.uses_mask = output, uses_mask
@@ -188,7 +188,7 @@ def fnaf_robust_loss(base_loss: Callable, config: RobustConfig, objective: FnafO
 
     Args:
         base_loss: ``(model, batch, ctx) -> loss`` or ``(loss, extras)``, calling the model through
-            :func:`~blindspot.models.protocol.reconstruct` once on ``batch.normalized()[0]``.
+            :func:`~blindspot.models.adapters.reconstruct` once on ``batch.normalized()[0]``.
         config: :class:`RobustConfig`.
         objective: the attack objective (default: the attack's, ``dilation`` from ``config``, no reference).
     Returns:
@@ -208,16 +208,16 @@ def fnaf_robust_loss(base_loss: Callable, config: RobustConfig, objective: FnafO
             return _split(base_loss(model, batch, ctx))
         # the perturbed inputs exactly as the attack builds them
         fctx = ex.ctx
-        mask_p = fctx.mask.index_select(0, ex.image_idx)
-        nx_p = fctx.stats.index(ex.image_idx).apply(zero_filled(fctx.target.index_select(0, ex.image_idx)
-                                                                + ex.feature, mask_p))
+        meas_p = fctx.acquisition.select(ex.image_idx).perturb(fctx.measurement.select(ex.image_idx), ex.feature)
+        nx_p = fctx.stats.index(ex.image_idx).apply(meas_p.image)
+        mask_p = meas_p.mask
         mask_c = batch.mask.to(x.device, torch.float32)
         if mask_c.shape[-1] != mask_p.shape[-1]:
             mask_c = resample_mask(mask_c, mask_p.shape[-1])
         mask_c = mask_c.reshape(len(batch), 1, 1, -1)
         out = reconstruct(model, torch.cat([x, nx_p]), torch.cat([mask_c, mask_p]))
         B = len(batch)
-        flag = uses_mask(model)
+        flag = network_convention(model) == "image+mask"
         base, extras = _split(base_loss(_Fixed(out[:B], flag), batch, ctx))
         ev = objective.evaluate(_Fixed(out[B:], flag), fctx, ex.image_idx, ex.feature, ex.support)
         atk = ev.attack_loss.mean()

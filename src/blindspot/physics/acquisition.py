@@ -1,0 +1,415 @@
+"""Acquisition objects: one interface from a true image to what a network is given, for every modality.
+
+An :class:`Acquisition` owns the physics of one set-up (masks and crop, coil sensitivities, dose and the low-dose
+simulation) and the network's input normalisation. Every attack is written against this interface and a network
+adapter (:mod:`blindspot.models.adapters`), so FNAF, invariances and the audit run on either modality:
+
+================  =================================================================================================
+``measure(y)``    truths ``(B, 1, H, W)`` → :class:`Measurement` (batched, differentiable in ``y``)
+``perturb(m, δ)`` the measurement of ``y + δ`` given that of ``y``: exact for MRI (k-space is linear in ``y``); for
+                  CT the noise realisation of ``y`` is kept and ``δ`` enters through the noise-free physics
+``network_input`` measurement → ``(x, stats)``: the normalised image a network sees and the statistics used
+``target``        truths in the network's units (same statistics), for losses and metrics
+``adjoint/pinv``  back to images, where the acquisition has them
+``null_space``    the part of an image the acquisition cannot see (MRI: ``F⁻¹(1 − M)F``), or ``None``
+``information``   the information-preservation statistic of a feature (the seed's IP loss for MRI, a detectability
+                  index for CT; see below) and ``ip_threshold``, the value above which the feature is in the input
+================  =================================================================================================
+
+Per-item parameters (one mask per image) follow the batch: :meth:`Acquisition.select` picks the items that a batch
+of attack candidates perturbs. Shapes are ``(B, C, H, W)``; complex data are ``complex64``.
+
+**MRI** (DESIGN.md §1.1): ``A(y) = |F⁻¹(M ⊙ F(S y))|`` (root-sum-of-squares over coils ``c`` with sensitivity maps
+``S_c``; single coil: ``S = 1``), cropped, normalised as fastMRI's U-Net with the statistics of the zero-filled input.
+The IP statistic is the seed's: the whole-image MSE between the normalised perturbed and clean inputs; a feature
+is in the measurements when it exceeds ε = 1e-4.
+
+**CT** (DESIGN.md §1.4): ``A(y) = FBP(−log(N / (I0·dose)))`` with ``N ~ Poisson(I0·dose·exp(−P μ(y)))``, HU in and
+out, normalised by the network's fixed HU affine map. The measurement keeps the noise realisation in the image
+domain, ``n = A(y) − FBP(P(y))``. A feature then enters as ``A(y + δ) = A(y) + FBP(P(δ))``: exact for the
+deterministic part (``μ`` is affine in HU and FBP∘P is linear; the clamp of ``μ`` at air only matters for a
+feature in air), approximate for the noise, which in reality changes slightly on the rays through the feature (a
+10-pixel, 100 HU feature changes those rays' counts, hence their noise variance, by about 1 %).
+
+*CT information preservation.* The low-dose input is noisy, so the question is not whether the feature changed the
+input (it always does) but whether it is still *detectable* above the noise there. The statistic is the
+matched-filter detectability index for a known signal in white noise,
+``d' = ‖A(y + δ) − A(y)‖₂ / σ_n = ‖FBP(P(δ))‖₂ / σ_n`` with ``σ_n`` the per-pixel standard deviation (HU) of the
+input's noise ``n``; the feature is in the input when ``d' ≥ 5`` (the Rose criterion, the classical threshold for
+a signal to be detected reliably against noise). FBP noise is not white (it is high-pass), so ``d'`` is a
+conservative-to-neutral summary; it is what a radiologist's "visible above the noise" means in one number.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from blindspot.errors import BlindspotError
+from blindspot.physics.ct import HUNormalization, LowDoseCT
+from blindspot.physics.mri import (MaskFunc, NormStats, center_crop, fft2c, ifft2c, normalize, resample_mask, rss)
+
+#: The Rose criterion: a known signal is reliably detectable in white noise when its SNR reaches 5.
+ROSE_DETECTABILITY = 5.0
+#: The seed's IP threshold on the MSE between normalised perturbed and clean zero-filled inputs.
+SEED_IP_THRESHOLD = 1e-4
+
+
+@dataclass
+class Measurement:
+    """What an acquisition produced from a batch of ``B`` truths.
+
+    Attributes:
+        image: the acquisition's image in the data's units, real ``(B, 1, h, w)``: the zero-filled magnitude
+            (MRI, RSS over coils, cropped) or the low-dose FBP image in HU (CT). Image-domain networks see its
+            normalisation.
+        coil_images: MRI only, complex ``(B, C, H, W)``: ``F⁻¹(M ⊙ F(S_c y))`` per coil, uncropped (the masked
+            k-space is ``fft2c(coil_images)``); ``None`` for CT.
+        mask: MRI only, the column masks ``(B, 1, 1, W)`` (0/1 float).
+        noise: CT only, the noise realisation in the image domain, HU ``(B, 1, H, W)``.
+    """
+
+    image: Tensor
+    coil_images: Tensor | None = None
+    mask: Tensor | None = None
+    noise: Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.image.shape[0])
+
+    @property
+    def kspace(self) -> Tensor:
+        """The masked k-space ``(B, C, H, W)`` complex (MRI)."""
+        if self.coil_images is None:
+            raise BlindspotError(None, "this acquisition has no k-space (it is not an MRI acquisition)")
+        return fft2c(self.coil_images)
+
+    def select(self, idx: Tensor) -> "Measurement":
+        """The measurements of items ``idx`` (int64 ``(n,)``, repeats allowed)."""
+        pick = lambda t: None if t is None else t.index_select(0, idx.to(t.device))  # noqa: E731
+        return Measurement(pick(self.image), pick(self.coil_images), pick(self.mask), pick(self.noise))
+
+    def detach(self) -> "Measurement":
+        f = lambda t: None if t is None else t.detach()  # noqa: E731
+        return Measurement(f(self.image), f(self.coil_images), f(self.mask), f(self.noise))
+
+    @staticmethod
+    def cat(items: Sequence["Measurement"]) -> "Measurement":
+        def c(name):
+            vals = [getattr(m, name) for m in items]
+            return None if vals[0] is None else torch.cat(vals)
+
+        return Measurement(c("image"), c("coil_images"), c("mask"), c("noise"))
+
+
+class Acquisition:
+    """The interface every attack uses (see the module docs). Subclasses: :class:`CartesianMRI`, :class:`LowDoseCTScan`.
+
+    Attributes:
+        modality: ``"mri"`` or ``"ct"``.
+        ip_threshold: the value of :meth:`information` above which a feature is in the network's input.
+        ip_text: how the IP statistic is defined, for reports.
+    """
+
+    modality: str = ""
+    ip_threshold: float = 0.0
+    ip_text: str = ""
+
+    def __len__(self) -> int:
+        """Number of items with their own parameters (1 when one set serves every item)."""
+        return 1
+
+    def measure(self, truth: Tensor, generator: torch.Generator | None = None) -> Measurement:
+        raise NotImplementedError
+
+    def perturb(self, measurement: Measurement, delta: Tensor) -> Measurement:
+        """The measurement of ``y + δ`` given that of ``y`` (``δ`` ``(B, 1, H, W)`` in the truth's units)."""
+        raise NotImplementedError
+
+    def normalization(self, measurement: Measurement) -> NormStats:
+        """The statistics that map this measurement's image to the network's units."""
+        raise NotImplementedError
+
+    def network_input(self, measurement: Measurement, stats: NormStats | None = None) -> tuple[Tensor, NormStats]:
+        """``(x, stats)``: the normalised image ``(B, 1, h, w)`` an image-domain network sees, and the statistics
+        (its own unless ``stats`` is given, e.g. a clean image's statistics for a perturbed one)."""
+        stats = self.normalization(measurement) if stats is None else stats
+        return stats.apply(measurement.image), stats
+
+    def target(self, truth: Tensor, stats: NormStats) -> Tensor:
+        """Truths ``(B, 1, h, w)`` in the network's units (cropped like the input)."""
+        return stats.apply(self.crop_image(truth))
+
+    def crop_image(self, image: Tensor) -> Tensor:
+        """An image of the truth's grid on the network's grid (identity unless the acquisition crops)."""
+        return image
+
+    def select(self, idx: Tensor) -> "Acquisition":
+        """The acquisition of items ``idx`` (int64 ``(n,)``)."""
+        return self
+
+    def to(self, device: torch.device | str) -> "Acquisition":
+        return self
+
+    def adjoint(self, measurement: Measurement) -> Tensor | None:
+        return None
+
+    def pinv(self, measurement: Measurement) -> Tensor:
+        """An image estimate from the measurements alone (MRI: zero-filled; CT: the FBP image)."""
+        return measurement.image
+
+    def null_space(self, image: Tensor) -> Tensor | None:
+        """The part of ``image`` the acquisition cannot see, or ``None`` when it has no null space."""
+        return None
+
+    def information(self, clean: Measurement, perturbed: Measurement, stats: NormStats) -> Tensor:
+        """The IP statistic ``(B,)`` of a feature (see the module docs)."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """A JSON-able description for run settings and reports."""
+        return {"modality": self.modality}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# MRI
+# ----------------------------------------------------------------------------------------------------------------
+class CartesianMRI(Acquisition):
+    """Cartesian MRI, single- or multi-coil: column masks, optional coil sensitivities and crop.
+
+    Args:
+        mask: 0/1 column masks ``(B, 1, 1, W)`` (one per item) or ``(1, W)`` / ``(W,)`` (one for all).
+        crop: central ``(h, w)`` crop of the zero-filled image the network sees, or ``None``.
+        sens_maps: complex coil sensitivities ``(B, C, H, W)`` (or ``(1, C, H, W)``), or ``None`` for one coil of
+            unit sensitivity. Maps are expected to satisfy ``Σ_c |S_c|² = 1`` where the object is, so that the RSS
+            of the fully sampled coil images returns the magnitude truth.
+        accelerations: float32 ``(B,)`` nominal acceleration per item (for records), or ``None`` to compute
+            ``W / sampled columns``.
+        clamp: the normalisation's clamp (fastMRI: 6).
+
+    Truths are real ``(B, 1, H, W)`` magnitudes whose width ``W`` matches the mask (or complex images).
+    """
+
+    modality = "mri"
+    ip_threshold = SEED_IP_THRESHOLD
+    ip_text = "MSE between normalised perturbed and clean zero-filled inputs (seed), > 1e-4"
+
+    def __init__(self, mask: Tensor, crop: tuple[int, int] | None = None, sens_maps: Tensor | None = None,
+                 accelerations: Tensor | None = None, clamp: float | None = 6.0) -> None:
+        mask = torch.as_tensor(mask, dtype=torch.float32)
+        if mask.ndim in (1, 2):
+            mask = mask.reshape(1, 1, 1, -1)
+        if mask.ndim != 4 or mask.shape[1:3] != (1, 1):
+            raise BlindspotError(None, f"mask must be (W,), (1, W) or (B, 1, 1, W), got {tuple(mask.shape)}")
+        if sens_maps is not None:
+            if sens_maps.ndim != 4 or not sens_maps.is_complex():
+                raise BlindspotError(None, f"coil sensitivities must be complex (B, C, H, W), got "
+                                           f"{tuple(sens_maps.shape)} {sens_maps.dtype}")
+            if sens_maps.shape[-1] != mask.shape[-1]:
+                raise BlindspotError(None, f"coil sensitivities are {sens_maps.shape[-1]} wide but the mask has "
+                                           f"{mask.shape[-1]} columns")
+        self.mask = mask
+        self.crop = None if crop is None else (int(crop[0]), int(crop[1]))
+        self.sens_maps = sens_maps
+        if accelerations is None:
+            accelerations = mask.shape[-1] / mask.flatten(1).sum(1).clamp_min(1.0)
+        self.accelerations = torch.as_tensor(accelerations, dtype=torch.float32).reshape(-1).cpu()
+        self.clamp = clamp
+
+    @classmethod
+    def from_mask_func(cls, mask_func: MaskFunc, width: int, seeds: Sequence[str | int], **kwargs) -> "CartesianMRI":
+        """One mask per item drawn by ``mask_func`` for ``width`` columns, seeded per item (fastMRI seeds by file
+        name, so the same volume always gets the same mask)."""
+        drawn = [mask_func(width, seed=s) for s in seeds]
+        masks = torch.stack([d.mask.reshape(1, 1, width) for d in drawn])
+        acc = torch.tensor([d.acceleration for d in drawn], dtype=torch.float32)
+        return cls(masks, accelerations=acc, **kwargs)
+
+    def __len__(self) -> int:
+        return int(self.mask.shape[0])
+
+    @property
+    def coils(self) -> int:
+        return 1 if self.sens_maps is None else int(self.sens_maps.shape[1])
+
+    def __repr__(self) -> str:
+        return f"CartesianMRI(mask={tuple(self.mask.shape)}, crop={self.crop}, coils={self.coils})"
+
+    def describe(self) -> dict:
+        return {"modality": "mri", "coils": "single" if self.sens_maps is None else "multi",
+                "n_coils": self.coils, "crop": list(self.crop) if self.crop else None}
+
+    def select(self, idx: Tensor) -> "CartesianMRI":
+        n = len(self)
+        i = idx.to(self.mask.device)
+        mask = self.mask.index_select(0, i) if n > 1 else self.mask.expand(len(idx), 1, 1, -1)
+        sens = self.sens_maps
+        if sens is not None and sens.shape[0] > 1:
+            sens = sens.index_select(0, idx.to(sens.device))
+        acc = self.accelerations.index_select(0, idx.cpu()) if n > 1 else self.accelerations.expand(len(idx))
+        return CartesianMRI(mask, self.crop, sens, acc, self.clamp)
+
+    def to(self, device: torch.device | str) -> "CartesianMRI":
+        sens = None if self.sens_maps is None else self.sens_maps.to(device)
+        return CartesianMRI(self.mask.to(device), self.crop, sens, self.accelerations, self.clamp)
+
+    def _mask_for(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.mask.shape[-1]:
+            raise BlindspotError(None, f"the mask has {self.mask.shape[-1]} columns but the image is "
+                                       f"{x.shape[-1]} wide")
+        return self.mask.to(device=x.device, dtype=x.real.dtype)
+
+    def _masked_columns(self, images: Tensor) -> Tensor:
+        """``F⁻¹(M ⊙ F(images))`` for complex or real ``(B, C, H, W)``: 1-D transforms along the columns only
+        (a column mask commutes with the row transform), un-centred mask so the centring shifts cancel."""
+        m = torch.fft.ifftshift(self._mask_for(images), dim=-1)
+        return torch.fft.ifft(torch.fft.fft(images, dim=-1, norm="ortho") * m, dim=-1, norm="ortho")
+
+    def coil_images_of(self, truth: Tensor) -> Tensor:
+        """``S_c · y``: coil images ``(B, C, H, W)`` of truths ``(B, 1, H, W)`` (the truth itself for one coil)."""
+        if self.sens_maps is None:
+            return truth
+        return self.sens_maps.to(truth.device) * truth
+
+    def _image(self, coil_images: Tensor) -> Tensor:
+        img = coil_images if self.crop is None else center_crop(coil_images, self.crop)
+        return rss(img, dim=1) if img.shape[1] > 1 else img.abs()
+
+    def measure(self, truth: Tensor, generator: torch.Generator | None = None) -> Measurement:
+        if truth.ndim != 4 or truth.shape[1] != 1:
+            raise BlindspotError(None, f"MRI truths must be (B, 1, H, W), got {tuple(truth.shape)}")
+        coils = self._masked_columns(self.coil_images_of(truth))
+        mask = self._mask_for(truth).expand(truth.shape[0], 1, 1, -1)
+        return Measurement(self._image(coils), coils, mask)
+
+    def perturb(self, measurement: Measurement, delta: Tensor) -> Measurement:
+        coils = measurement.coil_images + self._masked_columns(self.coil_images_of(delta))
+        return Measurement(self._image(coils), coils, measurement.mask)
+
+    def normalization(self, measurement: Measurement) -> NormStats:
+        return normalize(measurement.image, clamp=self.clamp)[1]
+
+    def crop_image(self, image: Tensor) -> Tensor:
+        return image if self.crop is None else center_crop(image, self.crop)
+
+    def adjoint(self, measurement: Measurement) -> Tensor:
+        """``Σ_c conj(S_c) F⁻¹(M k_c)``: complex ``(B, 1, H, W)`` (the zero-filled complex image for one coil)."""
+        if self.sens_maps is None:
+            return measurement.coil_images
+        return (self.sens_maps.to(measurement.coil_images.device).conj() * measurement.coil_images).sum(1, True)
+
+    def pinv(self, measurement: Measurement) -> Tensor:
+        return measurement.image
+
+    def null_space(self, image: Tensor) -> Tensor:
+        """``F⁻¹((1 − M) ⊙ F(image))`` (complex, same shape): invisible to the mask; orthogonal to the rest."""
+        return image - self._masked_columns(image)
+
+    def information(self, clean: Measurement, perturbed: Measurement, stats: NormStats) -> Tensor:
+        return (stats.apply(perturbed.image) - stats.apply(clean.image)).square().mean((1, 2, 3))
+
+    def network_mask(self, width: int) -> Tensor:
+        """The masks mapped onto a ``width``-column image grid (for networks that take the mask with a cropped
+        image, like I-RIM), ``(B, 1, 1, width)``."""
+        return resample_mask(self.mask, width)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CT
+# ----------------------------------------------------------------------------------------------------------------
+class LowDoseCTScan(Acquisition):
+    """Low-dose CT: projection-domain Poisson noise at ``I0 · dose``, FBP back to HU, the network's HU normalisation.
+
+    Args:
+        ct: the scanner model (:class:`~blindspot.physics.ct.LowDoseCT`: geometry, ``I0``, filter).
+        dose: the dose fraction of the network's input (e.g. 0.25).
+        normalization: the network's HU affine map (its checkpoint's).
+    """
+
+    modality = "ct"
+    ip_threshold = ROSE_DETECTABILITY
+    ip_text = "detectability d' = ‖FBP(P(δ))‖ / σ_noise of the feature in the low-dose input, ≥ 5 (Rose)"
+
+    def __init__(self, ct: LowDoseCT, dose: float, normalization: HUNormalization) -> None:
+        if not (0 < float(dose) <= 1) or not math.isfinite(float(dose)):
+            raise BlindspotError(None, f"dose must be in (0, 1], got {dose}")
+        self.ct = ct
+        self.dose = float(dose)
+        self.norm = normalization
+
+    def __repr__(self) -> str:
+        return f"LowDoseCTScan(shape={self.ct.image_shape}, dose={self.dose:g}, i0={self.ct.i0:g})"
+
+    def describe(self) -> dict:
+        return {"modality": "ct", "dose": self.dose, "i0": self.ct.i0, "image_shape": list(self.ct.image_shape),
+                "normalization": self.norm.as_dict()}
+
+    @property
+    def accelerations(self) -> Tensor:
+        """The dose-reduction factor ``1/dose`` (records keep it in their ``acceleration`` column)."""
+        return torch.tensor([1.0 / self.dose], dtype=torch.float32)
+
+    def _check(self, truth: Tensor) -> None:
+        if truth.ndim != 4 or truth.shape[1] != 1:
+            raise BlindspotError(None, f"CT truths must be (B, 1, H, W) in HU, got {tuple(truth.shape)}")
+        if tuple(truth.shape[-2:]) != tuple(self.ct.image_shape):
+            raise BlindspotError(None, f"the CT acquisition is for {self.ct.image_shape[0]}x{self.ct.image_shape[1]} "
+                                       f"images, got {truth.shape[-2]}x{truth.shape[-1]}")
+
+    def response(self, delta_hu: Tensor) -> Tensor:
+        """``FBP(P(δ))`` in HU ``(B, 1, H, W)``: how a change of the truth reaches the low-dose image (linear)."""
+        p = self.ct.projector
+        return p.fbp(p.project(delta_hu))
+
+    def measure(self, truth: Tensor, generator: torch.Generator | None = None) -> Measurement:
+        """Simulate the low-dose input of full-dose truths in HU; ``generator`` (on the truth's device) seeds the
+        photon counts. Not differentiable (a Poisson draw); :meth:`perturb` is."""
+        self._check(truth)
+        with torch.no_grad():
+            p = self.ct.line_integrals(truth)
+            low = self.ct.simulate(truth, (self.dose,), generator, line_integrals=p)[self.dose]
+            noise = low - self.ct.reconstruct(p)
+        return Measurement(low, noise=noise)
+
+    def observed(self, truth: Tensor, low_dose: Tensor) -> Measurement:
+        """The measurement of a real pair: the scanner's low-dose image ``(B, 1, H, W)`` HU of full-dose ``truth``;
+        its noise is taken as ``low − full`` (the full-dose image's own noise is far smaller)."""
+        if low_dose.shape != truth.shape:
+            raise BlindspotError(None, f"low-dose images {tuple(low_dose.shape)} and truths {tuple(truth.shape)} "
+                                       "differ in shape")
+        return Measurement(low_dose, noise=(low_dose - truth).detach())
+
+    def perturb(self, measurement: Measurement, delta: Tensor) -> Measurement:
+        return Measurement(measurement.image + self.response(delta), noise=measurement.noise)
+
+    def normalization(self, measurement: Measurement) -> NormStats:
+        B = len(measurement)
+        dev = measurement.image.device
+        mean = torch.full((B, 1, 1, 1), self.norm.mean, device=dev)
+        std = torch.full((B, 1, 1, 1), self.norm.std, device=dev)
+        return NormStats(mean, std, clamp=None)
+
+    def noise_sigma(self, measurement: Measurement) -> Tensor:
+        """Per-item standard deviation (HU) of the input's noise, ``(B,)``."""
+        if measurement.noise is None:
+            raise BlindspotError(None, "this CT measurement carries no noise realisation")
+        return measurement.noise.flatten(1).std(dim=1)
+
+    def information(self, clean: Measurement, perturbed: Measurement, stats: NormStats) -> Tensor:
+        signal = (perturbed.image - clean.image).flatten(1).norm(dim=1)
+        return signal / self.noise_sigma(clean).clamp_min(1e-6)
+
+
+def same_modality(acquisition: Acquisition, modality: str | None, what: str) -> None:
+    """A one-line error when ``what`` (a network's name) was made for another modality than ``acquisition``'s."""
+    if modality and modality != acquisition.modality:
+        raise BlindspotError(what, f"is a {modality.upper()} network; it cannot be attacked through a "
+                                   f"{acquisition.modality.upper()} acquisition")
+
+
+__all__ = ["Acquisition", "CartesianMRI", "LowDoseCTScan", "Measurement", "ROSE_DETECTABILITY",
+           "SEED_IP_THRESHOLD", "same_modality"]

@@ -1,0 +1,186 @@
+"""The acquisition interface: known answers for MRI (single- and multi-coil) and low-dose CT, and the network adapters."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from blindspot.errors import BlindspotError
+from blindspot.models.adapters import Network, as_network
+from blindspot.physics.acquisition import CartesianMRI, LowDoseCTScan, Measurement
+from blindspot.physics.ct import HUNormalization, LowDoseCT
+from blindspot.physics.mri import (CartesianUndersampling, create_mask_func, fft2c, ifft2c, normalize, rss)
+
+S = 32
+
+
+def _truth(n: int = 2, size: int = S) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    r = torch.arange(size, dtype=torch.float32)
+    yy, xx = torch.meshgrid(r, r, indexing="ij")
+    disc = (((yy - size / 2) ** 2 + (xx - size / 2) ** 2) < (0.35 * size) ** 2).float()
+    return (disc + 0.1 * torch.rand(n, 1, size, size, generator=g)).float()
+
+
+def _mri(n: int = 2, acc: int = 4) -> CartesianMRI:
+    return CartesianMRI.from_mask_func(create_mask_func("random", [acc]), S, [f"v{i}.h5" for i in range(n)])
+
+
+def test_single_coil_matches_the_undersampling_operator_and_normalisation():
+    y = _truth()
+    acq = _mri()
+    meas = acq.measure(y)
+    assert torch.allclose(meas.image, CartesianUndersampling(acq.mask)(y), atol=1e-6)
+    x, stats = acq.network_input(meas)
+    ref, ref_stats = normalize(meas.image)
+    assert torch.allclose(x, ref) and torch.allclose(stats.std, ref_stats.std)
+    # the masked k-space is M ⊙ F(y)
+    assert torch.allclose(meas.kspace, fft2c(y) * acq.mask, atol=1e-5)
+    assert torch.equal(acq.accelerations, torch.full((2,), 4.0))
+
+
+def test_perturb_is_exact_and_the_null_space_is_invisible():
+    y = _truth()
+    acq = _mri(acc=8)
+    meas = acq.measure(y)
+    delta = torch.zeros_like(y)
+    delta[:, :, 10:13, 14:16] = 0.7
+    assert torch.allclose(acq.perturb(meas, delta).image, acq.measure(y + delta).image, atol=1e-6)
+    # Parseval: the null-space and range parts are orthogonal and add up to the image
+    null = acq.null_space(delta.to(torch.complex64))
+    rng = delta - null
+    assert math.isclose(float(null.abs().square().sum() + rng.abs().square().sum()),
+                        float(delta.square().sum()), rel_tol=1e-5)
+    # a change wholly in the unsampled columns leaves the measurements unchanged (to float precision); a real image
+    # has conjugate-symmetric k-space, so the (complex) null-space part itself is the invisible change
+    invisible = null
+    assert torch.allclose(acq.perturb(meas, invisible).image, meas.image, atol=1e-5)
+    stats = acq.normalization(meas)
+    assert float(acq.information(meas, acq.perturb(meas, invisible), stats).max()) < 1e-9
+    assert bool((acq.information(meas, acq.perturb(meas, delta), stats) > acq.ip_threshold).all())
+
+
+def test_select_follows_the_items():
+    acq = _mri(3)
+    sub = acq.select(torch.tensor([2, 0, 2]))
+    assert torch.equal(sub.mask[0], acq.mask[2]) and torch.equal(sub.mask[1], acq.mask[0])
+    assert torch.equal(sub.accelerations, acq.accelerations[[2, 0, 2]])
+
+
+def _coil_maps(coils: int, size: int = S) -> torch.Tensor:
+    """Smooth complex maps normalised so that Σ_c |S_c|² = 1 everywhere."""
+    r = torch.linspace(-1, 1, size)
+    yy, xx = torch.meshgrid(r, r, indexing="ij")
+    maps = []
+    for c in range(coils):
+        a = 2 * math.pi * c / coils
+        mag = torch.exp(-((yy - 0.8 * math.sin(a)) ** 2 + (xx - 0.8 * math.cos(a)) ** 2))
+        maps.append(mag * torch.exp(1j * (a + 0.5 * xx)))
+    s = torch.stack(maps).to(torch.complex64)
+    return (s / rss(s, dim=0)).unsqueeze(0)
+
+
+def test_multi_coil_rss_of_fully_sampled_coil_images_is_the_truth():
+    y = _truth(1)
+    acq = CartesianMRI(torch.ones(S), sens_maps=_coil_maps(4))
+    meas = acq.measure(y)
+    assert meas.coil_images.shape == (1, 4, S, S)
+    assert torch.allclose(meas.image, y, atol=1e-5)
+    # Parseval per coil, and the adjoint combines the coils back into the (complex) truth
+    assert torch.allclose(meas.kspace.abs().square().sum((-2, -1)), meas.coil_images.abs().square().sum((-2, -1)),
+                          rtol=1e-4)
+    assert torch.allclose(acq.adjoint(meas).real, y, atol=1e-5)
+
+
+def _ct(size: int = S, dose: float = 0.25, i0: float = 1e5) -> LowDoseCTScan:
+    return LowDoseCTScan(LowDoseCT((size, size), pixel_size_mm=2.0, i0=i0), dose, HUNormalization(-500.0, 500.0))
+
+
+def _ct_truth(size: int = S) -> torch.Tensor:
+    hu = _truth(1, size) * 1000.0 - 1000.0  # a water disc in air
+    return hu
+
+
+def test_ct_perturb_is_the_linear_response_with_the_noise_kept():
+    acq = _ct()
+    y = _ct_truth()
+    meas = acq.measure(y, torch.Generator().manual_seed(3))
+    again = acq.measure(y, torch.Generator().manual_seed(3))
+    assert torch.equal(meas.image, again.image)  # same seed, same noise
+    delta = torch.zeros_like(y)
+    delta[..., 14:18, 14:18] = 100.0
+    pert = acq.perturb(meas, delta)
+    assert torch.equal(pert.noise, meas.noise)
+    # the deterministic part is exact: FBP(P(y + δ)) = FBP(P(y)) + FBP(P(δ)) inside the body (μ ≥ 0 there)
+    lhs = acq.ct.noise_free(y + delta) - acq.ct.noise_free(y)
+    assert torch.allclose(pert.image - meas.image, lhs, atol=0.5)
+    # the normalisation is the network's fixed HU map, without clamp
+    x, stats = acq.network_input(meas)
+    assert torch.allclose(x, (meas.image + 500.0) / 500.0)
+
+
+def test_ct_noise_scales_with_one_over_root_dose():
+    y = _ct_truth(48)
+    sig = {}
+    for dose in (1.0, 0.25):
+        acq = LowDoseCTScan(LowDoseCT((48, 48), pixel_size_mm=2.0, i0=1e5), dose, HUNormalization(0.0, 1.0))
+        sig[dose] = float(acq.noise_sigma(acq.measure(y, torch.Generator().manual_seed(1))))
+    assert 1.6 < sig[0.25] / sig[1.0] < 2.4  # √4 = 2
+
+
+def test_ct_information_is_the_detectability_above_the_noise():
+    acq = _ct()
+    y = _ct_truth()
+    meas = acq.measure(y, torch.Generator().manual_seed(0))
+    stats = acq.normalization(meas)
+    sigma = float(acq.noise_sigma(meas))
+    faint, strong = torch.zeros_like(y), torch.zeros_like(y)
+    faint[..., 15:17, 15:17] = 0.02 * sigma
+    strong[..., 13:19, 13:19] = 3 * sigma
+    d_faint = float(acq.information(meas, acq.perturb(meas, faint), stats))
+    d_strong = float(acq.information(meas, acq.perturb(meas, strong), stats))
+    assert d_faint < acq.ip_threshold < d_strong
+    expected = float(acq.response(strong).norm()) / sigma
+    assert math.isclose(d_strong, expected, rel_tol=1e-4)
+
+
+class ZeroFilledKspace(nn.Module):
+    """A k-space network in fastMRI VarNet's convention: the RSS of the inverse FFT of the masked k-space."""
+
+    network_input = "kspace"
+
+    def forward(self, masked_kspace: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        assert masked_kspace.shape[-1] == 2 and mask.dtype == torch.bool and mask.shape[-1] == 1
+        return rss(ifft2c(torch.view_as_complex(masked_kspace.contiguous())), dim=1)[:, 0]
+
+
+def test_kspace_adapter_gives_the_image_networks_answer_for_a_zero_filled_network():
+    y = _truth()
+    acq = _mri()
+    meas = acq.measure(y)
+    x, stats = acq.network_input(meas)
+    kspace_net = as_network(ZeroFilledKspace())
+    assert kspace_net.convention == "kspace" and kspace_net.needs_measurements
+    out = kspace_net(acq, meas, x, stats)
+    assert torch.allclose(out, stats.apply(meas.image, clamp=False), atol=1e-5)
+    identity = as_network(nn.Identity())
+    assert torch.allclose(identity(acq, meas, x, stats), x)
+
+
+def test_wrong_modality_or_convention_is_a_one_line_error():
+    with pytest.raises(BlindspotError, match="CT network"):
+        Network(nn.Identity(), name="cnn10", modality="ct").check(_mri())
+    with pytest.raises(BlindspotError, match="needs an MRI acquisition"):
+        as_network(ZeroFilledKspace(), name="my-varnet").check(_ct())
+    with pytest.raises(BlindspotError, match="convention"):
+        Network(nn.Identity(), convention="sinogram")
+
+
+def test_measurement_cat_and_select_round_trip():
+    meas = _mri(3).measure(_truth(3))
+    parts = [meas.select(torch.tensor([i])) for i in range(3)]
+    back = Measurement.cat(parts)
+    assert torch.equal(back.image, meas.image) and torch.equal(back.coil_images, meas.coil_images)
