@@ -117,7 +117,7 @@ def test_cli_bad_input(tmp_path, capsys):
     capsys.readouterr()
     assert main(["audit", "--model", str(ct_model), "--out", str(tmp_path / "o3")]) == 2
     err = capsys.readouterr().err
-    assert "cnn10.pt" in err and "trained for ct" in err and len(err.strip().splitlines()) == 1
+    assert "cnn10.pt" in err and "is a CT network" in err and len(err.strip().splitlines()) == 1
 
 
 def test_headline_compares_a_model_with_its_robust_version():

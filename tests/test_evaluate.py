@@ -8,7 +8,8 @@ import torch
 
 from blindspot.cli import main
 from blindspot.errors import BlindspotError
-from blindspot.evaluate import EvalModel, evaluate_models, load_eval_models, table_markdown, write_tables
+from blindspot.models.loading import LoadedModel
+from blindspot.evaluate import evaluate_models, load_eval_models, table_markdown, write_tables
 from blindspot.metrics import VolumeMetrics
 from blindspot.models.checkpoint import save_checkpoint
 from blindspot.models.registry import build_model
@@ -86,7 +87,7 @@ def test_files_and_resume(tmp_path, monkeypatch):
     for a, b in zip(first.rows, again.rows):
         assert a["ssim_mean"] == pytest.approx(b["ssim_mean"]) and a["nmse_std"] == pytest.approx(b["nmse_std"])
     # a model added later: that acceleration is redone for all models, without duplicated rows in the log
-    extra = models + [EvalModel("Second", models[1].model, "second", "unet")]
+    extra = models + [LoadedModel(models[1].model, "Second", "mri", "unet", "second")]
     third = evaluate_models(extra, [4], [0.08], _open, out_dir=out, resume=True)
     assert len(third.rows) == 3 and len(third.slices) == 3 * 6
 

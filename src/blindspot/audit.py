@@ -190,7 +190,7 @@ def _safe(name: str) -> str:
 
 
 def load_models(specs: Sequence[tuple[str | None, PathLike]], device: torch.device) -> list:
-    """Load ``[(label or None, checkpoint), …]`` as :class:`blindspot.evaluate.EvalModel` (baseline excluded)."""
+    """Load ``[(label or None, checkpoint), …]`` as :class:`blindspot.models.loading.LoadedModel` (baseline excluded)."""
     from blindspot.evaluate import load_eval_models
 
     if not specs:

@@ -24,28 +24,14 @@ from blindspot.data.sample import collate_mri
 from blindspot.errors import BlindspotError, PathLike
 from blindspot.fileio import append_jsonl, atomic_write_text, read_jsonl, write_csv, write_json
 from blindspot.metrics import VolumeMetrics
-from blindspot.models.checkpoint import load_checkpoint
 from blindspot.models.adapters import reconstruct
-from blindspot.models.registry import build_model
+from blindspot.models.loading import DISPLAY_NAMES, LoadedModel, load_model
 from blindspot.physics.mri import MaskFunc, create_mask_func
 
-#: Row labels of the built-in architectures.
-DISPLAY_NAMES = {"unet": "U-Net", "irim": "I-RIM", "zero-filled": "Zero-filled"}
 ZERO_FILLED = "zero-filled"
 METRICS = ("ssim", "nmse", "psnr")
 HEADERS = {"ssim": "SSIM", "nmse": "NMSE", "psnr": "PSNR (dB)"}
 DIGITS = {"ssim": 4, "nmse": 5, "psnr": 2}
-
-
-@dataclass
-class EvalModel:
-    """A model to evaluate: its row label, the network (on its device), where it came from."""
-
-    name: str
-    model: nn.Module
-    source: str
-    architecture: str
-    physics: dict[str, Any] = field(default_factory=dict)
 
 
 def load_eval_models(
@@ -55,16 +41,18 @@ def load_eval_models(
     zero_filled: bool = True,
     arch: str | None = None,
     hparams: dict[str, Any] | None = None,
-) -> list[EvalModel]:
-    """Load checkpoints (or the literal ``"zero-filled"``) as :class:`EvalModel` rows.
+) -> list[LoadedModel]:
+    """Load MRI reconstruction models (checkpoints, bundled names or ``"zero-filled"``) as table rows.
 
     Args:
-        sources: checkpoint paths; ``"zero-filled"`` stands for the baseline.
+        sources: checkpoint paths or names (:func:`blindspot.models.loading.load_model`); ``"zero-filled"`` stands
+            for the baseline.
         names: row labels, one per source (default: the architecture's display name, made unique with the file
             name when two rows would share it).
         device: where the models run.
         zero_filled: put the zero-filled baseline first if it is not among ``sources``.
         arch, hparams: architecture and hyper-parameters for bare state dicts (e.g. a fastMRI U-Net).
+    A CT network is a one-line error naming it: these rows are evaluated on MRI data.
     """
     if names is not None and len(names) != len(sources):
         raise BlindspotError(None, f"give one --names entry per checkpoint ({len(sources)}), got {len(names)}")
@@ -73,18 +61,22 @@ def load_eval_models(
     if zero_filled and ZERO_FILLED not in sources:
         sources.insert(0, ZERO_FILLED)
         names.insert(0, None)
-    out: list[EvalModel] = []
+    out: list[LoadedModel] = []
     for src, name in zip(sources, names):
         if src == ZERO_FILLED:
-            model = build_model(ZERO_FILLED).to(device).eval()
-            out.append(EvalModel(name or DISPLAY_NAMES[ZERO_FILLED], model, "baseline", ZERO_FILLED))
-            continue
-        ckpt = load_checkpoint(src, map_location=device, architecture=arch, hparams=hparams)
-        label = name or DISPLAY_NAMES.get(ckpt.architecture, ckpt.architecture)
-        out.append(EvalModel(label, ckpt.model.eval(), str(src), ckpt.architecture, dict(ckpt.physics)))
+            m = load_model(ZERO_FILLED, device, name=name or DISPLAY_NAMES[ZERO_FILLED], warn=False)
+            m.source = "baseline"
+        else:
+            m = load_model(src, device, architecture=arch, hparams=hparams, name=name, warn=False)
+            if m.modality != "mri":
+                raise BlindspotError(src, f"is a {m.modality.upper()} network ({m.architecture}); MRI "
+                                          "reconstruction is evaluated here")
+            if name is None:
+                m.name = DISPLAY_NAMES.get(m.architecture, m.architecture)
+        out.append(m)
     labels = [m.name for m in out]
     for m in out:  # make default labels unique
-        if labels.count(m.name) > 1 and m.source != "baseline":
+        if labels.count(m.name) > 1 and m.source not in ("baseline", "registry"):
             m.name = f"{m.name} ({Path(m.source).stem})"
     labels = [m.name for m in out]
     dupes = sorted({n for n in labels if labels.count(n) > 1})
@@ -94,7 +86,7 @@ def load_eval_models(
 
 
 def run_models(
-    models: Sequence[EvalModel],
+    models: Sequence[LoadedModel],
     dataset: Dataset,
     batch_size: int = 4,
     device: torch.device | str = "cpu",
@@ -140,7 +132,7 @@ class EvalResult:
 
 
 def evaluate_models(
-    models: Sequence[EvalModel],
+    models: Sequence[LoadedModel],
     accelerations: Sequence[float],
     center_fractions: Sequence[float],
     open_dataset: Callable[[MaskFunc], Dataset],

@@ -52,7 +52,8 @@ from blindspot.data.lesions import LesionAnnotations, LesionBox, boxes_tensor, r
     validate_annotations, volume_key
 from blindspot.data.sample import collate_mri
 from blindspot.errors import BlindspotError, PathLike
-from blindspot.evaluate import ZERO_FILLED, EvalModel, load_eval_models
+from blindspot.evaluate import ZERO_FILLED, load_eval_models
+from blindspot.models.loading import LoadedModel
 from blindspot.fileio import atomic_write_bytes, atomic_write_text, write_csv, write_json
 from blindspot.metrics import ssim_map
 from blindspot.models.adapters import reconstruct
@@ -188,7 +189,7 @@ def _window(b: LesionBox, size: tuple[int, int], min_side: int = 24) -> tuple[in
 
 
 def evaluate_lesions(
-    models: Sequence[EvalModel],
+    models: Sequence[LoadedModel],
     dataset: FastMRISliceDataset,
     boxes: Sequence[LesionBox],
     rule: PreservationRule = PreservationRule(),
@@ -432,7 +433,7 @@ class LesionSection:
 
 
 def audit_lesions(
-    models: Sequence[EvalModel],
+    models: Sequence[LoadedModel],
     data: PathLike | None,
     boxes: PathLike | LesionAnnotations,
     accelerations: Sequence[float],
@@ -451,7 +452,7 @@ def audit_lesions(
     up to ``options.max_figures`` crop figures per acceleration in ``out_dir/figures/lesions/``.
 
     Args:
-        models: the audited models (:class:`blindspot.evaluate.EvalModel`, on ``device``).
+        models: the audited models (:class:`blindspot.models.loading.LoadedModel`, on ``device``).
         data, boxes: the annotated fastMRI data and its boxes (:func:`open_annotated`).
         accelerations, center_fractions: one centre fraction per acceleration.
         mask_type: ``"random"`` or ``"equispaced"`` (masks seeded by file name, as everywhere).

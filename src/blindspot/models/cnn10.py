@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from blindspot.models.registry import register_model
 
 
-@register_model("cnn10")
+@register_model("cnn10", modality="ct")
 class CNN10(nn.Module):
     """CNN-10 denoiser: ``(B, in_chans, H, W)`` → ``(B, out_chans, H, W)``.
 

@@ -30,7 +30,7 @@ def central_square(height: int, width: int, square: int) -> tuple[slice, slice]:
     return slice(top, min(height, top + square)), slice(left, min(width, left + square))
 
 
-@register_model("gaussian-ri")
+@register_model("gaussian-ri", modality="ct")
 class GaussianRI(nn.Module):
     """Gaussian filter with a rectangular invariance: ``(B, C, H, W)`` → ``(B, C, H, W)``.
 

@@ -274,7 +274,7 @@ class _InvertibleChainFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------------------
 # The model
 # ----------------------------------------------------------------------------------------------------------------
-@register_model("irim")
+@register_model("irim", modality="mri")
 class IRIM(nn.Module):
     """Invertible recurrent inference machine for single-channel (magnitude) MRI reconstruction.
 

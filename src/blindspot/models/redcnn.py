@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from blindspot.models.registry import register_model
 
 
-@register_model("redcnn")
+@register_model("redcnn", modality="ct")
 class REDCNN(nn.Module):
     """RED-CNN denoiser: ``(B, in_chans, H, W)`` → ``(B, in_chans, H, W)``.
 

@@ -15,6 +15,7 @@ from torch import nn
 from blindspot.errors import BlindspotError
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+_MODALITY: dict[str, str] = {}
 _MODEL_MODULES: tuple[str, ...] = (
     # MRI reconstruction
     "blindspot.models.unet",
@@ -29,13 +30,15 @@ _MODEL_MODULES: tuple[str, ...] = (
 _loaded = False
 
 
-def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Class decorator: make ``build_model(name, **hparams)`` construct this class."""
+def register_model(name: str, modality: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Class decorator: make ``build_model(name, **hparams)`` construct this class, a network for ``modality``
+    (``"mri"`` reconstruction or ``"ct"`` denoising)."""
 
     def wrap(cls: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ValueError(f"model name {name!r} registered twice")
         _REGISTRY[name] = cls
+        _MODALITY[name] = modality
         return cls
 
     return wrap
@@ -58,6 +61,12 @@ def model_names() -> list[str]:
     """Registered architecture names, sorted."""
     _load_builtin()
     return sorted(_REGISTRY)
+
+
+def model_modality(name: str) -> str | None:
+    """The modality a registered architecture is made for (``None`` for an unknown name)."""
+    _load_builtin()
+    return _MODALITY.get(name)
 
 
 def build_model(name: str, **hparams: Any) -> nn.Module:

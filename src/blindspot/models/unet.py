@@ -72,7 +72,7 @@ class TransposeConvBlock(nn.Module):
         return self.layers(x)
 
 
-@register_model("unet")
+@register_model("unet", modality="mri")
 class Unet(nn.Module):
     """fastMRI's baseline U-Net.
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from blindspot.models.registry import register_model
 
 
-@register_model("wganvgg")
+@register_model("wganvgg", modality="ct")
 class WGANVGGGenerator(nn.Module):
     """WGAN-VGG generator: ``(B, in_chans, H, W)`` → ``(B, in_chans, H, W)``.
 

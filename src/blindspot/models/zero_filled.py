@@ -7,7 +7,7 @@ from torch import Tensor, nn
 from blindspot.models.registry import register_model
 
 
-@register_model("zero-filled")
+@register_model("zero-filled", modality="mri")
 class ZeroFilled(nn.Module):
     """Identity on the normalised zero-filled input: ``(B, C, H, W)`` → the same tensor.
 
