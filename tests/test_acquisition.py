@@ -95,8 +95,9 @@ def test_multi_coil_rss_of_fully_sampled_coil_images_is_the_truth():
     assert torch.allclose(acq.adjoint(meas).real, y, atol=1e-5)
 
 
-def _ct(size: int = S, dose: float = 0.25, i0: float = 1e5) -> LowDoseCTScan:
-    return LowDoseCTScan(LowDoseCT((size, size), pixel_size_mm=2.0, i0=i0), dose, HUNormalization(-500.0, 500.0))
+def _ct(size: int = S, dose: float = 0.25, i0: float = 1e5, response: str = "psf") -> LowDoseCTScan:
+    return LowDoseCTScan(LowDoseCT((size, size), pixel_size_mm=2.0, i0=i0), dose, HUNormalization(-500.0, 500.0),
+                         feature_response=response)
 
 
 def _ct_truth(size: int = S) -> torch.Tensor:
@@ -105,7 +106,7 @@ def _ct_truth(size: int = S) -> torch.Tensor:
 
 
 def test_ct_perturb_is_the_linear_response_with_the_noise_kept():
-    acq = _ct()
+    acq = _ct(response="exact")
     y = _ct_truth()
     meas = acq.measure(y, torch.Generator().manual_seed(3))
     again = acq.measure(y, torch.Generator().manual_seed(3))
@@ -120,6 +121,19 @@ def test_ct_perturb_is_the_linear_response_with_the_noise_kept():
     # the normalisation is the network's fixed HU map, without clamp
     x, stats = acq.network_input(meas)
     assert torch.allclose(x, (meas.image + 500.0) / 500.0)
+
+
+def test_the_measured_psf_reproduces_the_exact_feature_response():
+    size = 96
+    exact, fast = _ct(size, response="exact"), _ct(size)
+    r = torch.arange(size, dtype=torch.float32)
+    yy, xx = torch.meshgrid(r, r, indexing="ij")
+    for radius, (r0, c0) in ((1.5, (40, 51)), (3.0, (57, 44)), (5.0, (48, 48))):
+        disc = ((((yy - r0) ** 2 + (xx - c0) ** 2) <= radius**2).float() * 50.0).reshape(1, 1, size, size)
+        a, b = exact.response(disc), fast.response(disc)
+        assert abs(float(b.norm() / a.norm()) - 1.0) < 0.05  # the same energy: the IP statistic d' agrees
+        assert float((a - b).norm() / a.norm()) < 0.15  # the simulator's own position-to-position spread
+    assert fast.psf().shape == (21, 21) and math.isclose(float(fast.psf().sum()), 1.0, rel_tol=1e-5)
 
 
 def test_ct_noise_scales_with_one_over_root_dose():

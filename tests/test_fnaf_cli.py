@@ -145,3 +145,34 @@ def test_user_mistakes_end_with_one_line_and_exit_2(image_dir, tmp_path, capsys)
     assert main(_args(image_dir, tmp_path / "z", "--region", str(tmp_path / "nope.npy"))) == 2
     assert main(_args(image_dir, tmp_path / "w", "--replay", str(tmp_path / "nothing"))) == 2
     assert "no such features" in capsys.readouterr().err
+
+
+def test_fnaf_on_a_bundled_ct_denoiser(tmp_path, capsys):
+    out = tmp_path / "ct"
+    assert main(["fnaf", "--model", "cnn10", "--out", str(out), "--phantom-volumes", "2", "--size", "64",
+                 "--candidates", "3", "--search", "rs", "fd", "--no-figures"]) == 0
+    rows = read_jsonl(out / "records.jsonl")
+    assert len(rows) == 4 and {r["modality"] for r in rows} == {"ct"}
+    assert {r["acceleration"] for r in rows} == {4.0}  # the dose-reduction factor of the network's 25 % dose
+    assert all(r["ip_threshold"] == 5.0 and r["family"] == "disc" for r in rows)
+    assert all(30.0 <= r["intensity"] <= 100.0 for r in rows if r["search"] == "rs")  # HU, low contrast
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["modality"] == "ct" and summary["results"]["4x"]["rs"]["n"] == 2
+    # the same run resumed is a no-op; the same folder for an MRI network is refused (other settings)
+    assert main(["fnaf", "--model", "cnn10", "--out", str(out), "--phantom-volumes", "2", "--size", "64",
+                 "--candidates", "3", "--search", "rs", "fd", "--no-figures", "--resume"]) == 0
+    assert len(read_jsonl(out / "records.jsonl")) == 4
+    capsys.readouterr()
+    assert main(["fnaf", "--model", "zero-filled", "--out", str(out), "--resume", "--no-figures"]) == 2
+    assert "other settings" in capsys.readouterr().err
+
+
+def test_fnaf_run_python_api_on_ct(tmp_path):
+    from blindspot.models.loading import load_model
+    from blindspot.runs.fnaf import FnafConfig, ct_settings, run_fnaf
+
+    model = load_model("redcnn")
+    run = run_fnaf(model, ct_settings(model, phantoms=2, size=64), FnafConfig(candidates=2, figures=False),
+                   tmp_path / "api")
+    assert len(run.rows) == 2 and run.summary["results"]["4x"]["rs"]["n"] == 2
+    assert (tmp_path / "api" / "features" / "rs_4x").is_dir()

@@ -383,13 +383,17 @@ class FeatureSampler:
         size_range: ``((lo0, hi0), (lo1, hi1))`` in pixels; ``None`` → :data:`DEFAULT_SIZES`. For the walk, dimension
             0 is the number of pixels (an integer drawn uniformly in ``[lo0, hi0]``); for the disc, dimension 1
             copies dimension 0.
-        intensity_range: ``(lo, hi)`` peak intensity as fractions of each truth's dynamic range; ``None`` →
-            :data:`DEFAULT_INTENSITY`. ``hi`` is also the upper bound that searches project onto.
+        intensity_range: ``(lo, hi)`` peak intensity as fractions of each truth's dynamic range (or in the image's
+            own units, see ``absolute``); ``None`` → :data:`DEFAULT_INTENSITY`. ``hi`` is also the upper bound that
+            searches project onto.
+        absolute: ``intensity_range`` is in the image's own units (e.g. HU for CT, where a lesion's contrast is a
+            physical quantity) instead of fractions of each image's dynamic range.
     """
 
     family: str = "walk"
     size_range: tuple[tuple[float, float], tuple[float, float]] | None = None
     intensity_range: tuple[float, float] | None = None
+    absolute: bool = False
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -412,6 +416,10 @@ class FeatureSampler:
     def intensities(self) -> tuple[float, float]:
         lo, hi = self.intensity_range or DEFAULT_INTENSITY[self.family]
         return float(lo), float(hi)
+
+    def unit(self, dynamic_range: Tensor) -> Tensor:
+        """What an intensity of 1 means per image ``(B,)``: the dynamic range, or 1 for absolute intensities."""
+        return torch.ones_like(dynamic_range) if self.absolute else dynamic_range
 
     @property
     def max_steps(self) -> int:
@@ -441,7 +449,7 @@ class FeatureSampler:
         angle = u[:, 3] * math.pi
         lo, hi = self.intensities
         frac = lo + u[:, 4] * (hi - lo)
-        intensity = frac * dynamic_range.to(frac.dtype).repeat_interleave(n)
+        intensity = frac * self.unit(dynamic_range).to(frac.dtype).repeat_interleave(n)
         seed = combine_keys(flat, _STREAM_SEED)
         return Features(
             self.family,

@@ -381,11 +381,7 @@ class FnafObjective:
         if isinstance(acq, LowDoseCTScan):
             if truths.observed is not None:
                 return acq.observed(truths.image, truths.observed.to(truths.image))
-            parts = []
-            for i, key in enumerate(image_keys):
-                g = torch.Generator(device=truths.image.device).manual_seed(int(key))
-                parts.append(acq.measure(truths.image[i : i + 1], g))
-            return Measurement.cat(parts)
+            return acq.measure_seeded(truths.image, image_keys)
         return acq.measure(truths.image)
 
     def ip_cut(self, acquisition: Acquisition) -> float:

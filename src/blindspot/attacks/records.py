@@ -229,6 +229,7 @@ def summarize(rows: Sequence[Mapping[str, Any]], criterion: str | None = None, z
         "ip_acceptance": sum(acc) / n if n else float("nan"),
         "mean_ip_loss": mean("ip_loss"),
         "mean_queries": mean("queries"),
+        "modality": str(rows[0].get("modality") or "mri") if rows else "mri",
     }
 
 
@@ -240,8 +241,13 @@ def group_rows(rows: Iterable[Mapping[str, Any]]) -> dict[tuple[str, float, str]
     return groups
 
 
-def _acc_label(acc: float) -> str:
-    return f"{acc:g}×"
+def setting_label(acc: float, modality: str = "mri") -> str:
+    """How a setting reads in tables: ``4×`` (MRI acceleration) or ``25% dose`` (CT, ``acc`` = 1/dose)."""
+    return f"{100.0 / acc:g}% dose" if modality == "ct" else f"{acc:g}×"
+
+
+#: The IP statistic's row label per modality (see :mod:`blindspot.physics.acquisition`).
+IP_LABEL = {"mri": "IP Loss (MSE)", "ct": "IP detectability d'"}
 
 
 def _pct(x: float) -> str:
@@ -261,9 +267,10 @@ def table2(summaries: Mapping[tuple[str, float, str], Mapping[str, Any]]) -> tup
     accs = sorted({a for _, a, _ in summaries})
     models = list(dict.fromkeys(m for m, _, _ in summaries))
     rows, parts = [], []
+    modality = next(iter(summaries.values()))["modality"] if summaries else "mri"
     for acc in accs:
         header = ["model"] + [f"{s.upper()} (Attack Rate %)" for s in searches] + [f"{s.upper()} (MSE)" for s in searches]
-        lines = [f"**{_acc_label(acc)}** (attack rate with its 95% Wilson interval)", "",
+        lines = [f"**{setting_label(acc, modality)}** (attack rate with its 95% Wilson interval)", "",
                  "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
         for m in models:
             row: dict[str, Any] = {"acceleration": acc, "model": m}
@@ -288,18 +295,21 @@ def table2(summaries: Mapping[tuple[str, float, str], Mapping[str, Any]]) -> tup
 
 
 def ip_table(summaries: Mapping[tuple[str, float, str], Mapping[str, Any]]) -> tuple[list[dict[str, Any]], str]:
-    """The seed's IP table: one column per (model, search, acceleration), rows "Acceptance Rate (%)" and
-    "IP Loss (MSE)"."""
+    """The seed's IP table: one column per (model, search, acceleration), rows "Acceptance Rate (%)" and the mean
+    IP statistic ("IP Loss (MSE)" for MRI, the detectability d' for CT)."""
     cols = [(m, a, s) for (m, a, s) in summaries]
-    names = [f"{m} {s.upper()} {_acc_label(a)}".strip() for m, a, s in cols]
+    modality = summaries[cols[0]]["modality"] if cols else "mri"
+    label = IP_LABEL.get(modality, "IP statistic")
+    names = [f"{m} {s.upper()} {setting_label(a, modality)}".strip() for m, a, s in cols]
     acc_row = {"quantity": "Acceptance Rate (%)"}
-    loss_row = {"quantity": "IP Loss (MSE)"}
+    loss_row = {"quantity": label}
     for name, c in zip(names, cols):
         acc_row[name] = 100 * summaries[c]["ip_acceptance"]
         loss_row[name] = summaries[c]["mean_ip_loss"]
     lines = ["| | " + " | ".join(names) + " |", "|" + " --- |" * (len(names) + 1)]
     lines.append("| Acceptance Rate (%) | " + " | ".join(_pct(summaries[c]["ip_acceptance"]) for c in cols) + " |")
-    lines.append("| IP Loss (MSE) | " + " | ".join(f"{summaries[c]['mean_ip_loss']:.5f}" for c in cols) + " |")
+    digits = ".3g" if modality == "ct" else ".5f"
+    lines.append(f"| {label} | " + " | ".join(format(summaries[c]['mean_ip_loss'], digits) for c in cols) + " |")
     return [acc_row, loss_row], "\n".join(lines) + "\n"
 
 

@@ -128,8 +128,9 @@ class Search:
         return Evaluation.cat(out)
 
     def allowed_max(self, ctx: AttackContext) -> Tensor:
-        """Upper bound of feature intensities per image ``(B,)``: the sampler's ``hi`` × the dynamic range."""
-        return self.sampler.intensities[1] * ctx.dynamic_range
+        """Upper bound of feature intensities per image ``(B,)``: the sampler's ``hi`` (× the dynamic range unless
+        the sampler's intensities are absolute)."""
+        return self.sampler.intensities[1] * self.sampler.unit(ctx.dynamic_range)
 
     def result(self, ctx: AttackContext, best: _Best, queries: int, gradients: int = 0) -> FnafResult:
         """The search's outcome: ``best`` per image of ``ctx``, after ``queries`` model queries per image (plus the

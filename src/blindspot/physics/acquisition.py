@@ -30,6 +30,14 @@ domain, ``n = A(y) − FBP(P(y))``. A feature then enters as ``A(y + δ) = A(y) 
 deterministic part (``μ`` is affine in HU and FBP∘P is linear; the clamp of ``μ`` at air only matters for a
 feature in air), approximate for the noise, which in reality changes slightly on the rays through the feature (a
 10-pixel, 100 HU feature changes those rays' counts, hence their noise variance, by about 1 %).
+``FBP(P(δ))`` is computed by default as ``h ⊛ δ`` with ``h`` the scanner's point-spread function, measured once per
+acquisition as the mean response of the discretised projector and FBP to a grid of single-pixel impulses
+(``feature_response="psf"``; ``"exact"`` projects and reconstructs every feature). Continuous FBP∘P is
+shift-invariant; the discretised simulator is not quite (a pixel's response depends on where its centre falls
+between detector bins): against the exact simulation the PSF response of discs of radius 1.5–5 px has the same
+energy to within 5 % and differs by 5–10 % (relative ℓ2) pixel by pixel, which is the simulator's own
+position-to-position spread (``tests/test_acquisition.py`` checks it). It is 100–1000× cheaper, which makes the CT
+attack cost the network's cost.
 
 *CT information preservation.* The low-dose input is noisy, so the question is not whether the feature changed the
 input (it always does) but whether it is still *detectable* above the noise there. The statistic is the
@@ -47,6 +55,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from blindspot.errors import BlindspotError
@@ -328,18 +337,29 @@ class LowDoseCTScan(Acquisition):
         ct: the scanner model (:class:`~blindspot.physics.ct.LowDoseCT`: geometry, ``I0``, filter).
         dose: the dose fraction of the network's input (e.g. 0.25).
         normalization: the network's HU affine map (its checkpoint's).
+        feature_response: ``"psf"`` (default) or ``"exact"``: how a change of the truth reaches the input (see the
+            module docs).
+        psf_radius: half-width in pixels of the measured point-spread function.
     """
 
     modality = "ct"
+    CACHE_SIZE = 256
     ip_threshold = ROSE_DETECTABILITY
     ip_text = "detectability d' = ‖FBP(P(δ))‖ / σ_noise of the feature in the low-dose input, ≥ 5 (Rose)"
 
-    def __init__(self, ct: LowDoseCT, dose: float, normalization: HUNormalization) -> None:
+    def __init__(self, ct: LowDoseCT, dose: float, normalization: HUNormalization, feature_response: str = "psf",
+                 psf_radius: int = 10) -> None:
         if not (0 < float(dose) <= 1) or not math.isfinite(float(dose)):
             raise BlindspotError(None, f"dose must be in (0, 1], got {dose}")
+        if feature_response not in ("psf", "exact"):
+            raise BlindspotError(None, f"feature response must be psf or exact, got {feature_response!r}")
         self.ct = ct
         self.dose = float(dose)
         self.norm = normalization
+        self.feature_response = feature_response
+        self.psf_radius = int(min(psf_radius, (min(ct.image_shape) - 3) // 2))
+        self._psf: dict[str, Tensor] = {}
+        self._measured: dict[tuple, Measurement] = {}
 
     def __repr__(self) -> str:
         return f"LowDoseCTScan(shape={self.ct.image_shape}, dose={self.dose:g}, i0={self.ct.i0:g})"
@@ -360,10 +380,41 @@ class LowDoseCTScan(Acquisition):
             raise BlindspotError(None, f"the CT acquisition is for {self.ct.image_shape[0]}x{self.ct.image_shape[1]} "
                                        f"images, got {truth.shape[-2]}x{truth.shape[-1]}")
 
-    def response(self, delta_hu: Tensor) -> Tensor:
-        """``FBP(P(δ))`` in HU ``(B, 1, H, W)``: how a change of the truth reaches the low-dose image (linear)."""
+    def exact_response(self, delta_hu: Tensor) -> Tensor:
+        """``FBP(P(δ))`` in HU ``(B, 1, H, W)`` through the discretised projector and FBP."""
         p = self.ct.projector
         return p.fbp(p.project(delta_hu))
+
+    def psf(self, device: torch.device | str = "cpu") -> Tensor:
+        """The point-spread function of FBP∘P, ``(2r+1, 2r+1)`` for ``r = psf_radius``: the mean response to a grid
+        of single-pixel impulses ``2r + 4`` pixels apart (at most 7×7 of them, around the centre), so that it
+        averages over where a pixel falls between detector bins, scaled to unit sum."""
+        key = str(device)
+        if key not in self._psf:
+            r = self.psf_radius
+            H, W = self.ct.image_shape
+            step = 2 * r + 4
+            rows = [i for i in range(H // 2 - 3 * step, H // 2 + 3 * step + 1, step) if r <= i < H - r]
+            cols = [j for j in range(W // 2 - 3 * step, W // 2 + 3 * step + 1, step) if r <= j < W - r]
+            impulses = torch.zeros(1, 1, H, W, dtype=torch.float64)
+            for i in rows:
+                impulses[..., i, cols] = 1.0
+            with torch.no_grad():
+                resp = self.exact_response(impulses)[0, 0]
+            patches = torch.stack([resp[i - r : i + r + 1, j - r : j + r + 1] for i in rows for j in cols])
+            kernel = patches.mean(0)
+            kernel = kernel / kernel.sum()  # FBP∘P has unit gain at zero frequency; the cut tails must not bias it
+            self._psf[key] = kernel.to(device=device, dtype=torch.float32)
+        return self._psf[key]
+
+    def response(self, delta_hu: Tensor) -> Tensor:
+        """``FBP(P(δ))`` in HU ``(B, 1, H, W)``: how a change of the truth reaches the low-dose image (linear); by the
+        measured point-spread function unless ``feature_response="exact"``."""
+        if self.feature_response == "exact":
+            return self.exact_response(delta_hu)
+        k = self.psf(delta_hu.device).to(delta_hu.dtype)
+        r = self.psf_radius
+        return F.conv2d(delta_hu, k.flip(0, 1).reshape(1, 1, 2 * r + 1, 2 * r + 1), padding=r)
 
     def measure(self, truth: Tensor, generator: torch.Generator | None = None) -> Measurement:
         """Simulate the low-dose input of full-dose truths in HU; ``generator`` (on the truth's device) seeds the
@@ -374,6 +425,22 @@ class LowDoseCTScan(Acquisition):
             low = self.ct.simulate(truth, (self.dose,), generator, line_integrals=p)[self.dose]
             noise = low - self.ct.reconstruct(p)
         return Measurement(low, noise=noise)
+
+    def measure_seeded(self, truth: Tensor, seeds: Sequence[int]) -> Measurement:
+        """Simulate each image with its own seed (so an image's noise does not depend on its batch), remembering the
+        last :attr:`CACHE_SIZE` images: the searches of one run share every image's clean measurement."""
+        parts = []
+        for i, seed in enumerate(seeds):
+            key = (int(seed), str(truth.device), float(truth[i].sum()))
+            hit = self._measured.get(key)
+            if hit is None:
+                g = torch.Generator(device=truth.device).manual_seed(int(seed))
+                hit = self.measure(truth[i : i + 1], g)
+                self._measured[key] = hit
+                while len(self._measured) > self.CACHE_SIZE:
+                    self._measured.pop(next(iter(self._measured)))
+            parts.append(hit)
+        return Measurement.cat(parts)
 
     def observed(self, truth: Tensor, low_dose: Tensor) -> Measurement:
         """The measurement of a real pair: the scanner's low-dose image ``(B, 1, H, W)`` HU of full-dose ``truth``;

@@ -171,7 +171,7 @@ def make_examples(model: nn.Module, batch: MRIBatch, config: RobustConfig, objec
                 v, s = v.index_select(0, at), s.index_select(0, at)
             if config.search == "grad" and config.grad_steps > 0:
                 sup = s.to(v.dtype)
-                vmax = (sampler.intensities[1] * ctx.dynamic_range.index_select(0, rows)).reshape(-1, 1, 1, 1)
+                vmax = (sampler.intensities[1] * sampler.unit(ctx.dynamic_range.index_select(0, rows))).reshape(-1, 1, 1, 1)
                 for _ in range(config.grad_steps):
                     var = v.detach().clone().requires_grad_(True)
                     ev = objective.evaluate(model, ctx, rows, var * sup, s)

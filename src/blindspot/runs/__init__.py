@@ -1,0 +1,1 @@
+"""Run layer: run folders, record loops and the Python entry points behind the commands (fnaf, invariances, audit)."""

@@ -1,0 +1,115 @@
+"""The one run-folder helper: settings check, resume, log repair and the record log every long command keeps.
+
+A run folder holds ``run.json`` (the command and the settings that change its records), ``records.jsonl`` (one JSON
+line per finished unit of work, appended and synced after every batch: the durable log that ``--resume`` reads) and
+whatever the command writes beside them (always atomically, see :mod:`blindspot.fileio`).
+
+Rules (DESIGN.md §5): a folder that already holds records is continued only with ``resume`` and the same settings,
+or replaced only with ``overwrite``; a path that is a file, or a folder that is some other command's run, is refused;
+a partial last line left by a crash is dropped before appending.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from blindspot.errors import BlindspotError, PathLike
+from blindspot.fileio import append_jsonl, read_json, read_jsonl, write_json
+
+RUN_FILE = "run.json"
+RECORDS = "records.jsonl"
+
+
+def plain_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Settings as JSON values (tuples → lists), so a resumed run compares equal to the stored one."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()}
+
+
+class RunFolder:
+    """A command's run folder, checked and prepared on construction.
+
+    Args:
+        path: the folder (created when missing).
+        command: the command that owns it (``fnaf``, ``invariances``, ``audit``, …).
+        settings: what changes the records; a resumed run must match them exactly.
+        resume: continue the records already there.
+        overwrite: start afresh, deleting the records (and the files the run wrote) already there.
+        inputs: paths the run reads; the run folder may not be one of them or lie inside one (never write into the
+            input data).
+    """
+
+    def __init__(self, path: PathLike, command: str, settings: Mapping[str, Any], resume: bool = False,
+                 overwrite: bool = False, inputs: Iterable[PathLike | None] = ()) -> None:
+        self.path = Path(path)
+        self.command = command
+        self.settings = plain_settings(settings)
+        self.resume = bool(resume)
+        if resume and overwrite:
+            raise BlindspotError(None, "give --resume or --overwrite, not both")
+        if self.path.exists() and not self.path.is_dir():
+            raise BlindspotError(self.path, "is a file, not a run folder; choose another --out")
+        here = self.path.resolve()
+        for src in inputs:
+            if src is None:
+                continue
+            src = Path(src).resolve()
+            if here == src or (src.is_dir() and src in here.parents):
+                raise BlindspotError(self.path, f"lies inside the input data {src}; choose another --out")
+        run_json = self.path / RUN_FILE
+        stored = read_json(run_json) if run_json.is_file() else None
+        if stored is not None and stored.get("command") not in (None, command):
+            raise BlindspotError(run_json, f"the run folder belongs to {stored.get('command')!r}, not {command!r}; "
+                                           "choose another --out")
+        has_records = self.records_path.exists()
+        if has_records and overwrite:
+            self._clear()
+            stored, has_records = None, False
+        if has_records and not resume:
+            raise BlindspotError(self.path, f"already holds {command} records; pass --resume to continue it, "
+                                            "--overwrite to replace it, or choose another --out")
+        if resume and stored is not None:
+            old = stored.get("settings", {})
+            diff = sorted(k for k in set(self.settings) | set(old) if old.get(k) != self.settings.get(k))
+            if diff:
+                raise BlindspotError(run_json, f"the run was made with other settings ({', '.join(diff)}); "
+                                               "resume with the same ones or choose another --out")
+        else:
+            write_json(run_json, {"command": command, "settings": self.settings})
+        if resume:
+            self.repair_log()
+
+    @property
+    def records_path(self) -> Path:
+        return self.path / RECORDS
+
+    def file(self, *parts: str) -> Path:
+        """A path inside the run folder."""
+        return self.path.joinpath(*parts)
+
+    def _clear(self) -> None:
+        """Remove what an earlier run wrote here (only the folder's own entries; never follows links out)."""
+        for entry in self.path.iterdir():
+            if entry.is_symlink() or entry.is_file():
+                entry.unlink()
+            elif entry.is_dir():
+                shutil.rmtree(entry)
+
+    def repair_log(self) -> None:
+        """Drop a partial last line left by a crash mid-append, so later appends start on a fresh line."""
+        path = self.records_path
+        if not path.exists():
+            return
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with path.open("r+b") as fh:
+                fh.truncate(data.rfind(b"\n") + 1)
+
+    def records(self) -> list[dict[str, Any]]:
+        """The records already written (empty unless resuming)."""
+        return read_jsonl(self.records_path) if self.resume else []
+
+    def append(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Append finished records (flushed and synced)."""
+        append_jsonl(self.records_path, rows)
