@@ -13,15 +13,14 @@ import torch
 
 from blindspot.cli import main
 from blindspot.data.fastmri import FastMRISliceDataset, parse_ismrmrd_header
+from blindspot.data.knee_files import fastmri_header_xml, write_fastmri_volume, write_phantom_volumes
 from blindspot.data.knee_phantom import (
     ACQUISITIONS,
+    KneeRenderer,
     draw_knee_params,
-    fastmri_header_xml,
     generate_knee_volume,
     phantom_fname,
     reconstruction_from_kspace,
-    write_fastmri_volume,
-    write_phantom_volumes,
 )
 from blindspot.data.phantom_dataset import PhantomDataset
 from blindspot.data.sample import KspaceTransform
@@ -51,6 +50,23 @@ def test_chunking_does_not_change_the_volume():
     whole = generate_knee_volume(5, 4, SMALL, RECON, chunk_pixels=1 << 22)
     per_slice = generate_knee_volume(5, 4, SMALL, RECON, chunk_pixels=1)
     torch.testing.assert_close(whole.image, per_slice.image, rtol=0, atol=1e-5)
+
+
+def test_renderer_parts_compose_the_volume():
+    vol = generate_knee_volume(2, 3, SMALL, RECON, num_coils=2, return_sensitivities=True)
+    renderer = KneeRenderer.for_volume(vol)
+    assert list(renderer.chunks(1)) == [(0, 1), (1, 2), (2, 3)] and list(renderer.chunks(1 << 20)) == [(0, 3)]
+    anatomy = renderer.anatomy(0, 3, renderer.textures(renderer.slice_generators(0, 3)))
+    field = renderer.receive_field(0, 3, 2)
+    assert anatomy.shape == (3, *SMALL) and anatomy.dtype == torch.float32
+    assert torch.equal(field, vol.sensitivities)
+    # image = anatomy × field + noise, the noise of the documented level.
+    noise = vol.image - anatomy.unsqueeze(1) * field
+    assert abs(float(noise.abs().square().mean().sqrt()) - vol.noise_std) < 0.1 * vol.noise_std
+    one_by_one = [renderer.anatomy(i, i + 1, renderer.textures(renderer.slice_generators(i, i + 1)))
+                  for i in range(3)]
+    assert torch.equal(torch.cat(one_by_one), anatomy)
+    assert renderer.knee_y.shape == (1, *SMALL) and renderer.receive_field(0, 3, None).shape == (3, *SMALL)
 
 
 @pytest.mark.parametrize(

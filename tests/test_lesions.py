@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from blindspot.cli import main
 from blindspot.data import knee_phantom as kp
 from blindspot.data.fastmri import FastMRISliceDataset
+from blindspot.data.knee_files import write_phantom_volumes
 from blindspot.data.lesion_phantom import plant_lesions, write_lesion_phantoms
 from blindspot.data.lesions import (
     LesionBox,
@@ -145,6 +146,23 @@ def test_plant_lesions_is_seeded_and_multicoil_works():
     assert a_img.shape == vol.image.shape and not torch.equal(a_img, vol.image)
     with pytest.raises(BlindspotError, match="unknown lesion kind"):
         plant_lesions(vol, 1, kinds=["tumour"])
+
+
+def test_lesion_phantoms_without_lesions_are_the_plain_phantoms(tmp_path):
+    shape, recon = (48, 40), (40, 40)
+    paths, boxes = write_lesion_phantoms(tmp_path / "lesions", tmp_path / "boxes.csv", volumes=1, slices=3,
+                                         lesions_per_volume=0, shape=shape, recon_size=recon, progress=False)
+    (plain,) = write_phantom_volumes(tmp_path / "plain", 1, 3, shape=shape, recon_size=recon, progress=False)
+    assert boxes == []
+    with h5py.File(paths[0], "r") as a, h5py.File(plain, "r") as b:
+        for key in ("kspace", "reconstruction_esc", "ismrmrd_header"):
+            assert np.array_equal(a[key][()], b[key][()]), key
+        assert {k: b.attrs[k] for k in b.attrs} == {k: a.attrs[k] for k in b.attrs}
+    # With lesions, only the slices that got one change.
+    vol = kp.generate_knee_volume(0, 3, shape, recon)
+    image, lesions = plant_lesions(vol, 1, seed=3)
+    untouched = [s for s in range(3) if s not in {lesion.slice for lesion in lesions}]
+    assert len(untouched) == 2 and torch.equal(image[untouched], vol.image[untouched])
 
 
 VOLS = {"file_a": (4, (64, 64))}

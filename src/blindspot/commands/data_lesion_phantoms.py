@@ -12,7 +12,7 @@ import argparse
 from collections import Counter
 from pathlib import Path
 
-from blindspot.commands.data_phantoms import _non_negative, add_volume_arguments
+from blindspot.commands.data_phantoms import add_volume_arguments, non_negative_int
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,9 +43,9 @@ def register(subparsers) -> None:
     parser.add_argument("--out", required=True, type=Path, help="output folder for the .h5 volumes")
     parser.add_argument("--boxes", required=True, type=Path, metavar="CSV",
                         help="bounding-box file to write (.csv or .json), outside --out")
-    parser.add_argument("--lesions", type=_non_negative, default=3, help="lesions per volume (default 3)")
+    parser.add_argument("--lesions", type=non_negative_int, default=3, help="lesions per volume (default 3)")
     parser.add_argument("--kinds", nargs="+", choices=LESION_KINDS, default=list(LESION_KINDS),
                         help="lesion kinds, cycled through (default: all)")
-    parser.add_argument("--lesion-seed", type=_non_negative, default=0, help="seed of the lesions (default 0)")
+    parser.add_argument("--lesion-seed", type=non_negative_int, default=0, help="seed of the lesions (default 0)")
     add_volume_arguments(parser)
     parser.set_defaults(func=run)

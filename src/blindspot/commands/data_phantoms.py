@@ -15,7 +15,9 @@ from typing import Sequence
 import h5py
 import numpy as np
 
-from blindspot.data.knee_phantom import CHALLENGES, FASTMRI_KNEE_SHAPE, FASTMRI_RECON_SIZE, write_phantom_volumes
+from blindspot.data.fastmri import CHALLENGES
+from blindspot.data.knee_files import write_phantom_volumes
+from blindspot.data.knee_phantom import FASTMRI_KNEE_SHAPE, FASTMRI_RECON_SIZE
 from blindspot.errors import BlindspotError
 from blindspot.fileio import atomic_write_bytes
 
@@ -78,14 +80,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
+    """``argparse`` type: an integer of at least 1."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
 
 
-def _non_negative(text: str) -> int:
+def non_negative_int(text: str) -> int:
+    """``argparse`` type: an integer of at least 0."""
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be non-negative, got {value}")
@@ -94,15 +98,15 @@ def _non_negative(text: str) -> int:
 
 def add_volume_arguments(parser: argparse.ArgumentParser) -> None:
     """What every phantom writer asks for: ``--volumes --slices --seed --shape --recon-size --challenge --coils``."""
-    parser.add_argument("--volumes", type=_positive, default=4, help="number of volumes (default 4)")
-    parser.add_argument("--slices", type=_positive, default=35, help="slices per volume (default 35)")
-    parser.add_argument("--seed", type=_non_negative, default=0, help="seed of the first volume (default 0)")
-    parser.add_argument("--shape", type=_positive, nargs=2, metavar=("H", "W"), default=list(FASTMRI_KNEE_SHAPE),
+    parser.add_argument("--volumes", type=positive_int, default=4, help="number of volumes (default 4)")
+    parser.add_argument("--slices", type=positive_int, default=35, help="slices per volume (default 35)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the first volume (default 0)")
+    parser.add_argument("--shape", type=positive_int, nargs=2, metavar=("H", "W"), default=list(FASTMRI_KNEE_SHAPE),
                         help="k-space size, rows (readout) and columns (phase encode); default 640 368")
-    parser.add_argument("--recon-size", type=_positive, nargs=2, metavar=("h", "w"),
+    parser.add_argument("--recon-size", type=positive_int, nargs=2, metavar=("h", "w"),
                         default=list(FASTMRI_RECON_SIZE), help="reconstruction crop (default 320 320)")
     parser.add_argument("--challenge", choices=CHALLENGES, default="singlecoil")
-    parser.add_argument("--coils", type=_positive, default=8, help="coils of multi-coil volumes (default 8)")
+    parser.add_argument("--coils", type=positive_int, default=8, help="coils of multi-coil volumes (default 8)")
 
 
 def register(subparsers) -> None:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from blindspot.errors import BlindspotError, PathLike
 
@@ -386,8 +387,6 @@ def read_dicom_series(
     Files are read twice: headers first (to check and sort them before decoding anything), then each image is
     decoded straight into its place in ``volume`` (peak memory ≈ the volume plus one image).
     """
-    from tqdm.auto import tqdm
-
     if isinstance(folder, (str, Path)):
         source = Path(folder)
         paths = list_dicom_files(source, recursive=recursive)

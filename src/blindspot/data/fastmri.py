@@ -42,6 +42,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from blindspot.data.sample import KspaceTransform, MRISample
 from blindspot.errors import BlindspotError, PathLike
@@ -492,8 +493,6 @@ class FastMRISliceDataset(Dataset):
         mask_padding: bool = True,
         progress: bool | None = None,
     ) -> None:
-        from tqdm.auto import tqdm
-
         self.root = Path(root)
         self.mask_func = mask_func
         self.challenge = challenge
@@ -600,8 +599,6 @@ class FastMRISliceDataset(Dataset):
 
     def check(self, progress: bool | None = None) -> int:
         """Read every slice (k-space and target) and raise on the first bad one; returns the number read."""
-        from tqdm.auto import tqdm
-
         for i in tqdm(range(len(self)), desc="reading slices", unit="slice", disable=_disable(progress)):
             self.read_slice(i)
         return len(self)

@@ -43,7 +43,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from blindspot.data.dicom import INDEX_FILE_NAMES, check_pixel_data, is_dicom_file, open_dicom, read_dicom
 from blindspot.data.sample import KspaceTransform, MRISample
@@ -99,8 +101,6 @@ def find_image_files(root: PathLike) -> list[tuple[Path, str, str]]:
 # Reading each kind
 # ------------------------------------------------------------------------------------------------------------------
 def _open_png(path: Path):
-    from PIL import Image, UnidentifiedImageError
-
     try:
         img = Image.open(path)
         img.verify()  # checks the chunks and their CRCs without decoding
@@ -252,8 +252,6 @@ class ImageDataset(Dataset):
         use_seed: bool = True,
         progress: bool | None = None,
     ) -> None:
-        from tqdm.auto import tqdm
-
         if resize not in RESIZE_MODES:
             raise BlindspotError(None, f"unknown resize mode {resize!r}; choose from {list(RESIZE_MODES)}")
         if size is not None:
@@ -334,8 +332,6 @@ class ImageDataset(Dataset):
 
     def check(self, progress: bool | None = None) -> int:
         """Read every image and raise on the first bad one; returns the number read."""
-        from tqdm.auto import tqdm
-
         disable = None if progress is None else not progress
         for i in tqdm(range(len(self)), desc="reading images", unit="image", disable=disable):
             self.read_image(i)

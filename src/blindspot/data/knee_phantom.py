@@ -26,27 +26,25 @@ memory, not the result); every structure but the soft-tissue envelope is evaluat
 (slices, rows, columns), fields that depend on the vertical position alone are computed once per volume, and smooth
 fields (coil sensitivities, phase) on a coarse grid that is then interpolated. ``benchmarks/knee_phantom_speed.py``
 measures it (about 30 ms of one CPU thread per 640×368 slice, 12 ms per 320×320 slice).
+
+Entry points: :func:`generate_knee_volume` renders a volume (:class:`KneeVolume`); :class:`KneeRenderer` exposes its
+parts (anatomy, textures, receive fields) for generators that re-render the same knee
+(:mod:`blindspot.data.lesion_phantom`); :mod:`blindspot.data.knee_files` writes volumes as fastMRI HDF5 files.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import math
-import os
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
-import h5py
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from blindspot.data.fastmri import write_fastmri_h5
 from blindspot.errors import BlindspotError
 from blindspot.physics.mri import center_crop, fft2c, ifft2c, rss
 
@@ -141,15 +139,19 @@ class KneeParams:
     contrast: Contrast = field(repr=False, default=None)  # type: ignore[assignment]
 
 
-def _seed_int(*parts: Any) -> int:
-    """A 63-bit integer seed derived from ``parts`` (stable across runs and platforms)."""
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit integer seed derived from ``parts`` (joined by ``":"`` as text; stable across runs and platforms).
+
+    Every random draw of a phantom is seeded this way, e.g. ``derive_seed("knee-slice", seed, i, S)`` for slice
+    ``i`` of volume ``seed``, so a new kind of draw gets its own stream by its own first part.
+    """
     digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 def draw_knee_params(seed: int, acquisition: str | None = None) -> KneeParams:
     """The anatomy, pose and contrast of volume ``seed`` (``acquisition=None``: PD or PDFS with equal odds)."""
-    g = torch.Generator().manual_seed(_seed_int("knee-params", int(seed)))
+    g = torch.Generator().manual_seed(derive_seed("knee-params", int(seed)))
 
     def u(lo: float, hi: float) -> float:
         return lo + (hi - lo) * float(torch.rand((), generator=g))
@@ -402,12 +404,19 @@ def _texture_filters(
     return filters.to(device), _resolved_fraction(H, W, dy, dx, fibre).sqrt().to(device)
 
 
-def _textures(gens: Sequence[torch.Generator], bank: tuple[Tensor, Tensor], W: int) -> tuple[Tensor, ...]:
-    """Per-slice texture fields ``(fine, mid, coarse, fibres)``, each ``(S, H, W)`` float32 with zero mean and
-    unit std over each slice (less where the grid cannot resolve the texture): the :func:`_texture_filters` applied
-    to one white complex spectrum per slice, drawn from that slice's generator (so a slice's textures do not depend
-    on the other slices).
-    """
+class KneeTextures(NamedTuple):
+    """Per-slice tissue textures, each ``(s, H, W)`` float32 with zero mean and unit std over each slice (less where
+    the pixels are too coarse to resolve the texture), from :meth:`KneeRenderer.textures`."""
+
+    fine: Tensor  #: trabecular-scale band-pass, period ≈ 1.6 mm
+    mid: Tensor  #: septa-scale low-pass, ≈ 4 mm
+    coarse: Tensor  #: patch-scale low-pass, ≈ 12 mm
+    fibres: Tensor  #: muscle fibres, elongated along the volume's fibre direction
+
+
+def _textures(gens: Sequence[torch.Generator], bank: tuple[Tensor, Tensor], W: int) -> KneeTextures:
+    """The :func:`_texture_filters` applied to one white complex spectrum per slice, drawn from that slice's
+    generator (so a slice's textures do not depend on the other slices)."""
     filters, resolved = bank
     _, H, Wf = filters.shape
     spec = torch.stack([torch.randn(2, H, Wf, generator=g, device=filters.device) for g in gens])  # (S, 2, H, Wf)
@@ -418,7 +427,7 @@ def _textures(gens: Sequence[torch.Generator], bank: tuple[Tensor, Tensor], W: i
         field = torch.fft.irfft2(spec * filt, s=(H, W))
         std = field[:, ::step_h, ::step_w].std(dim=(-2, -1), keepdim=True)  # a sub-grid estimate is plenty
         out.append(field.mul_(keep / std.clamp_min(1e-12)))
-    return tuple(out)  # type: ignore[return-value]
+    return KneeTextures(*out)
 
 
 #: Muscle bellies that reach into the periarticular fat, as (centre, radii) ellipsoids in the knee frame, mm.
@@ -430,7 +439,7 @@ _MUSCLES: tuple[tuple[tuple[float, float, float], tuple[float, float, float]], .
 )
 
 
-def _render_anatomy(fr: _Frame, tex: tuple[Tensor, Tensor, Tensor, Tensor]) -> Tensor:
+def _render_anatomy(fr: _Frame, tex: KneeTextures) -> Tensor:
     """Noise-free, unshaded magnitude of the knee ``(S, H, W)`` float32 (relative signal, fat / fluid ≈ 1).
 
     Tissues are painted back to front with anti-aliased masks; every structure but the soft-tissue envelope is
@@ -823,6 +832,119 @@ def reconstruction_from_kspace(kspace: Tensor, recon_size: Sequence[int]) -> Ten
     return out.to(torch.float32)
 
 
+class KneeRenderer:
+    """Renders the sections of one knee volume: its noise-free anatomy, tissue textures and receive fields.
+
+    :func:`generate_knee_volume` composes these into ``image = anatomy × receive field + noise``; other generators
+    (the lesion phantoms of :mod:`blindspot.data.lesion_phantom`) use them to render the same knee again, e.g. with
+    only one tissue lit. The same seed, parameters, geometry and slice positions give bit-identical fields on the
+    CPU, so a re-rendered knee matches the generated one exactly. Fields that depend on the volume alone (knee-frame
+    coordinates of the slice plane, texture filters, the coarse grid of the coil fields) are computed once here.
+
+    Args:
+        seed: the volume seed (seeds each section's texture and noise generator).
+        params: the volume's anatomy, pose and contrast (:func:`draw_knee_params`).
+        geometry: image size, reconstruction crop and pixel spacing (:func:`phantom_geometry`).
+        slice_positions_mm: ``(S,)`` section positions along the slice axis, mm, ascending
+            (:func:`slice_positions_mm`).
+        device: where to render.
+
+    Attributes:
+        knee_y: knee-frame vertical position of every pixel, ``(1, H, W)`` float32 mm (0 at the joint line,
+            positive inferior); the same in every section.
+    """
+
+    def __init__(
+        self,
+        seed: int,
+        params: KneeParams,
+        geometry: PhantomGeometry,
+        slice_positions_mm: Tensor,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        p = params
+        self.seed, self.params, self.geometry = int(seed), p, geometry
+        self.device = torch.device(device)
+        self.slice_positions_mm = slice_positions_mm.cpu()
+        H, W = geometry.shape
+        x, y = geometry.x.to(self.device), geometry.y.to(self.device)
+        self._aa = min(geometry.dx, geometry.dy) / p.scale
+        ct, st = math.cos(p.theta), math.sin(p.theta)
+        xr, yr = x.reshape(1, 1, W) - p.x0, y.reshape(1, H, 1) - p.y0
+        self._x_along = ct * xr + st * yr  # (1, H, W): scanner frame rotated in-plane, before the slice rotation
+        self.knee_y = (-st * xr + ct * yr) / p.scale
+        self._y_fields = _y_fields(self.knee_y, p)
+        self._texture_bank = _texture_filters(H, W, geometry.dy / p.scale, geometry.dx / p.scale,
+                                              p.theta + p.fibre_angle, self.device)
+        coarse_h, coarse_w = max(4, -(-H // 8)), max(4, -(-W // 8))
+        self._coarse_y = torch.linspace(float(y[0]), float(y[-1]), coarse_h, device=self.device)
+        self._coarse_x = torch.linspace(float(x[0]), float(x[-1]), coarse_w, device=self.device)
+
+    @classmethod
+    def for_volume(cls, volume: KneeVolume) -> KneeRenderer:
+        """The renderer that made ``volume``, on the volume's device."""
+        geometry = phantom_geometry(volume.image.shape[-2:], volume.recon_size)
+        return cls(volume.seed, volume.params, geometry, volume.slice_positions_mm, volume.image.device)
+
+    @property
+    def num_slices(self) -> int:
+        return self.slice_positions_mm.numel()
+
+    def chunks(self, chunk_pixels: int, channels: int = 1) -> Iterator[tuple[int, int]]:
+        """Slice ranges ``(start, stop)`` covering the volume, about ``chunk_pixels`` pixels each (``channels``
+        values per pixel, e.g. coils) and at least one section."""
+        H, W = self.geometry.shape
+        step = max(1, int(chunk_pixels) // (H * W * int(channels)))
+        for start in range(0, self.num_slices, step):
+            yield start, min(self.num_slices, start + step)
+
+    def slice_generators(self, start: int, stop: int) -> list[torch.Generator]:
+        """One generator per section ``start … stop − 1``, seeded by (volume seed, section, ``S``): it draws the
+        section's textures (:meth:`textures`), then its noise (:func:`generate_knee_volume`)."""
+        S = self.num_slices
+        return [torch.Generator(device=self.device).manual_seed(derive_seed("knee-slice", self.seed, i, S))
+                for i in range(start, stop)]
+
+    def textures(self, generators: Sequence[torch.Generator]) -> KneeTextures:
+        """The tissue textures of the sections whose :meth:`slice_generators` these are, each ``(s, H, W)``."""
+        return _textures(generators, self._texture_bank, self.geometry.shape[1])
+
+    def anatomy(self, start: int, stop: int, textures: KneeTextures, contrast: Contrast | None = None) -> Tensor:
+        """Noise-free, unshaded magnitude of sections ``start … stop − 1``, ``(s, H, W)`` float32 in relative signal
+        units (fat in proton density, fluid with fat suppression ≈ 1).
+
+        Args:
+            start, stop: the sections.
+            textures: their :meth:`textures`.
+            contrast: tissue signals to render with instead of the volume's own (e.g. one tissue at 1, the others
+                at 0, for a map of where that tissue shows).
+        """
+        p = self.params if contrast is None else dataclasses.replace(self.params, contrast=contrast)
+        cb, sb = math.cos(p.beta), math.sin(p.beta)
+        z = self.slice_positions_mm[start:stop]
+        zr = (z.to(self.device) - p.z0).reshape(-1, 1, 1)
+        X = (cb * self._x_along + sb * zr) / p.scale * p.side
+        Z = (-sb * self._x_along + cb * zr) / p.scale
+        frame = _Frame(X, self.knee_y, Z, p, self._aa, self.geometry.x, self.geometry.y, z, self._y_fields)
+        return _render_anatomy(frame, textures)
+
+    def receive_field(self, start: int, stop: int, num_coils: int | None) -> Tensor:
+        """Complex64 receive field of sections ``start … stop − 1``: ``(s, H, W)`` single-coil shading × background
+        phase (``num_coils=None``), or ``(s, C, H, W)`` coil sensitivities of ``C = num_coils`` coils.
+
+        Smooth fields are computed on a coarse grid (about every 8th pixel) and interpolated bilinearly.
+        """
+        H, W = self.geometry.shape
+        C = 1 if num_coils is None else int(num_coils)
+        z = self.slice_positions_mm[start:stop].to(self.device)
+        fields = _coil_fields(self.params, self._coarse_x, self._coarse_y, z, num_coils)  # (s, C, h', w') complex
+        s, _, coarse_h, coarse_w = fields.shape
+        fields = torch.view_as_real(fields).permute(0, 1, 4, 2, 3).reshape(s, -1, coarse_h, coarse_w)
+        fields = F.interpolate(fields, size=(H, W), mode="bilinear", align_corners=True).reshape(s, C, 2, H, W)
+        sens = torch.complex(fields[:, :, 0], fields[:, :, 1])
+        return sens[:, 0] if num_coils is None else sens
+
+
 def generate_knee_volume(
     seed: int,
     num_slices: int,
@@ -859,49 +981,20 @@ def generate_knee_volume(
     geo = phantom_geometry(shape, recon_size)
     device = torch.device(device)
     p = draw_knee_params(int(seed), acquisition)
-    H, W = geo.shape
     z_all = slice_positions_mm(int(num_slices), 0.0)
+    renderer = KneeRenderer(int(seed), p, geo, z_all, device)
     S = z_all.numel()
     C = 1 if num_coils is None else int(num_coils)
-    out_shape = (S, H, W) if num_coils is None else (S, C, H, W)
+    out_shape = (S, *geo.shape) if num_coils is None else (S, C, *geo.shape)
     image = torch.empty(out_shape, dtype=torch.complex64, device=device)
     keep_sens = num_coils is not None and return_sensitivities
     sens_all = torch.empty(out_shape, dtype=torch.complex64, device=device) if keep_sens else None
-    x, y = geo.x.to(device), geo.y.to(device)
-    aa = min(geo.dx, geo.dy) / p.scale
-    # Knee-frame coordinates of the slice plane (in-plane part shared by every slice).
-    ct, st, cb, sb = math.cos(p.theta), math.sin(p.theta), math.cos(p.beta), math.sin(p.beta)
-    xr, yr = x.reshape(1, 1, W) - p.x0, y.reshape(1, H, 1) - p.y0
-    Xa = ct * xr + st * yr  # (1, H, W)
-    Y = (-st * xr + ct * yr) / p.scale
-    coarse_h, coarse_w = max(4, -(-H // 8)), max(4, -(-W // 8))
-    yc = torch.linspace(float(y[0]), float(y[-1]), coarse_h, device=device)
-    xc = torch.linspace(float(x[0]), float(x[-1]), coarse_w, device=device)
-    chunk = max(1, int(chunk_pixels) // (H * W * C))
-    texture_bank = _texture_filters(H, W, geo.dy / p.scale, geo.dx / p.scale, p.theta + p.fibre_angle, device)
-    yfields = _y_fields(Y, p)
     # Multi-coil: each coil's noise is σ/√C so the root-sum-of-squares image has the single-coil SNR.
     noise_std = p.contrast.noise / math.sqrt(C)
-    for start in range(0, S, chunk):
-        stop = min(S, start + chunk)
-        z = z_all[start:stop].to(device)
-        zr = (z - p.z0).reshape(-1, 1, 1)
-        Xk = (cb * Xa + sb * zr) / p.scale * p.side
-        Zk = (-sb * Xa + cb * zr) / p.scale
-        gens = [torch.Generator(device=device).manual_seed(_seed_int("knee-slice", int(seed), i, S))
-                for i in range(start, stop)]
-        tex = _textures(gens, texture_bank, W)
-        frame = _Frame(Xk, Y, Zk, p, aa, geo.x, geo.y, z_all[start:stop], yfields)
-        anatomy = _render_anatomy(frame, tex)  # (s, H, W)
-        del frame, tex, Xk, Zk
-        fields = _coil_fields(p, xc, yc, z, num_coils)  # (s, C, h', w') complex
-        fields = torch.view_as_real(fields).permute(0, 1, 4, 2, 3).reshape(fields.shape[0], -1, coarse_h, coarse_w)
-        fields = F.interpolate(fields, size=(H, W), mode="bilinear", align_corners=True)
-        fields = fields.reshape(fields.shape[0], C, 2, H, W)
-        sens = torch.complex(fields[:, :, 0], fields[:, :, 1])  # (s, C, H, W)
-        del fields
-        if num_coils is None:
-            sens = sens[:, 0]
+    for start, stop in renderer.chunks(chunk_pixels, C):
+        gens = renderer.slice_generators(start, stop)
+        anatomy = renderer.anatomy(start, stop, renderer.textures(gens))  # (s, H, W)
+        sens = renderer.receive_field(start, stop, num_coils)  # (s, H, W) or (s, C, H, W)
         noise = torch.stack([torch.randn(2, *sens.shape[1:], generator=g, device=device) for g in gens])
         noise = torch.complex(noise[:, 0], noise[:, 1]) * (noise_std / math.sqrt(2.0))
         obj = anatomy if num_coils is None else anatomy.unsqueeze(1)
@@ -923,143 +1016,6 @@ def generate_knee_volume(
     )
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# fastMRI-format files
-# ----------------------------------------------------------------------------------------------------------------
-ISMRMRD_NAMESPACE = "http://www.ismrm.org/ISMRMRD"
-CHALLENGES: tuple[str, str] = ("singlecoil", "multicoil")
-
-
-def fastmri_header_xml(
-    shape: Sequence[int],
-    recon_size: Sequence[int],
-    num_slices: int,
-    num_coils: int = 1,
-    pixel_spacing_mm: Sequence[float] | None = None,
-    slice_thickness_mm: float = SLICE_SPACING_MM,
-    acquisition: str = "CORPD_FBK",
-) -> bytes:
-    """An ISMRMRD XML header shaped like fastMRI's, for fully sampled Cartesian k-space ``(…, H, W)``.
-
-    ``encoding/encodedSpace/matrixSize`` is ``(x=H, y=W, z=1)`` (readout, phase encode), ``reconSpace/matrixSize``
-    ``(x=h, y=w, z=1)``; ``encodingLimits/kspace_encoding_step_1`` has ``maximum = W − 1`` and ``center = W // 2``,
-    so a fastMRI-style reader computes ``padding_left = W // 2 − center = 0`` and ``padding_right = W`` (every
-    column holds data). Fields of view are in mm (``pixel_spacing_mm`` defaults to 140 mm over ``recon_size``).
-    """
-    H, W = int(shape[0]), int(shape[1])
-    h, w = int(recon_size[0]), int(recon_size[1])
-    dy, dx = pixel_spacing_mm if pixel_spacing_mm is not None else (RECON_FOV_MM[0] / h, RECON_FOV_MM[1] / w)
-    ET.register_namespace("", ISMRMRD_NAMESPACE)
-    ns = f"{{{ISMRMRD_NAMESPACE}}}"
-
-    def sub(parent: ET.Element, tag: str, text: Any = None) -> ET.Element:
-        el = ET.SubElement(parent, ns + tag)
-        if text is not None:
-            el.text = f"{text:g}" if isinstance(text, float) else str(text)
-        return el
-
-    def xyz(parent: ET.Element, tag: str, x: Any, y: Any, z: Any) -> None:
-        el = sub(parent, tag)
-        sub(el, "x", x), sub(el, "y", y), sub(el, "z", z)
-
-    def limit(parent: ET.Element, tag: str, maximum: int, center: int) -> None:
-        el = sub(parent, tag)
-        sub(el, "minimum", 0), sub(el, "maximum", maximum), sub(el, "center", center)
-
-    root = ET.Element(ns + "ismrmrdHeader")
-    meas = sub(root, "measurementInformation")
-    sub(meas, "patientPosition", "FFS")
-    sub(meas, "protocolName", f"{acquisition} (blindspot synthetic knee phantom)")
-    system = sub(root, "acquisitionSystemInformation")
-    sub(system, "systemVendor", "blindspot")
-    sub(system, "systemModel", "synthetic knee phantom")
-    sub(system, "systemFieldStrength_T", 3.0)
-    sub(system, "receiverChannels", int(num_coils))
-    sub(sub(root, "experimentalConditions"), "H1resonanceFrequency_Hz", 127_730_000)
-    enc = sub(root, "encoding")
-    space = sub(enc, "encodedSpace")
-    xyz(space, "matrixSize", H, W, 1)
-    xyz(space, "fieldOfView_mm", round(H * dy, 4), round(W * dx, 4), float(slice_thickness_mm))
-    space = sub(enc, "reconSpace")
-    xyz(space, "matrixSize", h, w, 1)
-    xyz(space, "fieldOfView_mm", round(h * dy, 4), round(w * dx, 4), float(slice_thickness_mm))
-    sub(enc, "trajectory", "cartesian")
-    limits = sub(enc, "encodingLimits")
-    limit(limits, "kspace_encoding_step_1", W - 1, W // 2)
-    limit(limits, "kspace_encoding_step_2", 0, 0)
-    limit(limits, "slice", max(0, int(num_slices) - 1), int(num_slices) // 2)
-    limit(limits, "contrast", 0, 0)
-    limit(limits, "repetition", 0, 0)
-    seq = sub(root, "sequenceParameters")
-    fat_sat = acquisition == "CORPDFS_FBK"
-    sub(seq, "TR", 3000.0 if fat_sat else 2750.0)
-    sub(seq, "TE", 33.0 if fat_sat else 27.0)
-    sub(seq, "flipAngle_deg", 90.0)
-    sub(seq, "sequence_type", "TurboSpinEcho")
-    body = ET.tostring(root, encoding="utf-8")
-    return b'<?xml version="1.0" encoding="utf-8"?>\n' + body
-
-
-def write_fastmri_volume(
-    path: str | os.PathLike[str],
-    kspace: Tensor | np.ndarray,
-    reconstruction: Tensor | np.ndarray,
-    attrs: dict[str, Any],
-    header_xml: bytes,
-) -> Path:
-    """Write one volume as a fastMRI HDF5 file, atomically (temporary file in the same folder, then rename).
-
-    Checks the arrays and fills in ``max`` / ``norm``, then writes with
-    :func:`blindspot.data.fastmri.write_fastmri_h5` (the reader's own writer), so both agree on the layout.
-
-    Args:
-        path: the ``.h5`` file to write (parent folders are created).
-        kspace: complex64 ``(slices, H, W)`` (single-coil) or ``(slices, coils, H, W)`` (multi-coil).
-        reconstruction: float32 ``(slices, h, w)``; stored as ``reconstruction_esc`` (single-coil) or
-            ``reconstruction_rss`` (multi-coil).
-        attrs: file attributes; fastMRI's are ``acquisition``, ``patient_id``, ``max`` and ``norm`` (``max`` /
-            ``norm`` of the reconstruction are filled in when missing). Values must be str, int or float.
-        header_xml: the ``ismrmrd_header`` bytes (see :func:`fastmri_header_xml`).
-
-    Returns:
-        ``path``.
-    """
-    path = Path(path)
-    k = kspace.detach().cpu().numpy() if isinstance(kspace, Tensor) else np.asarray(kspace)
-    rec = reconstruction.detach().cpu().numpy() if isinstance(reconstruction, Tensor) else np.asarray(reconstruction)
-    k, rec = k.astype(np.complex64, copy=False), rec.astype(np.float32, copy=False)
-    if k.ndim not in (3, 4):
-        raise BlindspotError(path, f"k-space must be (slices, H, W) or (slices, coils, H, W), got {k.shape}")
-    if rec.ndim != 3 or rec.shape[0] != k.shape[0]:
-        raise BlindspotError(path, f"reconstruction must be (slices, h, w) with {k.shape[0]} slices, got {rec.shape}")
-    attrs = dict(attrs)
-    attrs.setdefault("max", float(rec.max()))
-    attrs.setdefault("norm", float(np.linalg.norm(rec.astype(np.float64))))
-    write_fastmri_h5(path, k, rec, header=bytes(header_xml), attrs=attrs)
-    return path
-
-
-def volume_arrays(volume: KneeVolume) -> tuple[Tensor, Tensor, dict[str, Any]]:
-    """What the fastMRI file of ``volume`` holds: ``(kspace, reconstruction, attrs)``.
-
-    ``kspace`` is complex64 ``F(image)`` (``(S, H, W)`` or ``(S, C, H, W)``), ``reconstruction`` the float32
-    ``(S, h, w)`` centre-cropped magnitude / RSS of ``ifft2c(kspace)``, and ``attrs`` the file attributes
-    (``acquisition``, ``patient_id``, ``max``, ``norm``, plus ``phantom_seed`` and ``phantom_version``). The
-    writer and :class:`~blindspot.data.phantom_dataset.PhantomDataset` both use this, so they agree exactly.
-    """
-    kspace = volume.kspace()
-    rec = reconstruction_from_kspace(kspace, volume.recon_size)
-    attrs: dict[str, Any] = {
-        "acquisition": volume.acquisition,
-        "patient_id": volume.patient_id,
-        "max": float(rec.max()),
-        "norm": float(torch.linalg.vector_norm(rec.to(torch.float64))),
-        "phantom_seed": int(volume.seed),
-        "phantom_version": int(GENERATOR_VERSION),
-    }
-    return kspace, rec, attrs
-
-
 def volume_seeds(seed: int, volumes: int) -> list[int]:
     """Seeds of the ``volumes`` phantoms of a data set with base ``seed``: ``seed, seed + 1, …``."""
     if int(volumes) < 1:
@@ -1067,67 +1023,3 @@ def volume_seeds(seed: int, volumes: int) -> list[int]:
     if int(seed) < 0:
         raise BlindspotError(None, f"phantom seed must be non-negative, got {seed}")
     return [int(seed) + v for v in range(int(volumes))]
-
-
-def _existing_matches(path: Path, vseed: int, kspace_shape: tuple[int, ...]) -> bool:
-    """Whether ``path`` already holds phantom ``vseed`` with this k-space shape and generator version (resume)."""
-    try:
-        with h5py.File(path, "r") as hf:
-            return (
-                int(hf.attrs.get("phantom_seed", -1)) == vseed
-                and int(hf.attrs.get("phantom_version", -1)) == GENERATOR_VERSION
-                and tuple(hf["kspace"].shape) == kspace_shape
-                and ("reconstruction_esc" in hf or "reconstruction_rss" in hf)
-                and "ismrmrd_header" in hf
-            )
-    except (OSError, KeyError, ValueError):
-        return False
-
-
-def write_phantom_volumes(
-    out_dir: str | os.PathLike[str],
-    volumes: int,
-    slices: int,
-    seed: int = 0,
-    shape: Sequence[int] = FASTMRI_KNEE_SHAPE,
-    challenge: str = "singlecoil",
-    num_coils: int = 8,
-    recon_size: Sequence[int] = FASTMRI_RECON_SIZE,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> list[Path]:
-    """Write ``volumes`` synthetic knee volumes as fastMRI HDF5 files in ``out_dir``.
-
-    Volume ``v`` has seed ``seed + v`` and file name :func:`phantom_fname` (``file_phantom_000123.h5``). A file
-    that already holds the same phantom (seed, shape, generator version) is kept, so an interrupted run resumes;
-    ``overwrite=True`` rewrites everything. Single-coil files hold ``kspace`` ``(slices, H, W)`` and
-    ``reconstruction_esc``; multi-coil files ``kspace`` ``(slices, num_coils, H, W)`` and ``reconstruction_rss``.
-
-    Returns:
-        The paths of all ``volumes`` files, in order.
-    """
-    if challenge not in CHALLENGES:
-        raise BlindspotError(None, f"unknown challenge {challenge!r}; choose from {list(CHALLENGES)}")
-    if int(slices) < 1:
-        raise BlindspotError(None, f"need at least one slice, got {slices}")
-    if challenge == "multicoil" and int(num_coils) < 1:
-        raise BlindspotError(None, f"number of coils must be at least 1, got {num_coils}")
-    geo = phantom_geometry(shape, recon_size)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise BlindspotError(out_dir, "exists and is not a folder")
-    coils = None if challenge == "singlecoil" else int(num_coils)
-    k_shape = (int(slices), *geo.shape) if coils is None else (int(slices), coils, *geo.shape)
-    paths = []
-    for vseed in tqdm(volume_seeds(seed, volumes), desc="phantom volumes", unit="vol", disable=not progress):
-        path = out_dir / phantom_fname(vseed)
-        if not overwrite and path.exists() and _existing_matches(path, vseed, k_shape):
-            paths.append(path)
-            continue
-        vol = generate_knee_volume(vseed, int(slices), geo.shape, geo.recon_size, num_coils=coils)
-        kspace, rec, attrs = volume_arrays(vol)
-        header = fastmri_header_xml(geo.shape, geo.recon_size, int(slices), vol.num_coils, vol.pixel_spacing_mm,
-                                    acquisition=vol.acquisition)
-        paths.append(write_fastmri_volume(path, kspace, rec, attrs, header))
-        del vol, kspace, rec
-    return paths

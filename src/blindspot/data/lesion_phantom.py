@@ -32,11 +32,11 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from blindspot.data import knee_phantom as kp
+from blindspot.data.knee_files import challenge_coils, write_volume_file
 from blindspot.data.lesions import LesionBox, write_annotations
 from blindspot.errors import BlindspotError
 
@@ -77,56 +77,22 @@ def tissue_maps(volume: kp.KneeVolume, tissues: Sequence[str], chunk_pixels: int
         tissues: field names of :class:`~blindspot.data.knee_phantom.Contrast` (``"cartilage"``, ``"meniscus"``,
             ``"marrow"``, …).
     """
-    p = volume.params
+    renderer = kp.KneeRenderer.for_volume(volume)
+    contrasts = [_one_hot_contrast(volume.params.contrast, t) for t in tissues]
     H, W = volume.image.shape[-2:]
-    geo = kp.phantom_geometry((H, W), volume.recon_size)
-    device = volume.image.device
-    S = volume.slice_positions_mm.numel()
-    x, y = geo.x.to(device), geo.y.to(device)
-    aa = min(geo.dx, geo.dy) / p.scale
-    ct, st, cb, sb = math.cos(p.theta), math.sin(p.theta), math.cos(p.beta), math.sin(p.beta)
-    xr, yr = x.reshape(1, 1, W) - p.x0, y.reshape(1, H, 1) - p.y0
-    Xa = ct * xr + st * yr
-    Y = (-st * xr + ct * yr) / p.scale
-    bank = kp._texture_filters(H, W, geo.dy / p.scale, geo.dx / p.scale, p.theta + p.fibre_angle, device)
-    yfields = kp._y_fields(Y, p)
-    variants = [dataclasses.replace(p, contrast=_one_hot_contrast(p.contrast, t)) for t in tissues]
-    out = torch.empty((len(tissues), S, H, W), dtype=torch.float32, device=device)
-    chunk = max(1, int(chunk_pixels) // (H * W))
-    z_all = volume.slice_positions_mm
-    for start in range(0, S, chunk):
-        stop = min(S, start + chunk)
-        zr = (z_all[start:stop].to(device) - p.z0).reshape(-1, 1, 1)
-        Xk = (cb * Xa + sb * zr) / p.scale * p.side
-        Zk = (-sb * Xa + cb * zr) / p.scale
-        gens = [torch.Generator(device=device).manual_seed(kp._seed_int("knee-slice", volume.seed, i, S))
-                for i in range(start, stop)]
-        tex = kp._textures(gens, bank, W)
-        for t, q in enumerate(variants):
-            frame = kp._Frame(Xk, Y, Zk, q, aa, geo.x, geo.y, z_all[start:stop], yfields)
-            out[t, start:stop] = kp._render_anatomy(frame, tex)
+    out = torch.empty((len(tissues), renderer.num_slices, H, W), dtype=torch.float32, device=renderer.device)
+    for start, stop in renderer.chunks(chunk_pixels):
+        textures = renderer.textures(renderer.slice_generators(start, stop))
+        for t, contrast in enumerate(contrasts):
+            out[t, start:stop] = renderer.anatomy(start, stop, textures, contrast)
     return out
 
 
 def receive_field(volume: kp.KneeVolume) -> Tensor:
     """The volume's receive field: complex64 ``(S, H, W)`` single-coil shading × phase, or ``(S, C, H, W)``
     coil sensitivities (the image is ``anatomy × field + noise``), computed as the generator computes it."""
-    p = volume.params
-    H, W = volume.image.shape[-2:]
-    geo = kp.phantom_geometry((H, W), volume.recon_size)
-    device = volume.image.device
-    x, y = geo.x.to(device), geo.y.to(device)
-    ch, cw = max(4, -(-H // 8)), max(4, -(-W // 8))
-    yc = torch.linspace(float(y[0]), float(y[-1]), ch, device=device)
-    xc = torch.linspace(float(x[0]), float(x[-1]), cw, device=device)
-    coils = None if volume.image.ndim == 3 else volume.num_coils
-    C = 1 if coils is None else coils
-    f = kp._coil_fields(p, xc, yc, volume.slice_positions_mm.to(device), coils)  # (S, C, ch, cw)
-    S = f.shape[0]
-    f = torch.view_as_real(f).permute(0, 1, 4, 2, 3).reshape(S, -1, ch, cw)
-    f = F.interpolate(f, size=(H, W), mode="bilinear", align_corners=True).reshape(S, C, 2, H, W)
-    sens = torch.complex(f[:, :, 0], f[:, :, 1])
-    return sens[:, 0] if coils is None else sens
+    renderer = kp.KneeRenderer.for_volume(volume)
+    return renderer.receive_field(0, renderer.num_slices, None if volume.image.ndim == 3 else volume.num_coils)
 
 
 def _lesion_signal(kind: str, c: kp.Contrast) -> tuple[str, float, float]:
@@ -236,14 +202,10 @@ def plant_lesions(
     top, left = (H - h) // 2, (W - w) // 2  # the crop's corner, as blindspot.physics.mri.center_crop takes it
     dy, dx = volume.pixel_spacing_mm
     device = image.device
-    g = torch.Generator().manual_seed(kp._seed_int("lesions", volume.seed, int(seed)))
+    g = torch.Generator().manual_seed(kp.derive_seed("lesions", volume.seed, int(seed)))
     rows = torch.arange(H, dtype=torch.float32, device=device).reshape(H, 1)
     cols = torch.arange(W, dtype=torch.float32, device=device).reshape(1, W)
-    # Knee-frame Y (mm, 0 at the joint line): bone-marrow lesions stay subchondral.
-    p = volume.params
-    geo = kp.phantom_geometry((H, W), volume.recon_size)
-    xs, ys = geo.x.to(device).reshape(1, W) - p.x0, geo.y.to(device).reshape(H, 1) - p.y0
-    knee_y = (-math.sin(p.theta) * xs + math.cos(p.theta) * ys) / p.scale
+    knee_y = kp.KneeRenderer.for_volume(volume).knee_y[0]  # (H, W) mm: bone-marrow lesions stay subchondral
     inside = torch.zeros(H, W, dtype=torch.bool, device=device)
     edge = 3  # keep centres 3 px inside the crop so the box stays in it
     inside[top + edge: top + h - edge, left + edge: left + w - edge] = True
@@ -313,31 +275,26 @@ def write_lesion_phantoms(
     """Write phantom volumes with planted lesions as fastMRI HDF5 files, and their boxes (CSV or JSON).
 
     Volume ``v`` has seed ``seed + v`` and file name ``file_phantom_{seed:06d}.h5`` (as
-    :func:`~blindspot.data.knee_phantom.write_phantom_volumes`; the files also carry ``lesions`` and
+    :func:`~blindspot.data.knee_files.write_phantom_volumes`; the files also carry ``lesions`` and
     ``lesion_seed`` attributes). The boxes file must lie outside ``out_dir`` (a fastMRI folder holds only ``.h5``).
 
     Returns:
         ``(paths, boxes)``.
     """
-    if challenge not in kp.CHALLENGES:
-        raise BlindspotError(None, f"unknown challenge {challenge!r}; choose from {list(kp.CHALLENGES)}")
+    coils = challenge_coils(challenge, num_coils)
     out_dir, boxes_path = Path(out_dir), Path(boxes_path)
     if boxes_path.resolve().parent == out_dir.resolve() or out_dir.resolve() in boxes_path.resolve().parents:
         raise BlindspotError(boxes_path, "the boxes file must lie outside the data folder (it holds only .h5 files)")
     if out_dir.exists() and not out_dir.is_dir():
         raise BlindspotError(out_dir, "exists and is not a folder")
     geo = kp.phantom_geometry(shape, recon_size)
-    coils = None if challenge == "singlecoil" else int(num_coils)
     paths, boxes = [], []
     for vseed in tqdm(kp.volume_seeds(seed, volumes), desc="lesion phantoms", unit="vol", disable=not progress):
         vol = kp.generate_knee_volume(vseed, int(slices), geo.shape, geo.recon_size, num_coils=coils)
         image, planted = plant_lesions(vol, lesions_per_volume, lesion_seed, kinds, fname=vol.fname)
         vol = dataclasses.replace(vol, image=image)
-        kspace, rec, attrs = kp.volume_arrays(vol)
-        attrs.update(lesions=len(planted), lesion_seed=int(lesion_seed))
-        header = kp.fastmri_header_xml(geo.shape, geo.recon_size, int(slices), vol.num_coils, vol.pixel_spacing_mm,
-                                       acquisition=vol.acquisition)
-        paths.append(kp.write_fastmri_volume(out_dir / vol.fname, kspace, rec, attrs, header))
+        extra = {"lesions": len(planted), "lesion_seed": int(lesion_seed)}
+        paths.append(write_volume_file(out_dir / vol.fname, vol, extra))
         boxes.extend(p.box for p in planted)
     write_annotations(boxes_path, boxes)
     return paths, boxes

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 from blindspot.data.dicom import INDEX_FILE_NAMES
 from blindspot.data.fastmri import HDF5_SUFFIXES, FastMRISliceDataset
 from blindspot.data.images import ImageDataset, image_kind
+from blindspot.data.phantom_dataset import PhantomDataset
 from blindspot.errors import BlindspotError, PathLike
 from blindspot.physics.mri import MaskFunc
 
@@ -96,8 +97,6 @@ def open_mri_dataset(
     options = {k: v for k, v in options.items() if v is not None}
     kind = detect_kind(path)
     if kind == PHANTOMS:
-        from blindspot.data.phantom_dataset import PhantomDataset
-
         return PhantomDataset(mask_func=mask_func, crop=crop, **options)
     unknown = sorted(set(options) - OPTIONS[kind])
     if unknown:

@@ -1,9 +1,10 @@
 """The built-in synthetic knee phantoms as an in-memory slice data set.
 
 :class:`PhantomDataset` yields exactly the :class:`~blindspot.data.sample.MRISample` objects that reading the files
-written by :func:`~blindspot.data.knee_phantom.write_phantom_volumes` with the fastMRI slice reader would give: the
+written by :func:`~blindspot.data.knee_files.write_phantom_volumes` with the fastMRI slice reader would give: the
 same k-space (``F`` of the complex phantom image, complex64), the same stored target (``reconstruction_esc`` /
-``reconstruction_rss``), the same file name (which seeds the mask, as in fastMRI), the same ``max_value``, the same crop (the requested one capped to the k-space and target sizes, else the reconstruction size) and the same
+``reconstruction_rss``), the same file name (which seeds the mask, as in fastMRI), the same ``max_value``, the
+same crop (the requested one capped to the k-space and target sizes, else the reconstruction size) and the same
 ``attrs`` (``max``, ``norm``, ``acquisition``, ``patient_id``, ``challenge``, ``padding``, ``crop``; only the reader's
 ``path`` is absent), all passed through the same :class:`~blindspot.data.sample.KspaceTransform`.
 
@@ -22,14 +23,13 @@ from typing import Any, Sequence
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from blindspot.data.knee_files import challenge_coils, volume_arrays
 from blindspot.data.knee_phantom import (
-    CHALLENGES,
     FASTMRI_KNEE_SHAPE,
     FASTMRI_RECON_SIZE,
-    phantom_geometry,
     generate_knee_volume,
     phantom_fname,
-    volume_arrays,
+    phantom_geometry,
     volume_seeds,
 )
 from blindspot.data.sample import KspaceTransform, MRISample
@@ -83,19 +83,15 @@ class PhantomDataset(Dataset):
         recon_size: Sequence[int] = FASTMRI_RECON_SIZE,
         use_seed: bool = True,
     ) -> None:
-        if challenge not in CHALLENGES:
-            raise BlindspotError(None, f"unknown challenge {challenge!r}; choose from {list(CHALLENGES)}")
+        self.num_coils = challenge_coils(challenge, num_coils)
         if int(slices) < 1:
             raise BlindspotError(None, f"need at least one slice per volume, got {slices}")
-        if challenge == "multicoil" and int(num_coils) < 1:
-            raise BlindspotError(None, f"number of coils must be at least 1, got {num_coils}")
         geo = phantom_geometry(shape, recon_size)
         self.seeds = volume_seeds(seed, volumes)
         self.slices = int(slices)
         self.shape = geo.shape
         self.recon_size = geo.recon_size
         self.challenge = challenge
-        self.num_coils = None if challenge == "singlecoil" else int(num_coils)
         if crop is not None and (len(tuple(crop)) != 2 or min(int(c) for c in crop) < 1):
             raise BlindspotError(None, f"crop must be two positive sizes (h, w), got {tuple(crop)}")
         want = self.recon_size if crop is None else (int(crop[0]), int(crop[1]))
@@ -106,7 +102,7 @@ class PhantomDataset(Dataset):
 
     @property
     def fnames(self) -> list[str]:
-        """File names of the volumes, as :func:`~blindspot.data.knee_phantom.write_phantom_volumes` writes them."""
+        """File names of the volumes, as :func:`~blindspot.data.knee_files.write_phantom_volumes` writes them."""
         return [phantom_fname(s) for s in self.seeds]
 
     def __len__(self) -> int:

@@ -6,9 +6,10 @@ At every optimisation step, for a seeded share ``fraction`` of the batch's image
 1. features are drawn exactly as the attack draws them (:class:`~blindspot.attacks.features.FeatureSampler` over the
    attack's :class:`~blindspot.attacks.features.Region`, intensities in each truth's own range), cycling through the
    configured ``families``;
-2. optionally the worst of ``candidates`` random features is kept (RS, scored by the attack loss with the model in
-   eval mode and no parameter gradients), and optionally refined by ``grad_steps`` signed gradient steps on its pixel
-   intensities inside its support (as :class:`~blindspot.attacks.search.GradientSearch`);
+2. optionally the worst of ``candidates`` random features is kept, by the attack's own
+   :class:`~blindspot.attacks.search.RandomSearch` (scored with the model in eval mode and no parameter gradients),
+   or refined by ``grad_steps`` signed gradient steps on its pixel intensities inside its support by the attack's
+   :class:`~blindspot.attacks.search.GradientSearch` (the best iterate kept);
 3. the clean inputs ``N(A(y))`` and the perturbed inputs ``N(A(y + δ'))`` go through the network in **one** call (so
    DDP sees one forward per step), and the loss is ``usual(clean) + weight · L_atk(perturbed)`` with
    ``L_atk = mean((T ⊙ (f(N(x')) − N(y')))²)`` on the feature's neighbourhood ``T`` — the attack's own definition
@@ -34,11 +35,12 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from blindspot.attacks.features import CENTER_FRACTION, FAMILIES, FeatureSampler, Region, candidate_keys
+from blindspot.attacks.features import CENTER_FRACTION, FAMILIES, FeatureSampler, Region
+from blindspot.attacks.search import GradientSearch, RandomSearch, Search
 from blindspot.attacks.fnaf import AttackContext, FnafObjective, subset_batch
 from blindspot.data.sample import MRIBatch
 from blindspot.errors import BlindspotError
-from blindspot.models.adapters import eval_mode, network_convention, reconstruct
+from blindspot.models.adapters import as_network, eval_mode, network_convention, reconstruct
 from blindspot.physics.mri import resample_mask
 
 ROBUST_SEARCHES: tuple[str, ...] = ("draw", "rs", "grad")
@@ -148,39 +150,40 @@ def make_examples(model: nn.Module, batch: MRIBatch, config: RobustConfig, objec
     perm = torch.randperm(B, generator=generator, device=generator.device)[:n].sort().values.cpu()
     sub = subset_batch(batch, perm.tolist())
     region = Region("center", fraction=config.region_fraction)
-    ctx = objective.prepare(model, sub, None, region, seed)
+    net = as_network(model)
+    ctx = objective.prepare(net, sub, None, region, seed)
     dev, shape = ctx.device, ctx.shape
     values = torch.zeros(n, 1, *shape, device=dev)
     support = torch.zeros(n, 1, *shape, dtype=torch.bool, device=dev)
-    k = config.candidates if config.search in ("rs", "grad") else 1
     with eval_mode(model):
         for j, family in enumerate(config.families):
             rows = torch.arange(j, n, len(config.families), device=dev)  # images of this family
             if len(rows) == 0:
                 continue
-            sampler = FeatureSampler(family)
-            keys = candidate_keys(ctx.image_keys.index_select(0, rows), torch.arange(k, dtype=torch.int64))
-            feats = sampler.sample(keys, ctx.region.index_select(0, rows), ctx.dynamic_range.index_select(0, rows))
-            v, s = feats.render(shape)  # (len(rows)·k, 1, h, w)
-            img = rows.repeat_interleave(k)
-            if k > 1:
-                with torch.no_grad():
-                    ev = objective.evaluate(model, ctx, img, v, s)
-                pick = ev.selection_key().reshape(len(rows), k).argmax(1)
-                at = torch.arange(len(rows), device=dev) * k + pick
-                v, s = v.index_select(0, at), s.index_select(0, at)
-            if config.search == "grad" and config.grad_steps > 0:
-                sup = s.to(v.dtype)
-                vmax = (sampler.intensities[1] * sampler.unit(ctx.dynamic_range.index_select(0, rows))).reshape(-1, 1, 1, 1)
-                for _ in range(config.grad_steps):
-                    var = v.detach().clone().requires_grad_(True)
-                    ev = objective.evaluate(model, ctx, rows, var * sup, s)
-                    (g,) = torch.autograd.grad(ev.score.sum(), var)
-                    v = torch.minimum((v + config.grad_step_size * vmax * torch.sign(g) * sup).clamp_min(0.0), vmax)
-                v = v * sup
+            search = robust_search(config, FeatureSampler(family), objective, region, chunk=len(rows) * config.candidates)
+            part = ctx.subset(rows.cpu())
+            if search is None:  # "draw": one random feature each, not scored
+                v, s = Search(FeatureSampler(family), objective, region).sample(part, range(1)).render(shape)
+            else:
+                result = search.run(net, part)
+                v, s = result.feature, result.support
             values[rows] = v.detach()
             support[rows] = s
     return FnafExamples(ctx, torch.arange(n, device=dev), values, support, perm)
+
+
+def robust_search(config: RobustConfig, sampler: FeatureSampler, objective: FnafObjective, region: Region,
+                  chunk: int) -> Search | None:
+    """The attack's own search object that makes a step's examples: RS for ``rs``, the gradient search for ``grad``
+    (worst of ``candidates`` random features, then ``grad_steps`` signed steps, the best iterate kept), ``None`` for
+    ``draw``."""
+    common = dict(sampler=sampler, objective=objective, region=region, chunk_size=max(1, chunk))
+    if config.search == "rs":
+        return RandomSearch(n_candidates=config.candidates, **common)
+    if config.search == "grad":
+        return GradientSearch(steps=config.grad_steps, step_size=config.grad_step_size,
+                              init_candidates=config.candidates, **common)
+    return None
 
 
 def fnaf_robust_loss(base_loss: Callable, config: RobustConfig, objective: FnafObjective | None = None) -> Callable:
