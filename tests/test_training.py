@@ -192,3 +192,8 @@ def test_cli_train_mri_on_tiny_phantoms(tmp_path, capsys):
     assert "bad hyper-parameters for model 'unet'" in capsys.readouterr().err
     assert main(["train", "mri", "--model", "unet", "--preset", "paper", "--out", str(tmp_path / "bad")]) == 2
     assert main(["train", "mri", "--accelerations", "4", "8", "--center-fractions", "0.08", "--out", "x"]) == 2
+    capsys.readouterr()
+    assert main(["train", "mri", "--model", "varnet", "--out", str(tmp_path / "varnet")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "takes multi-coil k-space" in err[0]
+    assert not (tmp_path / "varnet").exists()

@@ -144,6 +144,7 @@ def phantom_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     from blindspot.data.mri import open_mri_dataset
+    from blindspot.models.adapters import network_convention
     from blindspot.models.registry import build_model
     from blindspot.physics.mri import create_mask_func
     from blindspot.training.distributed import DistContext
@@ -167,6 +168,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         seed_everything(args.seed)
         model = build_model(args.model, **hparams)
+        if network_convention(model) == "kspace":  # MRISample batches hold magnitude images, not coil k-space
+            raise BlindspotError(None, f"{args.model} takes multi-coil k-space; train mri trains image-domain networks "
+                                       "only (its batches hold magnitude images); train it with fastMRI and load the "
+                                       "state dict with --arch")
         masks = EpochMasks(create_mask_func(mask_type, args.accelerations, cfs), seed=args.seed)
         val_masks = create_mask_func(mask_type, args.accelerations, cfs)
         physics = mri_physics(mask_type, args.accelerations, cfs, crop)

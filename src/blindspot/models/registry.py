@@ -20,6 +20,7 @@ _MODEL_MODULES: tuple[str, ...] = (
     # MRI reconstruction
     "blindspot.models.unet",
     "blindspot.models.irim",
+    "blindspot.models.varnet",
     "blindspot.models.zero_filled",
     # CT denoising
     "blindspot.models.cnn10",
