@@ -7,6 +7,7 @@ forward + backward, a time breakdown of the non-network stages, and peak memory.
 
     python benchmarks/fnaf_throughput.py                      # U-Net (chans 32) at 320x320 and 64x64
     python benchmarks/fnaf_throughput.py --model irim --sizes 320 --images 8 --chunk-size 88
+    python benchmarks/fnaf_throughput.py --sizes 64 --ct-model redcnn --ct-size 256   # the CT row: RS on a denoiser
 
 Ratios near 1 mean the attack costs what the network costs. The RS ratio counts candidates only, while each image also
 costs one clean reference reconstruction for the recovery criterion, so with ``n`` candidates it is at most
@@ -220,6 +221,55 @@ def bench_size(model, size: int, args, device: torch.device) -> dict:
     }
 
 
+def bench_ct(args, device: torch.device) -> dict:
+    """The CT row: RS against a CT denoiser (``--ct-model``, a bundled name or registered architecture) on phantom
+    slices of ``--ct-size`` at its dose, against the bare denoiser on the same batches; also the per-candidate cost of
+    the feature's path through the scanner (measured PSF vs. exact projection + FBP)."""
+    from blindspot.attacks.features import FeatureSampler
+    from blindspot.attacks.search import RandomSearch
+    from blindspot.models.adapters import eval_mode
+    from blindspot.models.loading import load_model
+    from blindspot.runs.fnaf import CT_INTENSITY_HU, ct_settings, collate_truths
+
+    model = load_model(args.ct_model, device, warn=False)
+    (setting,) = ct_settings(model, phantoms=args.images, size=args.ct_size)
+    batch = collate_truths([setting.dataset[i] for i in range(args.images)])
+    n, B = args.candidates, args.images
+    cs = B * n
+    rs = RandomSearch(sampler=FeatureSampler("disc", intensity_range=CT_INTENSITY_HU, absolute=True), n_candidates=n,
+                      chunk_size=cs)
+    net, acq = model.network, setting.physics
+    x_bare = ((batch.observed - acq.norm.mean) / acq.norm.std).to(device).repeat_interleave(n, 0)
+
+    def bare_forward():
+        with torch.no_grad():
+            model.model(x_bare)
+
+    with eval_mode(model.model):
+        rs(net, batch, acq)  # warms the PSF and the clean-measurement cache, as a run's first batch does
+        timed = _timeit_interleaved({"bare": bare_forward, "rs": lambda: rs(net, batch, acq)}, device, args.repeats,
+                                    args.warmup)
+    delta = torch.zeros(cs, 1, args.ct_size, args.ct_size, device=device)
+    delta[..., args.ct_size // 2 - 2 : args.ct_size // 2 + 2, args.ct_size // 2 - 2 : args.ct_size // 2 + 2] = 50.0
+    with torch.no_grad():
+        t_psf = _timeit(lambda: acq.response(delta), device, args.repeats, args.warmup)
+        t_exact = _timeit(lambda: acq.exact_response(delta), device, 1, 0)
+    return {
+        "model": args.ct_model,
+        "size": [args.ct_size, args.ct_size],
+        "dose": acq.dose,
+        "images": B,
+        "candidates_per_image": n,
+        "rs_seconds": timed["rs"],
+        "bare_model_images_per_s": cs / timed["bare"],
+        "rs_candidates_per_s": cs / timed["rs"],
+        "ratio": timed["bare"] / timed["rs"],
+        "max_ratio_with_reference": n / (n + 1),
+        "feature_response_seconds_per_candidate": {"psf": t_psf / cs, "exact_projection_and_fbp": t_exact / cs},
+        "psf_speedup": t_exact / t_psf,
+    }
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="unet", help="registered architecture (random weights: speed only)")
@@ -235,6 +285,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--ct-model", default="cnn10", help="CT denoiser of the CT row (bundled name or architecture)")
+    p.add_argument("--ct-size", type=int, default=128, help="CT row image size (0 skips the CT row)")
     args = p.parse_args(argv)
 
     from blindspot.models.registry import build_model
@@ -265,6 +317,9 @@ def main(argv=None) -> int:
         entry = bench_size(model, size, args, device)
         results["sizes"].append(entry)
         print(f"# {size}x{size}: ratio {entry['ratio']:.3f}", file=sys.stderr)
+    if args.ct_size:
+        results["ct"] = bench_ct(args, device)
+        print(f"# CT {args.ct_size}x{args.ct_size}: ratio {results['ct']['ratio']:.3f}", file=sys.stderr)
     results["min_ratio"] = min(e["ratio"] for e in results["sizes"])
     results["min_query_ratio"] = min(e["query_ratio"] for e in results["sizes"])
     print(json.dumps(results, indent=2))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from blindspot.audit import AuditConfig, bundled_models, robustness_headline, run_audit
+from blindspot.runs.audit import AuditConfig, bundled_models, robustness_headline, run_audit
 from blindspot.cli import main
 from blindspot.fileio import read_jsonl
 from blindspot.models.checkpoint import save_checkpoint
@@ -99,7 +99,7 @@ def test_rerun_needs_resume_and_same_settings(audit, checkpoints):
     models = [("Tiny U-Net", checkpoints[0]), ("Tiny I-RIM", checkpoints[1])]
     from blindspot.errors import BlindspotError
 
-    with pytest.raises(BlindspotError, match="already holds an audit"):
+    with pytest.raises(BlindspotError, match="already holds audit records"):
         run_audit(models, out, config=cfg)
     with pytest.raises(BlindspotError, match="other settings"):
         run_audit(models, out, config=AuditConfig(**{**cfg.__dict__, "candidates": 4}), resume=True)
@@ -113,11 +113,31 @@ def test_cli_bad_input(tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     assert main(["audit", "--model", str(bad), "--out", str(tmp_path / "o2")]) == 2
-    ct_model = bundled_models()[0][1].parent / "cnn10.pt"  # a CT denoiser is not an MRI reconstruction model
+    mri_model = bundled_models()[0][1]  # an MRI network and a CT denoiser cannot share one audit
     capsys.readouterr()
-    assert main(["audit", "--model", str(ct_model), "--out", str(tmp_path / "o3")]) == 2
+    assert main(["audit", "--model", "cnn10", "--model", str(mri_model), "--out", str(tmp_path / "o3")]) == 2
     err = capsys.readouterr().err
-    assert "cnn10.pt" in err and "is a CT network" in err and len(err.strip().splitlines()) == 1
+    assert "mri_unet.pt" in err and "one modality" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o3").exists()
+
+
+def test_ct_audit_of_two_bundled_denoisers(tmp_path):
+    cfg = AuditConfig(phantom_volumes=1, phantom_slices=2, ct_size=64, searches=("rs", "grad"), candidates=3,
+                      grad_steps=1, grad_init=2, device="cpu", progress=False, figures=True)
+    result = run_audit([(None, "cnn10"), ("RED", "redcnn")], tmp_path / "ct", config=cfg)
+    assert result.modality == "ct"
+    names = [r["model"] for r in result.table1]
+    assert names == ["Low-dose input", "CNN-10", "RED"] and all(r["dose"] == 0.25 for r in result.table1)
+    assert all(r["rmse_hu_mean"] > 0 and 0 < r["ssim_abdomen_mean"] <= 1 for r in result.table1)
+    # every (model, criterion, search) attacked each image once, with CT's IP statistic and threshold
+    assert len(result.records) == 2 * 2 * 2 * 2
+    assert {r["modality"] for r in result.records} == {"ct"} and {r["ip_threshold"] for r in result.records} == {5.0}
+    assert set(result.attack_rates) == {"CNN-10", "RED"} and "4x" in result.attack_rates["RED"]
+    assert {(t["source"], t["target"]) for t in result.transfer} == {("CNN-10", "RED"), ("RED", "CNN-10")}
+    html = (tmp_path / "ct" / "report.html").read_text()
+    assert "denoising quality" in html and "low-dose input" in html and "25% dose" in html
+    # the same noise realisation reaches every denoiser: the low-dose row is computed once, on the attack's inputs
+    assert (tmp_path / "ct" / "table1.csv").read_text().count("Low-dose input") == 1
 
 
 def test_headline_compares_a_model_with_its_robust_version():

@@ -241,3 +241,19 @@ def test_mri_target_output_matches_the_pipeline():
     expected = stats.apply(stats.invert(model(xn)), clamp=False)
     got = target(target.x, torch.arange(2))
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_gaussian_ri_known_answer_through_the_python_run_layer(ct_lowdose, tmp_path):
+    """The same known answer through :func:`blindspot.runs.invariances.run_invariances`, on low-dose images given as
+    a tensor in HU: every record's structure lies inside the square (ratio ≥ 5) and the output hardly moves."""
+    from blindspot.models.loading import load_model
+    from blindspot.runs.invariances import CTImageSet, run_invariances
+
+    x, norm = ct_lowdose
+    images = CTImageSet.from_tensor(norm.to_hu(x), keys=["chest", "abdomen"], dose=0.25, normalization=norm)
+    cfg = InvarianceConfig(alpha=0.01, iterations=400, lr=0.01, restarts=1, progress=False)
+    result = run_invariances(load_model("gaussian-ri"), tmp_path / "run", images, cfg, "mse", figures=0)
+    assert [r["key"] for r in result.rows] == ["chest", "abdomen"]
+    assert all(r["square_ratio"] >= 5 and r["change_ratio"] <= 0.02 and r["units"] == "HU" for r in result.rows)
+    assert result.summary["normalization"] == {"mean": norm.mean, "std": norm.std} and result.summary["dose"] == 0.25
+    assert "square_ratio" in "\n".join(result.lines())

@@ -12,7 +12,6 @@ from blindspot.attacks.natural import (
     PatchCritic,
     PatchSampler,
     evaluate_samples,
-    gradient_penalty,
     load_generator,
     read_generator_checkpoint,
     sample_invariances,
@@ -20,6 +19,7 @@ from blindspot.attacks.natural import (
     train_generator,
 )
 from blindspot.errors import BlindspotError
+from blindspot.losses import gradient_penalty
 
 
 def _smoother() -> nn.Module:

@@ -11,10 +11,13 @@ of 10⁻², i.e. ``σ₀ = 0.1`` normalised units.
 What is optimised is a *target*: any callable ``target(x, items) -> output`` on a batch ``(n, C, H, W)`` whose
 row ``k`` belongs to image ``items[k]`` of the batch (so per-image context such as an MRI mask can follow the row):
 
-* :class:`DenoiserTarget` — a CT denoiser on normalised low-dose images: ``f(x)``.
-* :class:`MRITarget` — an MRI reconstruction network seen through its acquisition, ``f ∘ N ∘ A``, optimised on the
-  *true* image ``y`` (in the units of the clean zero-filled input's normalisation); it also splits an invariance
-  into the part the sampling mask already hides (its null space) and the part the network ignores.
+* :class:`DenoiserTarget` — a CT denoiser on normalised low-dose images: ``f(x)`` (the source document optimises
+  the low-dose input itself).
+* :class:`MRITarget` — any MRI reconstruction network (image, image + mask or k-space convention, through
+  :class:`~blindspot.models.adapters.Network`) seen through its acquisition
+  (:class:`~blindspot.physics.acquisition.CartesianMRI`), ``f ∘ N ∘ A``, optimised on the *true* image ``y`` (in
+  the units of the clean zero-filled input's normalisation); it also splits an invariance with the acquisition's
+  null-space projector into the part the sampling mask already hides and the part the network ignores.
 
 Every image gets ``restarts`` independent starts; images × restarts are optimised together as one tensor batch on
 the target's device. Convergence is checked every ``window`` iterations: a row stops (and leaves the batch) once
@@ -37,8 +40,9 @@ from tqdm.auto import tqdm
 
 from blindspot.attacks.distances import Distance
 from blindspot.errors import BlindspotError
-from blindspot.models.adapters import reconstruct
-from blindspot.physics.mri import CartesianUndersampling, NormStats, fft2c, ifft2c, normalize, resample_mask
+from blindspot.models.adapters import Network, as_network
+from blindspot.physics.acquisition import CartesianMRI
+from blindspot.physics.mri import NormStats, resample_mask
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -51,11 +55,20 @@ class InvarianceTarget(Protocol):
 
 
 class DenoiserTarget(nn.Module):
-    """A CT denoiser as an invariance target: ``f(x)`` on normalised low-dose images ``(n, 1, H, W)``."""
+    """A CT denoiser (or any image-to-image network) as an invariance target: ``f(x)`` on normalised low-dose
+    images ``(n, 1, H, W)``, the source document's set-up (the low-dose input itself is optimised).
 
-    def __init__(self, model: nn.Module) -> None:
+    Args:
+        model: the network, an ``nn.Module`` or an image-convention :class:`~blindspot.models.adapters.Network`.
+    """
+
+    def __init__(self, model: "nn.Module | Network") -> None:
         super().__init__()
-        self.model = model
+        net = as_network(model)
+        if net.convention != "image":
+            raise BlindspotError(net.name, f"takes the {net.convention} convention; optimise its invariances "
+                                           "through the acquisition with MRITarget")
+        self.model = net.module
 
     def forward(self, x: Tensor, items: Tensor | None = None) -> Tensor:
         return self.model(x)
@@ -64,68 +77,97 @@ class DenoiserTarget(nn.Module):
 class MRITarget(nn.Module):
     """An MRI reconstruction network through its acquisition, ``u ↦ f(N(A(y(u))))``, for invariances of the truth.
 
+    Works for every network convention (image, image + mask, k-space; see :mod:`blindspot.models.adapters`):
+    the change is made to the true image, the acquisition (:class:`~blindspot.physics.acquisition.CartesianMRI`,
+    single- or multi-coil) turns it into the measurements, and the network sees them in its own convention.
+
     The variable ``u`` is the true image in the units of the clean zero-filled input's normalisation,
-    ``u = (y − μ)/σ`` with ``(μ, σ)`` from ``A(y)``; the output is the reconstruction in the same units. With
-    ``renormalize`` (the default, as a deployed pipeline would) the network input is re-normalised with the
-    statistics of the *perturbed* zero-filled image, and the output is mapped back through them.
+    ``u = (y − μ)/σ`` with ``(μ, σ)`` from ``A(y)``; the output is the reconstruction in the same units
+    ``(n, 1, h, w)``. With ``renormalize`` (the default, as a deployed pipeline would) the network input is
+    re-normalised with the statistics of the *perturbed* zero-filled image, and the output is mapped back through them.
 
     Args:
-        model: the reconstruction network (called through :func:`blindspot.models.adapters.reconstruct`).
-        truth: true magnitude images ``(B, 1, h, w)`` in the data's units.
-        mask: column masks ``(B, 1, 1, W)``, ``(1, W)`` or ``(W,)``; resampled to ``w`` columns by spatial
-            frequency when ``W ≠ w`` (k-space is simulated from the truth as ``F(y)``, as the FNAF attack does).
+        model: the reconstruction network: an ``nn.Module`` (its declared convention) or a
+            :class:`~blindspot.models.adapters.Network`.
+        truth: true magnitude images ``(B, 1, H, W)`` in the data's units.
+        acquisition: a :class:`~blindspot.physics.acquisition.CartesianMRI` (one mask for all or one per image;
+            optional coils and crop), or column masks ``(B, 1, 1, W)``, ``(1, W)`` or ``(W,)`` — resampled to the
+            truth's ``w`` columns by spatial frequency when ``W ≠ w`` (k-space is then simulated from the truth as
+            ``F(y)``, as the FNAF attack does).
         renormalize: re-normalise each perturbed input with its own statistics (else keep the clean ones).
+
+    Attributes:
+        acquisition: the per-image acquisition (``B`` items); ``mean``, ``std``: ``(B, 1, 1, 1)`` clean statistics.
     """
 
-    def __init__(self, model: nn.Module, truth: Tensor, mask: Tensor, renormalize: bool = True) -> None:
+    def __init__(self, model: "nn.Module | Network", truth: Tensor, acquisition: "CartesianMRI | Tensor",
+                 renormalize: bool = True) -> None:
         super().__init__()
         if truth.ndim != 4 or truth.shape[1] != 1:
-            raise BlindspotError(None, f"MRI truth must be (B, 1, h, w), got {tuple(truth.shape)}")
-        self.model = model
+            raise BlindspotError(None, f"MRI truth must be (B, 1, H, W), got {tuple(truth.shape)}")
+        B, _, _, w = truth.shape
+        if not isinstance(acquisition, CartesianMRI):
+            mask = torch.as_tensor(acquisition, dtype=torch.float32, device=truth.device)
+            mask = resample_mask(mask.reshape(-1, mask.shape[-1]), w).reshape(-1, 1, 1, w)
+            acquisition = CartesianMRI(mask)
+        if len(acquisition) not in (1, B):
+            raise BlindspotError(None, f"{len(acquisition)} masks for {B} images")
+        acquisition = acquisition.to(truth.device)
+        if len(acquisition) == 1:
+            acquisition = acquisition.select(torch.zeros(B, dtype=torch.long))
+        self.network = as_network(model)
+        self.network.check(acquisition)
+        self.model = self.network.module  # a sub-module, so that the attack freezes its parameters
+        self.acquisition = acquisition
         self.renormalize = bool(renormalize)
-        B, _, h, w = truth.shape
-        mask = torch.as_tensor(mask, dtype=torch.float32, device=truth.device)
-        mask = resample_mask(mask.reshape(-1, mask.shape[-1]), w).reshape(-1, 1, 1, w)
-        if mask.shape[0] not in (1, B):
-            raise BlindspotError(None, f"{mask.shape[0]} masks for {B} images")
-        self.register_buffer("mask", mask.expand(B, 1, 1, w).contiguous(), persistent=False)
+        self._selected: tuple[Tensor, CartesianMRI] | None = None
         with torch.no_grad():
-            _, stats = normalize(CartesianUndersampling(self.mask)(truth))
+            stats = acquisition.normalization(acquisition.measure(truth))
+        self.clamp = stats.clamp
         self.register_buffer("mean", stats.mean, persistent=False)
         self.register_buffer("std", stats.std, persistent=False)
         self.register_buffer("truth", truth, persistent=False)
 
     @property
     def x(self) -> Tensor:
-        """The clean truth in normalised units, ``(B, 1, h, w)``: the attack's starting point."""
+        """The clean truth in normalised units, ``(B, 1, H, W)``: the attack's starting point."""
         return (self.truth - self.mean) / self.std
+
+    @property
+    def mask(self) -> Tensor:
+        """The column masks ``(B, 1, 1, W)``."""
+        return self.acquisition.mask
+
+    def rows(self, items: Tensor) -> CartesianMRI:
+        """The acquisition of rows ``items`` ``(n,)``; the last selection is kept, since the attack calls the target
+        with the same rows every iteration until some converge (no re-indexing, no host sync per iteration)."""
+        if self._selected is None or self._selected[0] is not items:
+            self._selected = (items, self.acquisition.select(items))
+        return self._selected[1]
 
     def zero_filled(self, u: Tensor, items: Tensor) -> Tensor:
         """``A(y(u))`` in the clean input's normalised units (not clamped), ``(n, 1, h, w)``."""
-        mean, std, mask = self.mean[items], self.std[items], self.mask[items]
-        zf = CartesianUndersampling(mask)(u * std + mean)
-        return (zf - mean) / std
+        mean, std = self.mean[items], self.std[items]
+        return (self.rows(items).measure(u * std + mean).image - mean) / std
 
     def forward(self, u: Tensor, items: Tensor) -> Tensor:
-        mean, std, mask = self.mean[items], self.std[items], self.mask[items]
-        zf = CartesianUndersampling(mask)(u * std + mean)  # (n, 1, h, w), data units
-        if self.renormalize:
-            xn, stats = normalize(zf)
-        else:
-            stats = NormStats(mean, std)
-            xn = stats.apply(zf)
-        out = reconstruct(self.model, xn, mask)
+        mean, std = self.mean[items], self.std[items]
+        acq = self.rows(items)
+        meas = acq.measure(u * std + mean)  # data units
+        stats = acq.normalization(meas) if self.renormalize else NormStats(mean, std, self.clamp)
+        x = stats.apply(meas.image)
+        out = self.network(acq, meas, x, stats)
         return (stats.invert(out) - mean) / std
 
     def decompose(self, d: Tensor, items: Tensor) -> tuple[Tensor, Tensor]:
-        """Split a change of the truth ``d`` ``(n, 1, h, w)`` into (null-space, range-space) parts, both complex.
+        """Split a change of the truth ``d`` ``(n, 1, H, W)`` into (null-space, range-space) parts, both complex.
 
-        The null-space part ``F⁻¹((1 − M)F d)`` is invisible to the acquisition; the range-space part
-        ``F⁻¹(M F d)`` reaches the network. They are orthogonal: ``‖d‖² = ‖null‖² + ‖range‖²``.
+        The null-space part (:meth:`~blindspot.physics.acquisition.Acquisition.null_space`, ``F⁻¹((1 − M)F d)``)
+        is invisible to the acquisition; the range-space part ``d − null`` reaches the network. They are
+        orthogonal: ``‖d‖² = ‖null‖² + ‖range‖²``.
         """
-        k = fft2c(d)
-        m = self.mask[items].to(k.real.dtype)
-        return ifft2c(k * (1 - m)), ifft2c(k * m)
+        null = self.rows(items).null_space(d)
+        return null, d - null
 
 
 @contextlib.contextmanager
@@ -495,7 +537,7 @@ def mri_decomposition(target: MRITarget, result: InvarianceResult) -> dict[str, 
     (mean |A(y_inv) − A(y)|, the change the network actually receives).
     """
     B, R = result.x_inv.shape[:2]
-    device = target.mask.device
+    device = target.truth.device
     d = result.delta.reshape(B * R, *result.x.shape[1:]).to(device)
     items = torch.arange(B, device=device).repeat_interleave(R)
     with torch.no_grad():
@@ -517,7 +559,7 @@ def mri_decomposition(target: MRITarget, result: InvarianceResult) -> dict[str, 
 def null_range_images(target: MRITarget, result: InvarianceResult) -> tuple[Tensor, Tensor]:
     """Moduli of the null- and range-space parts of every invariance, each ``(B, R, 1, h, w)``, normalised units."""
     B, R = result.x_inv.shape[:2]
-    device = target.mask.device
+    device = target.truth.device
     d = result.delta.reshape(B * R, *result.x.shape[1:]).to(device)
     with torch.no_grad():
         null, rng = target.decompose(d, torch.arange(B, device=device).repeat_interleave(R))

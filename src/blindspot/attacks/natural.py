@@ -1,15 +1,30 @@
 """Natural invariances (DESIGN.md §1.3): a conditional generator ``g(z | x)`` trained against a WGAN-GP critic.
 
 Image-domain invariances (:mod:`blindspot.attacks.invariance`) leave the data manifold and need a fresh
-optimisation for every new one. Here a generator learns, once, to turn a low-dose image ``x`` and noise
-``z ~ N(0, I)`` into an image the network ``f`` cannot tell from ``x``, while a critic ``C`` keeps the result
-looking like real low-dose data. The generator minimises, on 80×80 patches,
+optimisation for every new one. Here a generator learns, once, to turn a network input ``x`` (a normalised
+low-dose CT image, or a normalised zero-filled MR image) and noise ``z ~ N(0, I)`` into an input the network ``f``
+cannot tell from ``x``, while a critic ``C`` keeps the result looking like real inputs. The generator minimises
 
-    ‖f(x) − f(g(z|x))‖  −  α · D(x, g(z|x))  −  β · C(g(z|x))
+    ‖f(x) − f(x̃)‖  −  α · D(x, x̃)  −  β · C(x̃),      x̃ = the network input that g(z|x) becomes (below)
 
 where ``C`` is a Wasserstein critic (high = real), i.e. the source document's ``+β·C`` with its critic's sign
 convention (low = real) flipped. ``‖·‖`` and ``D`` are the bounded distances of :mod:`blindspot.attacks.distances`.
-The critic minimises ``C(fake) − C(real) + λ·GP`` (WGAN-GP, gradient penalty on random interpolates).
+The critic minimises ``C(fake) − C(real) + λ·GP`` (WGAN-GP, :func:`blindspot.losses.gradient_penalty`).
+
+**What the generator's output becomes** (a :class:`NaturalTarget`):
+
+* :class:`ImageTarget` — image-convention networks (CT denoisers, image-domain MRI networks such as the U-Net):
+  ``x̃ = g(z|x)`` is the network input itself, and training runs on random patches (the source document's 80×80),
+  which a fully convolutional network accepts. For MRI ``x`` is the normalised zero-filled image, so the generator
+  learns natural-looking changes of the under-sampled input (aliasing included: the critic sees real zero-filled
+  patches), exactly as it learns changes of the noisy low-dose input for CT.
+* :class:`AcquisitionTarget` — networks that need the sampling mask or the k-space (I-RIM, a VarNet-like k-space
+  network): a patch has no mask columns and no k-space, so these train on **whole images**, and the generator's
+  change is made *realisable*: ``σ·(g − x)`` (``σ`` the clean input's normalisation scale) is taken as a change of
+  the true image, and the acquisition turns it into measurements, ``x̃ = N(A(y + σ(g − x)))`` (exact for MRI,
+  whose k-space is linear in the image). The network then gets those measurements in its own convention, the
+  distance and the critic judge ``x̃`` (what the network actually receives), so a change that the mask hides
+  counts for nothing and every sample is an input a scanner could produce. At ``g = x``, ``x̃ = x`` exactly.
 
 Generator (:class:`ConditionalGenerator`): ``S`` stages from coarse (``1/2^(S−1)`` of the patch) to full resolution.
 Stage ``i`` receives the previous stage's features up-sampled ×2, the condition ``x`` down-sampled to its
@@ -19,7 +34,7 @@ It is fully convolutional: trained on patches, it samples whole images. ``z`` is
 ``(B, z_channels, H, W)``, so a new ``z`` changes every scale.
 
 Critic (:class:`PatchCritic`): strided convolutions with leaky ReLUs, no normalisation layers (as WGAN-GP asks),
-and a spatial mean at the end, so it scores a patch of any size ≥ 8 px with one number.
+and a spatial mean at the end, so it scores a patch (or a whole image) of any size ≥ 8 px with one number.
 
 Checkpoint (one file, written atomically; loaded with ``torch.load(..., weights_only=True)``)::
 
@@ -27,7 +42,7 @@ Checkpoint (one file, written atomically; loaded with ``torch.load(..., weights_
      "generator": {"hparams": {...}, "state_dict": {...}},
      "critic":    {"hparams": {...}, "state_dict": {...}},
      "optimizers": {"generator": <Adam state_dict>, "critic": <Adam state_dict>},
-     "step": int, "config": {... NaturalConfig ...}, "target": {... what f is, its normalisation ...},
+     "step": int, "config": {... NaturalConfig ...}, "target": {... what f is, its normalisation / acquisition ...},
      "rng": <generator state ByteTensor>}
 
 Training resumes from the checkpoint bit for bit on the CPU: the one random generator (patches, ``z``,
@@ -52,6 +67,10 @@ from tqdm.auto import tqdm
 from blindspot.attacks.distances import Distance, build_distance
 from blindspot.errors import BlindspotError, PathLike
 from blindspot.fileio import append_jsonl, atomic_write_bytes
+from blindspot.losses import gradient_penalty
+from blindspot.models.adapters import Network, as_network
+from blindspot.physics.acquisition import Acquisition, Measurement
+from blindspot.physics.mri import NormStats
 
 FORMAT = "blindspot-invariance-generator"
 VERSION = 1
@@ -157,50 +176,142 @@ class PatchCritic(nn.Module):
         return self.net(x).mean(dim=(1, 2, 3))
 
 
-def gradient_penalty(critic: nn.Module, real: Tensor, fake: Tensor, eps: Tensor) -> Tensor:
-    """WGAN-GP penalty ``E[(‖∇C(x̂)‖₂ − 1)²]`` at ``x̂ = ε·real + (1 − ε)·fake``; ``eps`` ``(B, 1, 1, 1)`` in [0, 1]."""
-    mix = (eps * real + (1 - eps) * fake).requires_grad_(True)
-    score = critic(mix)
-    (grad,) = torch.autograd.grad(score.sum(), mix, create_graph=True)
-    return (grad.flatten(1).norm(dim=1) - 1).square().mean()
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------------------------
 class PatchSampler:
-    """Random square patches of a stack of images, drawn as one batched gather on the images' device.
+    """Random square patches (or whole images) of a stack of images, drawn as one batched gather on their device.
 
     Args:
-        images: ``(N, 1, H, W)`` normalised low-dose images (kept where they are; put them on the model's device).
-        patch: patch side in pixels (≤ ``H, W``).
+        images: ``(N, 1, H, W)`` normalised network inputs (kept where they are; put them on the model's device).
+        patch: patch side in pixels (≤ ``H, W``), or ``None`` for whole images.
         weights: optional ``(N,)`` sampling weights (e.g. equal probability per patient); uniform by default.
     """
 
-    def __init__(self, images: Tensor, patch: int, weights: Tensor | None = None) -> None:
+    def __init__(self, images: Tensor, patch: int | None, weights: Tensor | None = None) -> None:
         if images.ndim != 4 or images.shape[1] != 1 or images.shape[0] < 1:
             raise BlindspotError(None, f"training images must be (N, 1, H, W), got {tuple(images.shape)}")
-        if patch > min(images.shape[-2:]):
+        if patch is not None and patch > min(images.shape[-2:]):
             raise BlindspotError(None, f"patch {patch} px is larger than the {tuple(images.shape[-2:])} images")
         if not torch.isfinite(images).all():
             raise BlindspotError(None, "training images contain NaN or Inf")
-        self.images, self.patch = images, int(patch)
+        self.images, self.patch = images, None if patch is None else int(patch)
         self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float32, device=images.device)
-        self._ar = torch.arange(self.patch, device=images.device)
+        self._ar = None if patch is None else torch.arange(self.patch, device=images.device)
 
-    def __call__(self, n: int, generator: torch.Generator) -> Tensor:
-        """``n`` patches ``(n, 1, P, P)``; ``generator`` lives on the images' device."""
+    def draw(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """``n`` patches ``(n, 1, P, P)`` (whole images ``(n, 1, H, W)`` without a patch size) and the index
+        ``(n,)`` of the image each came from; ``generator`` lives on the images' device."""
         N, _, H, W = self.images.shape
         dev = self.images.device
         if self.weights is None:
             idx = torch.randint(N, (n,), generator=generator, device=dev)
         else:
             idx = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        if self.patch is None:
+            return self.images[idx], idx
         top = torch.randint(H - self.patch + 1, (n,), generator=generator, device=dev)
         left = torch.randint(W - self.patch + 1, (n,), generator=generator, device=dev)
         rows = (top[:, None] + self._ar)[:, :, None]
         cols = (left[:, None] + self._ar)[:, None, :]
-        return self.images[idx[:, None, None], 0, rows, cols].unsqueeze(1)
+        return self.images[idx[:, None, None], 0, rows, cols].unsqueeze(1), idx
+
+    def __call__(self, n: int, generator: torch.Generator) -> Tensor:
+        """``n`` patches (see :meth:`draw`), without their image index."""
+        return self.draw(n, generator)[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Targets: what the generator's output becomes, and what the network makes of it
+# ----------------------------------------------------------------------------------------------------------------
+class NaturalTarget:
+    """The frozen network ``f`` and the conditions of natural invariances (see the module docs).
+
+    Attributes:
+        module: the network's ``nn.Module`` (frozen by the trainer).
+        images: the conditions ``x`` ``(N, 1, H, W)``: normalised network inputs, on the network's device.
+        whole_images: train on whole images rather than patches (the network needs the whole measurement).
+    """
+
+    module: nn.Module
+    images: Tensor
+    whole_images: bool = False
+
+    def realise(self, g: Tensor, items: Tensor) -> Tensor:
+        """The network input ``(n, 1, H, W)`` that generator outputs ``g`` for images ``items`` ``(n,)`` become."""
+        raise NotImplementedError
+
+    def __call__(self, g: Tensor, items: Tensor) -> tuple[Tensor, Tensor]:
+        """``(x̃, f(x̃))``: the network input that ``g`` ``(n, 1, H, W)`` becomes and the normalised output."""
+        raise NotImplementedError
+
+
+class ImageTarget(NaturalTarget):
+    """An image-convention network: the generator's output is the network input itself (patches or whole images).
+
+    Args:
+        model: the network on normalised images ``(n, 1, H, W)`` → ``(n, 1, H, W)`` (an ``nn.Module`` or an
+            image-convention :class:`~blindspot.models.adapters.Network`).
+        images: the conditions ``(N, 1, H, W)`` (normalised low-dose CT images, or normalised zero-filled MR images).
+    """
+
+    def __init__(self, model: "nn.Module | Network", images: Tensor) -> None:
+        net = as_network(model)
+        if net.convention != "image":
+            raise BlindspotError(net.name, f"takes the {net.convention} convention; use an AcquisitionTarget")
+        self.module, self.images = net.module, images
+
+    def realise(self, g: Tensor, items: Tensor) -> Tensor:
+        return g
+
+    def __call__(self, g: Tensor, items: Tensor) -> tuple[Tensor, Tensor]:
+        return g, self.module(g)
+
+
+class AcquisitionTarget(NaturalTarget):
+    """A network seen through its acquisition: ``x̃ = N(A(y + σ(g − x)))``, the measurements of the true image
+    changed by what the generator proposes, on whole images (see the module docs).
+
+    Args:
+        network: any network convention (image, image + mask, k-space; :func:`~blindspot.models.adapters.as_network`).
+        acquisition: the acquisition of the ``N`` images (one set of parameters per image, e.g. one MRI mask each).
+        truth: the true images ``(N, 1, H, W)`` in the data's units, on the network's device.
+
+    The conditions are the clean normalised inputs ``x = N(A(y))`` ``(N, 1, h, w)``; the normalisation keeps the
+    clean statistics. When the acquisition crops (``h, w < H, W``) the change is placed in the centre of the truth.
+    """
+
+    whole_images = True
+
+    def __init__(self, network: "nn.Module | Network", acquisition: Acquisition, truth: Tensor) -> None:
+        self.network = as_network(network)
+        self.network.check(acquisition)
+        self.module = self.network.module
+        self.acquisition = acquisition
+        self.grid = tuple(truth.shape[-2:])
+        with torch.no_grad():
+            self.measurement = acquisition.measure(truth).detach()
+            self.stats = acquisition.normalization(self.measurement)
+            self.images = self.stats.apply(self.measurement.image)
+
+    def _measure(self, g: Tensor, items: Tensor) -> tuple[Acquisition, Measurement, NormStats, Tensor]:
+        """The acquisition, perturbed measurement, clean statistics and network input of rows ``items``."""
+        acq, stats = self.acquisition.select(items), self.stats.index(items)
+        delta = (g - self.images[items]) * stats.std  # data units, on the network's grid
+        H, W = self.grid
+        h, w = delta.shape[-2:]
+        if (h, w) != (H, W):  # centred, as center_crop takes it back
+            top, left = (H - h) // 2, (W - w) // 2
+            delta = F.pad(delta, (left, W - w - left, top, H - h - top))
+        meas = acq.perturb(self.measurement.select(items), delta)
+        return acq, meas, stats, stats.apply(meas.image)
+
+    def realise(self, g: Tensor, items: Tensor) -> Tensor:
+        return self._measure(g, items)[3]
+
+    def __call__(self, g: Tensor, items: Tensor) -> tuple[Tensor, Tensor]:
+        acq, meas, stats, x = self._measure(g, items)
+        return x, self.network(acq, meas, x, stats)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -216,7 +327,8 @@ class NaturalConfig:
         distance, fidelity: names of ``D`` and ``‖·‖`` (``rms``, ``mse``, ``ssim``, ``vgg``). ``D`` defaults to the
             bounded RMS: the generator starts at ``g = x``, where a squared distance has no gradient, so with
             ``D = mse`` the critic term (which favours ``g = x``) would keep it there.
-        patch: training patch side (the source document's 80 px).
+        patch: training patch side (the source document's 80 px); unused by whole-image targets
+            (:class:`AcquisitionTarget`).
         batch_size: patches per step.
         n_critic: critic updates per generator update.
         gp_weight: gradient-penalty weight ``λ``.
@@ -271,8 +383,11 @@ class NaturalInvarianceTrainer:
     """Trains ``g(z|x)`` and its critic against a frozen network ``f``; checkpoints and resumes.
 
     Args:
-        model: the network ``f`` on normalised images ``(B, 1, H, W)`` → ``(B, 1, H, W)`` (frozen, eval mode).
-        images: ``(N, 1, H, W)`` normalised low-dose training images, on the model's device.
+        model: a :class:`NaturalTarget` (the network with its conditions), or an image-convention network on
+            normalised images ``(B, 1, H, W)`` → ``(B, 1, H, W)`` (then ``images`` are the conditions). Frozen,
+            in eval mode.
+        images: ``(N, 1, H, W)`` normalised training inputs on the model's device, for a bare network (``None``
+            with a :class:`NaturalTarget`, which holds its own).
         config: training settings.
         checkpoint: path of the checkpoint file (written every ``checkpoint_every`` steps and at the end);
             if it exists, training resumes from it (its config must match).
@@ -284,8 +399,8 @@ class NaturalInvarianceTrainer:
 
     def __init__(
         self,
-        model: nn.Module,
-        images: Tensor,
+        model: "nn.Module | Network | NaturalTarget",
+        images: Tensor | None = None,
         config: NaturalConfig | None = None,
         checkpoint: PathLike | None = None,
         target_info: Mapping[str, Any] | None = None,
@@ -294,11 +409,13 @@ class NaturalInvarianceTrainer:
         vgg_weights: PathLike | None = None,
     ) -> None:
         self.config = cfg = config or NaturalConfig()
-        self.model = model.eval()
+        self.target = as_natural_target(model, images)
+        self.model = self.target.module.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
+        images = self.target.images
         self.device = images.device
-        self.sampler = PatchSampler(images, cfg.patch, weights)
+        self.sampler = PatchSampler(images, None if self.target.whole_images else cfg.patch, weights)
         self.target_info = dict(target_info or {})
         self.checkpoint = None if checkpoint is None else Path(checkpoint)
         self.log_path = Path(log_path) if log_path is not None else (
@@ -331,9 +448,9 @@ class NaturalInvarianceTrainer:
         self.generator.train()
         self.critic.train()
         for _ in range(cfg.n_critic):
-            real = self.sampler(cfg.batch_size, self.rng)
+            real, idx = self.sampler.draw(cfg.batch_size, self.rng)
             with torch.no_grad():
-                fake = self._fake(real)
+                fake = self.target.realise(self._fake(real), idx)
             eps = torch.rand(real.shape[0], 1, 1, 1, generator=self.rng, device=self.device, dtype=real.dtype)
             c_real, c_fake = self.critic(real), self.critic(fake)
             gp = gradient_penalty(self.critic, real, fake, eps)
@@ -341,14 +458,15 @@ class NaturalInvarianceTrainer:
             self.opt_c.zero_grad(set_to_none=True)
             loss_c.backward()
             self.opt_c.step()
-        x = self.sampler(cfg.batch_size, self.rng)
+        x, idx = self.sampler.draw(cfg.batch_size, self.rng)
         for p in self.critic.parameters():
             p.requires_grad_(False)
         try:
-            fake = self._fake(x)
+            g = self._fake(x)
             with torch.no_grad():
-                f_x = self.model(x)
-            fid = self.fidelity(self.model(fake), f_x).mean()
+                f_x = self.target(x, idx)[1]
+            fake, f_fake = self.target(g, idx)
+            fid = self.fidelity(f_fake, f_x).mean()
             dist = self.distance(fake, x).mean()
             adv = self.critic(fake).mean()
             loss_g = fid - cfg.alpha * dist - cfg.beta * adv
@@ -499,44 +617,89 @@ def sample_invariances(generator: ConditionalGenerator, x: Tensor, n_samples: in
     return out.reshape(B, n_samples, 1, H, W)
 
 
-def tiles(x: Tensor, patch: int) -> Tensor:
+def tiles(x: Tensor, patch: int | None) -> Tensor:
     """Non-overlapping ``patch``×``patch`` tiles of ``(N, 1, H, W)`` images → ``(N·T, 1, patch, patch)``
-    (the whole image when it is smaller than ``patch``)."""
-    if min(x.shape[-2:]) < patch:
+    (the whole images when they are smaller than ``patch`` or ``patch`` is ``None``)."""
+    if patch is None or min(x.shape[-2:]) < patch:
         return x
     t = x.unfold(-2, patch, patch).unfold(-2, patch, patch)  # (N, 1, nh, nw, P, P)
     return t.reshape(-1, 1, patch, patch)
 
 
+def as_natural_target(model: "nn.Module | Network | NaturalTarget", images: Tensor | None) -> NaturalTarget:
+    """``model`` as a :class:`NaturalTarget`: a target as it is, a bare network as an :class:`ImageTarget` on
+    ``images`` ``(N, 1, H, W)``."""
+    if isinstance(model, NaturalTarget):
+        if images is not None and images is not model.images:
+            raise ValueError("give the conditions through the NaturalTarget, not beside it")
+        return model
+    if images is None:
+        raise BlindspotError(None, "a bare network needs its conditions (normalised images (N, 1, H, W))")
+    return ImageTarget(model, images)
+
+
+@torch.no_grad()
+def realise_samples(
+    target: NaturalTarget, x: Tensor, samples: Tensor, items: Tensor, chunk: int = 64
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The network inputs the samples become and the network's outputs, in chunks of ``chunk`` rows.
+
+    Args:
+        target: the network and its conditions.
+        x: ``(B, 1, H, W)`` conditions, ``x[b] = target.images[items[b]]``.
+        samples: generator outputs ``(B, S, 1, H, W)`` from :func:`sample_invariances`.
+        items: ``(B,)`` long, the conditions' rows in ``target.images``.
+
+    Returns:
+        ``inputs`` ``(B, S, 1, h, w)`` (normalised network inputs), ``outputs`` ``(B, S, 1, h', w')`` and ``f_x``
+        ``(B, 1, h', w')`` (normalised outputs), on the target's device.
+    """
+    B, S = samples.shape[:2]
+    flat = samples.reshape(B * S, *samples.shape[2:])
+    rows = items.repeat_interleave(S)
+    parts = [target(flat[i : i + chunk], rows[i : i + chunk]) for i in range(0, flat.shape[0], chunk)]
+    _, f_x = target(x, items)
+    inputs = torch.cat([a for a, _ in parts]).reshape(B, S, *parts[0][0].shape[1:])
+    outputs = torch.cat([b for _, b in parts]).reshape(B, S, *f_x.shape[1:])
+    return inputs, outputs, f_x
+
+
 @torch.no_grad()
 def evaluate_samples(
-    model: nn.Module,
+    model: "nn.Module | Network | NaturalTarget",
     x: Tensor,
     samples: Tensor,
     critic: PatchCritic | None = None,
-    patch: int = 80,
+    patch: int | None = 80,
     scale: float = 1.0,
     seed: int = 0,
+    items: Tensor | None = None,
+    realised: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> dict[str, Tensor]:
-    """How far samples move ``x``, how little they move ``f(x)``, and how real the critic finds them.
+    """How far samples move the network input, how little they move ``f``, and how real the critic finds them.
 
     Args:
-        model: ``f`` on normalised images.
-        x: ``(B, 1, H, W)`` normalised images; samples ``(B, S, 1, H, W)`` from :func:`sample_invariances`.
-        critic: the trained critic (optional) — scores non-overlapping ``patch`` tiles.
-        scale: units per normalised unit for the change magnitudes (HU for CT).
+        model: a :class:`NaturalTarget`, or an image-convention network on normalised images.
+        x: ``(B, 1, H, W)`` normalised conditions; samples ``(B, S, 1, H, W)`` from :func:`sample_invariances`.
+        critic: the trained critic (optional) — scores non-overlapping ``patch`` tiles (whole images for ``None``,
+            as a whole-image target's critic was trained).
+        scale: units per normalised unit for the change magnitudes (HU for CT; 1 for MRI's normalised units).
         seed: seed of the white-noise baseline.
-    Returns per image ``(B,)``: ``mean_abs_change`` (mean |g − x|, scaled), ``output_mean_abs_change``,
+        items: ``(B,)`` rows of ``x`` in the target's conditions (default ``0 … B−1``).
+        realised: :func:`realise_samples`' result, when the caller already has it.
+    Returns per image ``(B,)``, on the CPU: ``mean_abs_change`` (mean |x̃ − x|, scaled), ``output_mean_abs_change``,
     ``output_rms_change`` (scaled), ``change_ratio`` (RMS output change / RMS input change), ``sample_std``
     (mean pixel-wise std over samples, scaled); with a critic, ``critic_real`` (mean score of ``x``'s tiles),
     ``critic_samples`` (of the samples' tiles), ``critic_noise`` (of ``x`` plus white noise of the samples' RMS
     change: an unstructured change of equal size) and ``critic_gap`` = ``critic_real − critic_samples``.
+    ``x̃`` is the network input a sample becomes (the sample itself for an image-convention network).
     """
+    target = as_natural_target(model, None if isinstance(model, NaturalTarget) else x)
     B, S = samples.shape[:2]
-    flat = samples.reshape(B * S, *samples.shape[2:])
-    f_x = model(x)
-    f_s = torch.cat([model(flat[i : i + 64]) for i in range(0, flat.shape[0], 64)]).reshape(B, S, *f_x.shape[1:])
-    d = (samples - x.unsqueeze(1)).flatten(2)
+    items = torch.arange(B, device=x.device) if items is None else items
+    inputs, f_s, f_x = realised if realised is not None else realise_samples(target, x, samples, items)
+    flat = inputs.reshape(B * S, *inputs.shape[2:])
+    d = (inputs - x.unsqueeze(1)).flatten(2)
     od = (f_s - f_x.unsqueeze(1)).flatten(2)
     rms_in = d.square().mean(-1).sqrt()
     out = {
@@ -545,7 +708,7 @@ def evaluate_samples(
         "output_mean_abs_change": od.abs().mean(-1).mean(1) * scale,
         "output_rms_change": od.square().mean(-1).sqrt().mean(1) * scale,
         "change_ratio": (od.square().mean(-1).sqrt() / rms_in.clamp_min(1e-12)).mean(1),
-        "sample_std": (samples.std(dim=1).flatten(1).mean(-1) * scale) if S > 1 else torch.zeros(B, device=x.device),
+        "sample_std": (inputs.std(dim=1).flatten(1).mean(-1) * scale) if S > 1 else torch.zeros(B, device=x.device),
     }
     if critic is not None:
         critic.eval()
@@ -562,8 +725,8 @@ def evaluate_samples(
 
 
 def train_generator(
-    model: nn.Module,
-    images: Tensor,
+    model: "nn.Module | Network | NaturalTarget",
+    images: Tensor | None,
     out: PathLike,
     steps: int,
     config: NaturalConfig | None = None,

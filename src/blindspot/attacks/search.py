@@ -455,9 +455,11 @@ def example_images(
         sup = result.support[which].to(ctx.device)
         ev = obj.evaluate(net, ctx, torch.arange(len(which), device=ctx.device), feat, sup, return_images=True)
         scaled = ctx.stats.scale(feat)
+        display = ctx.acquisition.display_range(ctx.stats)
     out = []
     for j, i in enumerate(which):
-        out.append({
+        extra = {} if display is None else {"display": display[j].cpu()}
+        out.append({**extra,
             "key": result.keys[i],
             "input": ev.images["input"][j, 0].cpu(),
             "truth": ev.images["truth"][j, 0].cpu(),

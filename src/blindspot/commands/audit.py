@@ -1,10 +1,10 @@
-"""``blindspot audit``: the whole FNAF audit of MRI reconstruction models in one command.
+"""``blindspot audit``: the whole FNAF audit of MRI reconstruction networks or CT denoisers in one command.
 
 Without ``--model`` it audits the bundled demo models (standard U-Net, FNAF-robust U-Net, I-RIM) on freshly generated
 phantoms; with ``--model CKPT [--model CKPT …] [--data PATH]`` it audits yours. It prints Table 1 (SSIM, NMSE ± std,
 PSNR), Table 2 (RS / FD / gradient attack rates with 95% intervals and mean attack loss), the IP table and the
 transfer rates, and writes ``RUN_DIR/report.html`` with ``results.json`` and CSVs beside it
-(:mod:`blindspot.audit`). With ``--boxes CSV`` (lesion bounding boxes on the ``--data`` fastMRI files) the report
+(:mod:`blindspot.runs.audit`). With ``--boxes CSV`` (lesion bounding boxes on the ``--data`` fastMRI files) the report
 gains a lesion section: preserved / total per model and label at each acceleration (:mod:`blindspot.lesions`),
 ``results.json["lesions"]`` and ``lesions.csv``.
 """
@@ -22,12 +22,18 @@ from blindspot.errors import BlindspotError
 def add_audit_arguments(p: argparse.ArgumentParser, out_default: str | None = None, lesion_phantoms: int = 0) -> None:
     """Options shared by ``audit`` and ``demo`` (``lesion_phantoms``: the default of ``--lesion-phantoms``)."""
     from blindspot.attacks.features import FAMILIES
-    from blindspot.audit import AUDIT_PHANTOM_SEED
+    from blindspot.runs.audit import AUDIT_PHANTOM_SEED
 
     p.add_argument("--model", action="append", metavar="CKPT",
-                   help="checkpoint to audit, repeatable (default: the bundled demo models)")
+                   help="checkpoint or bundled network (e.g. cnn10) to audit, repeatable (default: the bundled demo "
+                        "networks of --modality)")
+    p.add_argument("--modality", choices=["mri", "ct"], default="mri",
+                   help="without --model: audit the bundled MRI networks (default) or CT denoisers")
+    p.add_argument("--dose", type=float, help="CT: dose fraction of the denoisers' input (default: the checkpoint's)")
+    p.add_argument("--ct-size", type=int, help="CT phantoms: image size (default: the checkpoint's training size)")
     p.add_argument("--names", nargs="+", help="row labels, one per --model (default: from the architecture)")
-    p.add_argument("--data", help="fastMRI HDF5, DICOM, PNG or NumPy file/folder (default: built-in phantoms)")
+    p.add_argument("--data", help="MRI: fastMRI HDF5, DICOM, PNG or NumPy file/folder; CT: a folder in the LDCT layout "
+                        "(default: built-in phantoms)")
     if out_default is None:
         p.add_argument("--out", required=True, metavar="RUN_DIR")
     else:
@@ -37,13 +43,14 @@ def add_audit_arguments(p: argparse.ArgumentParser, out_default: str | None = No
     p.add_argument("--mask-type", choices=["random", "equispaced"])
     p.add_argument("--crop", nargs=2, type=int, metavar=("H", "W"))
     p.add_argument("--search", nargs="+", choices=["rs", "fd", "grad"], default=["rs", "fd", "grad"])
-    p.add_argument("--family", choices=FAMILIES, default="walk")
+    p.add_argument("--family", choices=FAMILIES, help="feature family (default: walk for MRI, disc for CT)")
     p.add_argument("--criteria", nargs="+", choices=["seed", "recovery"], default=["seed", "recovery"],
                    help="FNAF criteria, each attacked and reported on its own (default both: seed = L_atk reaches "
                         "the seed's threshold, recovery = less than half of the feature's energy kept); the first "
                         "one's features make the figures")
     p.add_argument("--candidates", type=int, default=11, help="RS candidates per image (seed: 11)")
-    p.add_argument("--phantom-volumes", type=int, default=6)
+    p.add_argument("--phantom-volumes", type=int, default=6,
+                   help="phantom volumes (MRI; CT: phantom patients x slices images)")
     p.add_argument("--phantom-slices", type=int, default=6)
     p.add_argument("--phantom-seed", type=int, default=AUDIT_PHANTOM_SEED,
                    help=f"first phantom seed (default {AUDIT_PHANTOM_SEED}: seen neither in training nor validation)")
@@ -62,7 +69,7 @@ def add_audit_arguments(p: argparse.ArgumentParser, out_default: str | None = No
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "audit",
-        help="audit MRI reconstruction models: quality, FNAF attack rates, IP, transfer; report.html",
+        help="audit MRI reconstruction networks or CT denoisers: quality, FNAF attack rates, IP, transfer; report.html",
         description="Table 1 (SSIM/NMSE/PSNR), Table 2 (RS/FD/gradient FNAF attack rates with 95%% intervals), the "
         "IP table and transferability for the bundled demo models or your checkpoints; writes RUN_DIR/report.html, "
         "results.json and CSVs.",
@@ -80,7 +87,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from blindspot.audit import AuditConfig, bundled_models, run_audit
+    from blindspot.runs.audit import AuditConfig, bundled_models, run_audit
 
     t0 = time.perf_counter()
     lesion_options = None
@@ -102,17 +109,14 @@ def run(args: argparse.Namespace) -> int:
             raise BlindspotError(None, f"give one --names entry per --model ({len(args.model)})")
         names = args.names or [None] * len(args.model)
         models = list(zip(names, args.model))
-        for _, m in models:
-            if not Path(m).is_file():
-                raise BlindspotError(m, "no such checkpoint file")
     else:
         if args.names:
             raise BlindspotError(None, "--names needs --model")
-        models = bundled_models()
+        models = bundled_models(args.modality)
     config = AuditConfig(
         accelerations=tuple(args.accelerations),
         center_fractions=tuple(args.center_fractions) if args.center_fractions else None,
-        mask_type=args.mask_type, searches=tuple(args.search), family=args.family, criteria=tuple(args.criteria),
+        mask_type=args.mask_type, dose=args.dose, ct_size=args.ct_size, searches=tuple(args.search), family=args.family, criteria=tuple(args.criteria),
         candidates=args.candidates, transfer=not args.no_transfer, phantom_volumes=args.phantom_volumes,
         phantom_slices=args.phantom_slices, phantom_seed=args.phantom_seed, limit=args.limit,
         lesion_phantoms=args.lesion_phantoms,

@@ -1,31 +1,52 @@
-"""``blindspot demo`` (``make demo``): the audit of the bundled demo models on freshly generated phantoms.
+"""``blindspot demo`` (``make demo``): the audits of the bundled networks, MRI and CT, on freshly generated phantoms.
 
-The same as ``blindspot audit --out runs/demo --lesion-phantoms 8``: the standard U-Net, the FNAF-robust U-Net and the
-I-RIM shipped in ``blindspot/weights`` are evaluated (Table 1) and attacked with RS, FD and gradient searches at 4x and
-8x (Table 2, IP table, transferability), and scored on 8 held-out phantom volumes with planted lesions (the lesion
-section); the tables are printed and ``runs/demo/report.html`` is written.
+1. MRI — the same as ``blindspot audit --out runs/demo --lesion-phantoms 8``: the standard U-Net, the FNAF-robust
+   U-Net and the I-RIM shipped in ``blindspot/weights`` are evaluated (Table 1) and attacked with RS, FD and gradient
+   searches at 4x and 8x (Table 2, IP table, transferability), and scored on 8 held-out phantom volumes with planted
+   lesions (the lesion section): ``runs/demo/report.html``.
+2. CT — ``blindspot audit --modality ct``: the bundled CNN-10, RED-CNN and WGAN-VGG on ``--ct-images`` held-out
+   phantom slices whose 25 % dose is simulated in the projection domain: denoising quality, FNAF-on-CT attack rates
+   with low-contrast features, IP (detectability above the noise) and transfer: ``runs/demo/ct/report.html``.
+
 An existing demo folder is replaced (the demo is a fresh run each time).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import json
 import shutil
 from pathlib import Path
 
+from blindspot.commands.audit import add_audit_arguments
+from blindspot.commands.audit import run as run_audit_command
+
 
 def register(subparsers) -> None:
-    from blindspot.commands.audit import add_audit_arguments
-
-    p = subparsers.add_parser("demo", help="the main job: audit the bundled demo models (report.html)")
+    p = subparsers.add_parser("demo", help="the main job: audit the bundled MRI networks and CT denoisers (report.html)")
     add_audit_arguments(p, out_default="runs/demo", lesion_phantoms=8)
+    p.add_argument("--ct-images", type=int, default=8,
+                   help="CT phantom slices of the CT audit (default 8; 0 skips the CT audit)")
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from blindspot.commands.audit import run as run_audit_command
+def _is_demo_folder(out: Path) -> bool:
+    """Only a previous audit's folder (its run.json says so) is replaced."""
+    try:
+        return json.loads((out / "run.json").read_text()).get("command") == "audit"
+    except (OSError, ValueError):
+        return False
 
+
+def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    if not args.resume and ((out / "audit.json").exists() and not args.model):
-        shutil.rmtree(out)  # only a previous demo's folder (it has audit.json) is replaced
-    return run_audit_command(args)
+    if not args.resume and not args.model and _is_demo_folder(out):
+        shutil.rmtree(out)
+    rc = run_audit_command(args)
+    if rc != 0 or args.model or args.ct_images < 1:
+        return rc
+    ct = copy.copy(args)
+    ct.modality, ct.out, ct.lesion_phantoms, ct.family, ct.data, ct.crop = "ct", str(out / "ct"), 0, None, None, None
+    ct.phantom_volumes, ct.phantom_slices = args.ct_images, 1
+    return run_audit_command(ct)

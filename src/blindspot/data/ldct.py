@@ -221,7 +221,7 @@ def _series_kind(name: str) -> str | None:
     return None
 
 
-def _series_folders(root: Path) -> list[Path]:
+def series_folders(root: Path) -> list[Path]:
     """Folders under ``root`` (or ``root`` itself) whose name marks a full- or low-dose series."""
     found = []
     candidates = [root] + sorted(p for p in root.rglob("*") if p.is_dir())
@@ -308,7 +308,7 @@ def find_ldct(root: PathLike, dose: float | None = None) -> list[LDCTPatient]:
     root = Path(root)
     if not root.is_dir():
         raise BlindspotError(root, "not a folder (expected the LDCT-and-Projection-data layout)")
-    series = _series_folders(root)
+    series = series_folders(root)
     if not series:
         raise BlindspotError(root, f"no series folders named '...{FULL_DOSE_MARK}...' or '...{LOW_DOSE_MARK}...' "
                              "(expected LDCT-and-Projection-data/<patient>/<study>/<series>/)")

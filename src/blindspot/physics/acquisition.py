@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from blindspot.errors import BlindspotError
-from blindspot.physics.ct import HUNormalization, LowDoseCT
+from blindspot.physics.ct import WINDOWS, HUNormalization, LowDoseCT
 from blindspot.physics.mri import (MaskFunc, NormStats, center_crop, fft2c, ifft2c, normalize, resample_mask, rss)
 
 #: The Rose criterion: a known signal is reliably detectable in white noise when its SNR reaches 5.
@@ -182,6 +182,11 @@ class Acquisition:
     def describe(self) -> dict:
         """A JSON-able description for run settings and reports."""
         return {"modality": self.modality}
+
+    def display_range(self, stats: NormStats) -> Tensor | None:
+        """Grey-scale limits ``(B, 2)`` in the network's units for showing images, or ``None`` for each image's own
+        range (CT: the abdomen window, where a low-contrast feature is visible)."""
+        return None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -315,7 +320,11 @@ class CartesianMRI(Acquisition):
         return measurement.image
 
     def null_space(self, image: Tensor) -> Tensor:
-        """``F⁻¹((1 − M) ⊙ F(image))`` (complex, same shape): invisible to the mask; orthogonal to the rest."""
+        """``F⁻¹((1 − M) ⊙ F(image))`` (complex, same shape): invisible to the mask; orthogonal to the rest.
+
+        This is the acquisition's null space for one coil (and for coil maps that vary only along the rows). With
+        maps that vary across the columns, multiplying by ``S_c`` moves part of such a change into sampled columns:
+        the multi-coil null space is then smaller, and this projector only bounds it."""
         return image - self._masked_columns(image)
 
     def information(self, clean: Measurement, perturbed: Measurement, stats: NormStats) -> Tensor:
@@ -443,8 +452,10 @@ class LowDoseCTScan(Acquisition):
         return Measurement.cat(parts)
 
     def observed(self, truth: Tensor, low_dose: Tensor) -> Measurement:
-        """The measurement of a real pair: the scanner's low-dose image ``(B, 1, H, W)`` HU of full-dose ``truth``;
-        its noise is taken as ``low − full`` (the full-dose image's own noise is far smaller)."""
+        """The measurement of a real pair: the scanner's low-dose image ``(B, 1, H, W)`` HU of full-dose ``truth``.
+        Its noise is taken as ``low − full``: for nested doses (real LDCT data, blindspot's simulations) that is the
+        noise the low dose adds to the full-dose image's own, ``√(1 − dose)`` of its total standard deviation when
+        both are Poisson-limited (e.g. 87 % at 25 % dose), so ``d'`` reads slightly high."""
         if low_dose.shape != truth.shape:
             raise BlindspotError(None, f"low-dose images {tuple(low_dose.shape)} and truths {tuple(truth.shape)} "
                                        "differ in shape")
@@ -459,6 +470,11 @@ class LowDoseCTScan(Acquisition):
         mean = torch.full((B, 1, 1, 1), self.norm.mean, device=dev)
         std = torch.full((B, 1, 1, 1), self.norm.std, device=dev)
         return NormStats(mean, std, clamp=None)
+
+    def display_range(self, stats: NormStats) -> Tensor:
+        w = WINDOWS["abdomen"]
+        hu = torch.tensor([w.lower, w.upper], device=stats.mean.device).reshape(1, 1, 1, 2)
+        return stats.apply(hu, clamp=False).reshape(-1, 2)
 
     def noise_sigma(self, measurement: Measurement) -> Tensor:
         """Per-item standard deviation (HU) of the input's noise, ``(B,)``."""

@@ -111,7 +111,8 @@ def loss_vs_ip_scatter(
     ax.axhline(loss_threshold, color="0.3", ls=":", lw=0.8)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("IP loss (MSE of normalised inputs)")
+    ct = any(str(r.get("modality", "mri")) == "ct" for r in rows)
+    ax.set_xlabel("IP: detectability d' in the low-dose input" if ct else "IP loss (MSE of normalised inputs)")
     ax.set_ylabel("attack loss L_atk")
     ax.set_title(title or "FNAF attack loss vs. IP loss")
     if any(groups.values()):
@@ -129,8 +130,9 @@ def example_panels(examples: Mapping[str, Mapping[str, Any]], path: PathLike, ti
     """
     names = [n for n in examples if examples[n]]
     cols = ("input", "truth", "output", "feature", "error")
-    headers = ("zero-filled input N(x')", "truth with feature N(y')", "reconstruction f(N(x'))",
-               "feature δ'/σ", "|error| in T")  # fmt: skip
+    ct = any(examples[n].get("display") is not None for n in names)
+    headers = ("low-dose input N(x')" if ct else "zero-filled input N(x')", "truth with feature N(y')",
+               "output f(N(x'))", "feature δ'/σ", "|error| in T")  # fmt: skip
     fig = _figure(2.3 * len(cols), 2.5 * max(1, len(names)) + 0.3)
     if not names:
         ax = fig.add_subplot()
@@ -145,6 +147,8 @@ def example_panels(examples: Mapping[str, Mapping[str, Any]], path: PathLike, ti
         img["error"] = np.abs(img["output"] - img["truth"]) * img["T"]
         lo = min(img["truth"].min(), img["input"].min())
         hi = max(img["truth"].max(), img["input"].max())
+        if ex.get("display") is not None:  # a display window (CT: abdomen), in the same normalised units
+            lo, hi = (float(v) for v in np.asarray(ex["display"], dtype=np.float32).reshape(2))
         for j, c in enumerate(cols):
             ax = grid[i][j]
             if c in ("input", "truth", "output"):

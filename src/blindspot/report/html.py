@@ -1,7 +1,7 @@
 """The audit's report: one self-contained HTML page (tables, figures embedded as base64 PNG, no external resources),
 and the audit's own figure, the qualitative grid.
 
-:func:`render_audit_report` takes the ``results.json`` dict that :func:`blindspot.audit.run_audit` writes and the list
+:func:`render_audit_report` takes the ``results.json`` dict that :func:`blindspot.runs.audit.run_audit` writes and the list
 of figures, and writes ``report.html`` atomically. :func:`markdown_table_html` turns the Markdown tables the other
 modules produce into HTML tables, so the page and the terminal show the same numbers.
 """
@@ -20,6 +20,7 @@ import numpy as np
 
 from blindspot import __version__
 from blindspot.attacks.fnaf import CRITERION_TEXT
+from blindspot.attacks.records import setting_label
 from blindspot.errors import PathLike
 from blindspot.fileio import atomic_write_bytes, atomic_write_text
 
@@ -84,7 +85,7 @@ def _pct(x: Any) -> str:
 
 def _verdicts(headline: Sequence[Mapping[str, Any]]) -> str:
     """The FNAF-robust training check, one line per (criterion, model, acceleration): rates, which searches meet the
-    seed's claim (:func:`blindspot.audit.robustness_headline`) and the SSIM / NMSE changes."""
+    seed's claim (:func:`blindspot.runs.audit.robustness_headline`) and the SSIM / NMSE changes."""
     parts = []
     for h in headline:
         searches = [k[: -len("_ratio")] for k in h if k.endswith("_ratio")]
@@ -125,7 +126,8 @@ def render_audit_report(path: PathLike, results: Mapping[str, Any], md_tables: M
     summary_items = []
     for criterion, rates in results.get("attack_rates_by_criterion", {}).items():
         for m, per in rates.items():
-            cells = "; ".join(f"{a}: " + ", ".join(f"{s.upper()} {_pct(v['attack_rate'])}" for s, v in ps.items())
+            cells = "; ".join(f"{setting_label(float(a.rstrip('x')), results.get('modality', 'mri'))}: "
+                              + ", ".join(f"{s.upper()} {_pct(v['attack_rate'])}" for s, v in ps.items())
                               for a, ps in per.items())
             summary_items.append(f"<li><b>{html.escape(m)}</b>, {html.escape(criterion)} criterion — "
                                  f"{html.escape(cells)}</li>")
@@ -147,47 +149,71 @@ def render_audit_report(path: PathLike, results: Mapping[str, Any], md_tables: M
             f"</figcaption></figure>" for _, c, p in items) + "</div>" if items else "<p class='muted'>none</p>"
     t = results.get("timings_s", {})
     timing = ", ".join(f"{k} {v:.1f} s" for k, v in t.items())
+    ct = results.get("modality", st.get("modality", "mri")) == "ct"
+    ip_note = ("its detectability d' in the low-dose input (‖FBP(P(δ))‖ / noise σ) reaches 5, the Rose criterion"
+               if ct else "it is still in the measurements (IP loss &gt; 1e-4)")
     thr_note = ("Each criterion is attacked on its own (its searches maximise what it measures). <b>seed</b>: a "
                 "feature is <i>lost</i> when the attack loss <code>L_atk</code> (mean squared error of the "
-                "normalised reconstruction against the normalised truth-with-feature, on the feature's neighbourhood "
+                "normalised output against the normalised truth-with-feature, on the feature's neighbourhood "
                 "T, averaged over the whole image) reaches the seed's 1e-3 at 320×320, scaled by 320²/(h·w) for "
                 "other sizes. That loss also counts the network's own error around the feature, so the table under "
                 "it says how often that error alone reaches the threshold. <b>recovery</b>: lost when the change of "
-                "the reconstruction keeps less than half of the feature's energy in T, whatever the network's "
-                "error without the feature. Under both, a lost feature counts as an <i>attack</i> only when it is "
-                "still in the measurements (IP loss &gt; 1e-4). The attack rate is the share of images with such a "
-                "feature, with its 95% Wilson interval.")
+                "the output keeps less than half of the feature's energy in T, whatever the network's "
+                f"error without the feature. Under both, a lost feature counts as an <i>attack</i> only when {ip_note}. "
+                "The attack rate is the share of images with such a feature, with its 95% Wilson interval.")
+    if ct:
+        doses = {r.get("dose") for r in results.get("table1", []) if r.get("dose")}
+        settings_line = ("dose " + ", ".join(f"{100 * float(d):g}%" for d in sorted(doses))
+                         + " · CT, low dose simulated in the projection domain (or real pairs)")
+        intro = ("The FNAF attack adds a small, low-contrast feature (in HU) to the full-dose image, simulates the "
+                 "low-dose acquisition through the projection domain, and asks whether each denoiser's output keeps "
+                 "it. The share of images where some feature is lost — although it is still detectable above the "
+                 "low-dose input's noise — is the attack rate: lower is better.")
+        t1_title, t1_note = "Table 1: denoising quality", (
+            "Mean ± standard deviation over images against the full-dose image, on the same low-dose inputs the "
+            "attacks use; PSNR and SSIM of windowed images (data range 1).")
+        ip_text = ("Acceptance rate: share of the chosen features detectable in the low-dose input (d' ≥ 5); "
+                   "d': the feature's matched-filter signal-to-noise ratio there.")
+        q_text = "Columns: the low-dose input, the truth with the feature (outlined neighbourhood T), then each " \
+                 "denoiser's output"
+    else:
+        settings_line = "accelerations: " + ", ".join(f"{a:g}×" for a in st.get("accelerations", []))
+        intro = ("The FNAF attack adds a small, real-looking feature to the true image and asks whether each "
+                 "network's reconstruction keeps it. The share of images where some feature is lost — although the "
+                 "under-sampled measurements still carry it — is the attack rate: lower is better.")
+        t1_title, t1_note = "Table 1: reconstruction quality", (
+            "Per-volume mean ± standard deviation (fastMRI definitions; data range = each volume's maximum).")
+        ip_text = ("Acceptance rate: share of the chosen features still present in the measurements (IP loss &gt; "
+                   "ε); IP loss: mean squared difference of the normalised perturbed and clean zero-filled inputs.")
+        q_text = "Columns: the zero-filled input, the truth with the feature (outlined neighbourhood T), then each " \
+                 "model's reconstruction"
     body = f"""
 <h1>blindspot audit</h1>
 <p class="muted">blindspot {html.escape(__version__)} · models: {models} · data: {html.escape(str(st.get('data', '')))}
- · accelerations: {', '.join(f'{a:g}×' for a in st.get('accelerations', []))} · feature family
- {html.escape(str(st.get('family', '')))} · criteria {html.escape(', '.join(criteria))}</p>
+ · {settings_line} · feature family
+ {html.escape(str(st.get('family') or ('disc' if ct else 'walk')))} · criteria {html.escape(', '.join(criteria))}</p>
 <h2>Summary</h2>
-<p>The FNAF attack adds a small, real-looking feature to the true image and asks whether each network's
-reconstruction keeps it. The share of images where some feature is lost — although the under-sampled measurements
-still carry it — is the attack rate: lower is better.</p>
+<p>{intro}</p>
 <ul>{''.join(summary_items)}</ul>
 {_verdicts(results.get('headline', []))}
-<h2>Table 1: reconstruction quality</h2>
-<p class="muted">Per-volume mean ± standard deviation (fastMRI definitions; data range = each volume's maximum).</p>
+<h2>{t1_title}</h2>
+<p class="muted">{t1_note}</p>
 {markdown_table_html(md_tables.get('table1', ''))}
 <h2>Table 2: FNAF attack rates</h2>
 <p class="muted">{thr_note}</p>
 {per_criterion('table2', 'none')}
 <h2>Information preservation</h2>
-<p class="muted">Acceptance rate: share of the chosen features still present in the measurements (IP loss &gt; ε);
-IP loss: mean squared difference of the normalised perturbed and clean zero-filled inputs.</p>
+<p class="muted">{ip_text}</p>
 {per_criterion('ip', 'none')}
 <h2>Transferability</h2>
 <p class="muted">Features that fooled the source model, replayed on the target: the share that fool it too.</p>
 {per_criterion('transfer', 'not computed (one model, or --no-transfer)') if results.get('transfer') else
    "<p class='muted'>not computed (one model, or --no-transfer)</p>"}
 <h2>Qualitative results</h2>
-<p class="muted">Columns: the zero-filled input, the truth with the feature (outlined neighbourhood T), then each
-model's reconstruction; rows: a failed and a successful attack. Figures show the features found under the
+<p class="muted">{q_text}; rows: a failed and a successful attack. Figures show the features found under the
 {html.escape(criteria[0] if criteria else '')} criterion.</p>
 {fig_html['qualitative']}
-<h2>Attack loss vs IP loss</h2>
+<h2>Attack loss vs IP statistic</h2>
 {fig_html['scatter']}
 <h2>Where attacks succeed</h2>
 {fig_html['heatmap']}
@@ -206,9 +232,10 @@ model's reconstruction; rows: a failed and a successful attack. Figures show the
 
 # ----------------------------------------------------------------------------------------------------------------
 def qualitative_grid(examples: Mapping[str, Mapping[str, Mapping[str, Any]]], model_names: Sequence[str],
-                     path: PathLike, title: str = "") -> Path:
-    """The seed's qualitative figure: per example row, zero-filled input, truth with the feature, and every model's
-    reconstruction (all normalised, one grey scale per row), the feature's neighbourhood ``T`` outlined.
+                     path: PathLike, title: str = "", input_label: str = "zero-filled input") -> Path:
+    """The seed's qualitative figure: per example row, the network input (``input_label``: zero-filled or low-dose),
+    truth with the feature, and every model's output (all normalised, one grey scale per row), the feature's
+    neighbourhood ``T`` outlined.
 
     Args:
         examples: row name (e.g. ``"failed attack"``) → model name → the dict of
@@ -227,7 +254,9 @@ def qualitative_grid(examples: Mapping[str, Mapping[str, Mapping[str, Any]]], mo
         first = per[model_names[0]]
         arr = {k: np.asarray(first[k], dtype=np.float32) for k in ("input", "truth", "T")}
         lo, hi = float(min(arr["truth"].min(), arr["input"].min())), float(arr["truth"].max())
-        cols = [("zero-filled input", arr["input"], None), ("truth with feature", arr["truth"], None)]
+        if first.get("display") is not None:  # a display window (CT: abdomen), in the same normalised units
+            lo, hi = (float(v) for v in np.asarray(first["display"], dtype=np.float32).reshape(2))
+        cols = [(input_label, arr["input"], None), ("truth with feature", arr["truth"], None)]
         for m in model_names:
             e = per[m]
             lost = float(e["attack_loss"])

@@ -6,7 +6,8 @@
   difference window (C 0, W 100), and the pixel-wise standard deviation over restarts.
 * :func:`mri_invariance_figure` — the MRI version: truth, invariance, both reconstructions, the change, the output
   change, and the change split into the part the mask hides (null space) and the part that reaches the network.
-* :func:`natural_samples_figure` — an image, several generator samples and their differences.
+* :func:`natural_samples_figure` — an image, several generator samples and their differences (CT windows in HU,
+  or data-driven ranges in MRI's normalised units).
 * :func:`invariance_section_html` — a self-contained ``<section>`` (figures embedded as PNG data) with the summary
   table and per-image figures of a run folder; :func:`write_invariance_report` writes it alone and as a page.
 
@@ -198,29 +199,41 @@ def mri_invariance_figure(
 
 
 def natural_samples_figure(
-    x_hu: Any,
-    samples_hu: Any,
-    f_x_hu: Any,
-    f_samples_hu: Any,
+    x: Any,
+    samples: Any,
+    f_x: Any,
+    f_samples: Any,
     path: PathLike,
     window: str | Window = "abdomen",
     difference: Window = WINDOWS["difference"],
     max_samples: int = 4,
     title: str = "",
+    units: str = "HU",
 ) -> Path:
-    """An image and generator samples ``(S, H, W)`` (HU): rows = image / sample − x / f(sample) − f(x)."""
-    win = WINDOWS[window] if isinstance(window, str) else window
-    x, fx = _np(x_hu), _np(f_x_hu)
-    s = np.asarray(samples_hu.detach().cpu() if isinstance(samples_hu, torch.Tensor) else samples_hu, dtype=np.float32)
-    fs = np.asarray(f_samples_hu.detach().cpu() if isinstance(f_samples_hu, torch.Tensor) else f_samples_hu,
-                    dtype=np.float32)
+    """An image and generator samples ``(S, H, W)``: rows = image / sample − x / f(sample) − f(x).
+
+    With ``units="HU"`` (CT) the panels use the display ``window`` and the ``difference`` window; in any other unit
+    (MRI's normalised units) the image range is the image's 0.5–99.5 percentiles and the difference range is
+    symmetric about 0 (the 99.5th percentile of the sample changes).
+    """
+    x, fx = _np(x), _np(f_x)
+    s = np.asarray(samples.detach().cpu() if isinstance(samples, torch.Tensor) else samples, dtype=np.float32)
+    fs = np.asarray(f_samples.detach().cpu() if isinstance(f_samples, torch.Tensor) else f_samples, dtype=np.float32)
     s, fs = s.reshape(-1, *x.shape), fs.reshape(-1, *fx.shape)
     n = min(max_samples, s.shape[0])
+    if units == "HU":
+        win = WINDOWS[window] if isinstance(window, str) else window
+        image = lambda a, t: _window_panel(a, win, t)  # noqa: E731
+        diff = lambda a, t: _window_panel(a, difference, t, cmap="RdBu_r")  # noqa: E731
+    else:
+        lo, hi = float(np.percentile(x, 0.5)), float(np.percentile(x, 99.5))
+        r = _sym(s - x)
+        image = lambda a, t: Panel(a, lo, hi if hi > lo else lo + 1.0, f"{t} ({units})")  # noqa: E731
+        diff = lambda a, t: Panel(a, -r, r, f"{t} ({units})", cmap="RdBu_r")  # noqa: E731
     rows: list[list[Panel | None]] = [
-        [_window_panel(x, win, "x")] + [_window_panel(s[i], win, f"g(z{i + 1}|x)") for i in range(n)],
-        [None] + [_window_panel(s[i] - x, difference, f"g(z{i + 1}|x) − x", cmap="RdBu_r") for i in range(n)],
-        [_window_panel(fx, win, "f(x)")]
-        + [_window_panel(fs[i] - fx, difference, f"f(g(z{i + 1}|x)) − f(x)", cmap="RdBu_r") for i in range(n)],
+        [image(x, "x")] + [image(s[i], f"g(z{i + 1}|x)") for i in range(n)],
+        [None] + [diff(s[i] - x, f"g(z{i + 1}|x) − x") for i in range(n)],
+        [image(fx, "f(x)")] + [diff(fs[i] - fx, f"f(g(z{i + 1}|x)) − f(x)") for i in range(n)],
     ]
     return panel_grid(rows, path, title)
 
@@ -267,8 +280,8 @@ QUANTITIES: dict[str, tuple[str, bool]] = {
     "square_ratio": ("inside / outside (≥ 5 expected for Gaussian + RI)", False),
     "iterations": ("Adam iterations run", False),
     "sample_std": ("std over samples (diversity)", True),
-    "critic_real": ("critic score of real low-dose patches", False),
-    "critic_samples": ("critic score of the samples' patches", False),
+    "critic_real": ("critic score of real network inputs", False),
+    "critic_samples": ("critic score of the samples", False),
     "critic_noise": ("critic score of x + white noise of equal size", False),
     "critic_gap": ("critic: real − samples", False),
 }
@@ -303,7 +316,7 @@ def invariance_section_html(
         parts.append(
             f"<p>Natural invariances of <b>{model}</b> drawn from a conditional generator g(z|x) trained against a "
             f"WGAN-GP critic ({_fmt(cfg.get('samples'))} samples per image, no optimisation). Changes are in "
-            f"{html.escape(unit)}; critic scores are higher for more realistic low-dose patches.</p>"
+            f"{html.escape(unit)}; critic scores are higher for inputs more like the real ones.</p>"
         )
     else:
         parts.append(

@@ -1,30 +1,35 @@
-"""The audit: everything the first source document measures, for a set of MRI reconstruction models, in one run.
+"""The audit: everything the source documents measure, for a set of MRI reconstruction networks or CT denoisers.
 
-For each acceleration it computes
+For each setting (MRI acceleration, or CT dose) it computes
 
-* **Table 1** — SSIM, NMSE (mean ± std over volumes) and PSNR of every model, with the zero-filled baseline
-  (:func:`blindspot.evaluate.evaluate_models`);
+* **Table 1** — image quality. MRI: SSIM, NMSE (mean ± std over volumes) and PSNR of every network, with the
+  zero-filled baseline (:func:`blindspot.evaluate.evaluate_models`). CT: RMSE in HU and PSNR / SSIM in the abdomen
+  and lung windows against the full-dose image, for every denoiser and for the low-dose input itself, on the same
+  simulated (or real) low-dose inputs the attacks use;
 * **Table 2** — the FNAF attack rate of every search (RS, FD, gradient) with its 95% Wilson interval and the mean
   attack loss (:mod:`blindspot.attacks.search`, :func:`blindspot.attacks.records.summarize`), once per criterion:
-  the seed's (``L_atk`` reaches a fixed threshold — which also counts the network's own reconstruction error around
-  the feature, so a weak network "loses" every feature; the audit reports how often that error alone decides) and
-  the scale-free ``recovery`` criterion (the share of the feature's energy the reconstruction keeps);
-* **the IP table** — IP acceptance rate and mean IP loss;
-* **transferability** — the features found against each model replayed on every other audited model;
+  the seed's (``L_atk`` reaches a fixed threshold — which also counts the network's own error around the feature, so a
+  weak network "loses" every feature; the audit reports how often that error alone decides) and the scale-free
+  ``recovery`` criterion (the share of the feature's energy the output keeps). On CT the features are small
+  low-contrast discs in HU added to the full-dose image, and IP asks that they be detectable above the low-dose
+  input's noise (:mod:`blindspot.physics.acquisition`);
+* **the IP table** — IP acceptance rate and the mean IP statistic;
+* **transferability** — the features found against each network replayed on every other audited network;
 
 and writes into ``RUN_DIR``: ``report.html`` (self-contained, figures embedded), ``results.json`` (attack rates keyed
 by model name), ``table1.csv``, ``table2.csv``, ``ip_table.csv``, ``transfer.csv``, ``records.csv`` /
-``records.jsonl`` (one row per image, model, acceleration, search and criterion), ``tables.md``,
+``records.jsonl`` (one row per image, model, setting, search and criterion), ``tables.md``,
 ``features/CRITERION/MODEL/`` (the found features, replayable with ``blindspot fnaf --replay``) and ``figures/``.
 
-Without models it audits the bundled demo models (:func:`bundled_models`) on freshly generated phantoms whose seeds
-were used neither for training nor for model selection.
+Without models it audits the bundled demo networks of a modality (:func:`bundled_models`) on freshly generated
+phantoms whose seeds were used neither for training nor for model selection.
 
 Python API::
 
-    from blindspot.audit import AuditConfig, bundled_models, run_audit
+    from blindspot.runs.audit import AuditConfig, bundled_models, run_audit
     result = run_audit(bundled_models(), out_dir="runs/audit", config=AuditConfig(phantom_volumes=2))
     print(result.attack_rates["U-Net"]["4x"]["rs"]["attack_rate"])
+    ct = run_audit(bundled_models("ct"), out_dir="runs/audit-ct", config=AuditConfig(phantom_volumes=2))
 """
 
 from __future__ import annotations
@@ -32,41 +37,58 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm.auto import tqdm
+from torch.utils.data import Dataset, Subset
 
+from blindspot.attacks.fnaf import CRITERIA, CRITERION_TEXT, FnafObjective, as_truths, subset_batch
+from blindspot.attacks.records import (IP_LABEL, RECORD_COLUMNS, group_rows, ip_table, load_features, setting_label,
+                                       summarize, table2, transfer_rate)
+from blindspot.attacks.search import SEARCHES, ReplaySearch, example_images
+from blindspot.data.mri import open_mri_dataset
+from blindspot.data.sample import collate_mri
 from blindspot.errors import BlindspotError, PathLike
-from blindspot.attacks.fnaf import CRITERION_TEXT
+from blindspot.evaluate import TABLE_COLUMNS, evaluate_models, load_eval_models, table_markdown
 from blindspot.fileio import append_jsonl, atomic_write_text, read_jsonl, write_csv, write_json
+from blindspot.lesions import LesionAuditOptions, audit_lesions, open_annotated, write_held_out_lesion_phantoms
+from blindspot.metrics import mean_std
+from blindspot.models.adapters import eval_mode
+from blindspot.models.loading import LoadedModel, load_model, weights_dir
+from blindspot.physics.ct import WINDOWS
+from blindspot.physics.mri import create_mask_func
+from blindspot.report.fnaf_figures import example_panels, location_heatmap, loss_vs_ip_scatter
+from blindspot.report.html import qualitative_grid, render_audit_report
+from blindspot.runs.fnaf import AttackSetting, FnafConfig, attack_setting, ct_acquisition, ct_settings, tag
+from blindspot.runs.folder import RunFolder
+from blindspot.training.ct import slice_metrics
+from blindspot.training.distributed import resolve_device
 
-if TYPE_CHECKING:
-    from blindspot.lesions import LesionAuditOptions
+#: The bundled demo networks per modality: (row label, file in ``blindspot/weights``).
+BUNDLED: dict[str, tuple[tuple[str, str], ...]] = {
+    "mri": (("U-Net", "mri_unet.pt"), ("FNAF-robust U-Net", "mri_unet_robust.pt"), ("I-RIM", "mri_irim.pt")),
+    "ct": (("CNN-10", "cnn10.pt"), ("RED-CNN", "redcnn.pt"), ("WGAN-VGG", "wganvgg.pt")),
+}
 
-#: The bundled demo models: (row label, file in ``blindspot/weights``).
-BUNDLED: tuple[tuple[str, str], ...] = (
-    ("U-Net", "mri_unet.pt"),
-    ("FNAF-robust U-Net", "mri_unet_robust.pt"),
-    ("I-RIM", "mri_irim.pt"),
-)
-
-#: First phantom seed of the audit's default data: training used 1000+, validation (model selection) 0–3.
+#: First phantom seed of the audit's default data: training used 1000+, validation (model selection) 0–3 (MRI);
+#: the CT denoisers were trained and selected on patients 0–11.
 AUDIT_PHANTOM_SEED = 100
 
+#: CT Table 1: the display windows whose PSNR / SSIM are reported (DESIGN.md §1.4).
+CT_WINDOWS: tuple[str, ...] = ("abdomen", "lung")
+CT_TABLE_COLUMNS: tuple[str, ...] = (
+    "model", "dose", "images", "rmse_hu_mean", "rmse_hu_std",
+    *[f"{k}_{w}_{s}" for w in CT_WINDOWS for k in ("psnr", "ssim") for s in ("mean", "std")],
+)  # fmt: skip
 
-def weights_dir() -> Path:
-    """The folder of the bundled weights inside the installed package."""
-    return Path(str(resources.files("blindspot") / "weights"))
 
-
-def bundled_models() -> list[tuple[str, Path]]:
-    """``[(label, checkpoint path), …]`` of the bundled demo models (see ``blindspot/weights/README.md``)."""
+def bundled_models(modality: str = "mri") -> list[tuple[str, Path]]:
+    """``[(label, checkpoint path), …]`` of the bundled demo networks of ``modality`` (``mri`` or ``ct``)."""
+    if modality not in BUNDLED:
+        raise BlindspotError(None, f"unknown modality {modality!r}; choose mri or ct")
     out = []
-    for name, file in BUNDLED:
+    for name, file in BUNDLED[modality]:
         path = weights_dir() / file
         if not path.is_file():
             raise BlindspotError(path, "bundled model is missing from the installation")
@@ -79,24 +101,26 @@ class AuditConfig:
     """What the audit measures and on which data.
 
     Attributes:
-        accelerations: acceleration factors (each with its standard centre fraction unless given).
+        accelerations: MRI acceleration factors (each with its standard centre fraction unless given).
         center_fractions: one per acceleration, or ``None`` for 4x → 0.08, 8x → 0.04.
         mask_type: ``"random"`` or ``"equispaced"`` (``None``: the first checkpoint's, else random).
+        dose: CT: the dose fraction of the denoisers' input (``None``: the first checkpoint's).
+        ct_size: CT phantoms: image size (``None``: the first checkpoint's training size).
         searches: FNAF searches among ``rs``, ``fd``, ``grad``.
-        family: feature family (the seed's ``walk`` by default).
+        family: feature family (``None``: the seed's ``walk`` for MRI, low-contrast discs in HU for CT).
         criteria: the FNAF criteria to attack under, each with its own searches, tables and verdicts: ``seed``
-            (attack loss ≥ the seed's threshold) and ``recovery`` (the reconstruction keeps less than half of the
-            feature's energy). The first one's features make the figures.
+            (attack loss ≥ the seed's threshold) and ``recovery`` (the output keeps less than half of the feature's
+            energy). The first one's features make the figures.
         candidates: RS candidates per image (seed: 11); fd_iterations; grad_steps and grad_init (4 + 6 + 1 = 11 queries).
         transfer: replay each model's features on every other audited model.
-        phantom_volumes, phantom_slices, phantom_seed: the phantom data (without ``data``); geometry follows the first
-            checkpoint's training phantoms.
+        phantom_volumes, phantom_slices, phantom_seed: the phantom data (without ``data``): MRI volumes × slices
+            (geometry of the first checkpoint's training phantoms); CT ``phantom_volumes × phantom_slices`` slices.
         limit: attack / evaluate only the first ``limit`` images.
-        lesion_phantoms: without ``boxes``, plant lesions in this many held-out phantom volumes
-            (:func:`blindspot.lesions.write_held_out_lesion_phantoms`, in ``out_dir/lesion_phantoms``, the first
-            checkpoint's phantom geometry) and add the lesion section on them; 0 for none.
+        lesion_phantoms: MRI, without ``boxes``: plant lesions in this many held-out phantom volumes
+            (:func:`blindspot.lesions.write_held_out_lesion_phantoms`, in ``out_dir/lesion_phantoms``) and add the
+            lesion section on them; 0 for none.
         batch_size: images per attack batch; chunk_size: most candidates per model call.
-        seed: the attack's seed.
+        seed: the attack's seed (it also keys a simulated CT input's noise).
         device: ``auto``, ``cpu``, ``cuda``…
         figures: write figures (and embed them in the report).
         progress: progress bars (``None``: on a terminal).
@@ -105,8 +129,10 @@ class AuditConfig:
     accelerations: tuple[float, ...] = (4.0, 8.0)
     center_fractions: tuple[float, ...] | None = None
     mask_type: str | None = None
+    dose: float | None = None
+    ct_size: int | None = None
     searches: tuple[str, ...] = ("rs", "fd", "grad")
-    family: str = "walk"
+    family: str | None = None
     criteria: tuple[str, ...] = ("seed", "recovery")
     candidates: int = 11
     fd_iterations: int = 2
@@ -126,9 +152,6 @@ class AuditConfig:
     progress: bool | None = None
 
     def check(self) -> None:
-        from blindspot.attacks.fnaf import CRITERIA
-        from blindspot.attacks.search import SEARCHES
-
         bad = [s for s in self.searches if s not in SEARCHES]
         if bad or not self.searches:
             raise BlindspotError(None, f"unknown search {bad[0] if bad else ''!r}; choose from {', '.join(SEARCHES)}")
@@ -146,14 +169,21 @@ class AuditConfig:
         if self.limit is not None and self.limit < 1:
             raise BlindspotError(None, "limit must be >= 1")
 
+    def fnaf(self, criterion: str) -> FnafConfig:
+        """The FNAF searches' configuration under one criterion."""
+        return FnafConfig(searches=self.searches, family=self.family, criterion=criterion, candidates=self.candidates,
+                          fd_iterations=self.fd_iterations, grad_steps=self.grad_steps, grad_init=self.grad_init,
+                          batch_size=self.batch_size, chunk_size=self.chunk_size, seed=self.seed)
+
 
 @dataclass
 class AuditResult:
     """What :func:`run_audit` returns (everything is also in ``out_dir``).
 
     Attributes:
-        table1: Table 1 rows (one per model and acceleration; :data:`blindspot.evaluate.TABLE_COLUMNS`).
-        table2: Table 2 rows (one per model and acceleration, columns per search).
+        table1: Table 1 rows (MRI: one per model and acceleration, :data:`blindspot.evaluate.TABLE_COLUMNS`; CT: one
+            per model and the low-dose input, :data:`CT_TABLE_COLUMNS`).
+        table2: Table 2 rows (one per model and setting, columns per search).
         ip_table: the IP table's two rows.
         attack_rates: ``{model: {"4x": {search: summary}}}`` (:func:`blindspot.attacks.records.summarize`) under the
             first criterion; ``attack_rates_by_criterion`` holds every criterion's.
@@ -162,6 +192,7 @@ class AuditResult:
         markdown: all tables as Markdown (what the terminal shows).
         report: path of ``report.html``.
         timings: seconds per stage.
+        modality: ``mri`` or ``ct``.
     """
 
     table1: list[dict[str, Any]]
@@ -174,6 +205,7 @@ class AuditResult:
     report: Path
     timings: dict[str, float] = field(default_factory=dict)
     attack_rates_by_criterion: dict[str, dict[str, Any]] = field(default_factory=dict)
+    modality: str = "mri"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -189,25 +221,86 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name).strip("_") or "model"
 
 
-def load_models(specs: Sequence[tuple[str | None, PathLike]], device: torch.device) -> list:
-    """Load ``[(label or None, checkpoint), …]`` as :class:`blindspot.models.loading.LoadedModel` (baseline excluded)."""
-    from blindspot.evaluate import load_eval_models
-
+def load_models(specs: Sequence[tuple[str | None, PathLike]], device: torch.device) -> list[LoadedModel]:
+    """Load ``[(label or None, checkpoint), …]``: MRI networks (the zero-filled baseline excluded) or CT denoisers,
+    all of one modality."""
     if not specs:
         raise BlindspotError(None, "no models to audit")
+    first = load_model(specs[0][1], device, warn=False)
+    if first.modality == "ct":
+        out = []
+        for label, spec in specs:
+            m = load_model(spec, device, name=label, warn=False)
+            if m.modality != "ct":
+                raise BlindspotError(spec, f"is an {m.modality.upper()} network; audit networks of one modality")
+            if label is None:
+                from blindspot.models.loading import DISPLAY_NAMES
+
+                m.name = DISPLAY_NAMES.get(m.architecture, m.architecture)
+            out.append(m)
+        names = [m.name for m in out]
+        if len(set(names)) != len(names):
+            raise BlindspotError(None, "two rows would share a name; give --names")
+        return out
     names = [n for n, _ in specs]
     sources = [str(p) for _, p in specs]
     if any(n is None for n in names):
         names = None if all(n is None for n in names) else [n or Path(p).stem for n, p in specs]
-    loaded = load_eval_models(sources, names, device=device, zero_filled=False)
-    for m in loaded:
-        modality = (m.physics or {}).get("modality")
-        if modality not in (None, "mri"):
-            raise BlindspotError(m.source, f"was trained for {modality} (its checkpoint's physics), but the audit "
-                                           "attacks MRI reconstruction; use `blindspot invariances` for CT denoisers")
-    return loaded
+    return load_eval_models(sources, names, device=device, zero_filled=False)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Table 1 for CT: image quality on the attack's own inputs
+# ----------------------------------------------------------------------------------------------------------------
+def ct_quality_table(models: Sequence[LoadedModel], settings: Mapping[str, AttackSetting], seed: int,
+                     low_dose_label: str = "Low-dose input") -> list[dict[str, Any]]:
+    """RMSE (HU) and windowed PSNR / SSIM (:data:`CT_WINDOWS`, data range 1) against the full-dose truth, mean ± std
+    over images, for the low-dose input and every denoiser, on the inputs the attacks see (the same seeded noise)."""
+    per: dict[str, dict[str, list[float]]] = {}
+    objective = FnafObjective(reference=True, fuse_reference=False)
+    dose = None
+    for i, m in enumerate(models):
+        setting = settings[m.name]
+        dose = setting.physics.dose
+        with eval_mode(m.model), torch.no_grad():
+            for batch in setting.loader(16):
+                ctx = objective.prepare(m.network, batch, setting.physics, seed=seed)
+                pred = ctx.stats.invert(ctx.clean_output)
+                if not torch.isfinite(pred).all():
+                    raise BlindspotError(m.source, f"output contains NaN or Inf on {ctx.keys[0]}")
+                pairs = [(m.name, pred)] + ([(low_dose_label, ctx.measurement.image)] if i == 0 else [])
+                for name, img in pairs:
+                    vals = per.setdefault(name, {})
+                    for w in CT_WINDOWS:
+                        sm = slice_metrics(img, ctx.target, WINDOWS[w])
+                        vals.setdefault("rmse_hu", []).extend(sm["rmse_hu"].tolist()) if w == CT_WINDOWS[0] else None
+                        vals.setdefault(f"psnr_{w}", []).extend(sm["psnr"].tolist())
+                        vals.setdefault(f"ssim_{w}", []).extend(sm["ssim"].tolist())
+    rows = []
+    for name in [low_dose_label] + [m.name for m in models]:
+        row: dict[str, Any] = {"model": name, "dose": dose, "images": len(per[name]["rmse_hu"])}
+        for k, v in per[name].items():
+            row[f"{k}_mean"], row[f"{k}_std"] = mean_std(v)
+        rows.append({c: row.get(c) for c in CT_TABLE_COLUMNS})
+    return rows
+
+
+def ct_table_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    """CT Table 1 as Markdown (mean ± std over images)."""
+    head = ["model", "RMSE (HU)"] + [f"{k} {w}" for w in CT_WINDOWS for k in ("PSNR (dB)", "SSIM")]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in rows:
+        cells = [r["model"], f"{r['rmse_hu_mean']:.1f} ± {r['rmse_hu_std']:.1f}"]
+        for w in CT_WINDOWS:
+            cells += [f"{r[f'psnr_{w}_mean']:.2f} ± {r[f'psnr_{w}_std']:.2f}",
+                      f"{r[f'ssim_{w}_mean']:.4f} ± {r[f'ssim_{w}_std']:.4f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    dose = rows[0]["dose"] if rows else None
+    return (f"**{100 * dose:g}% dose** (against the full-dose image; windows: "
+            + ", ".join(str(WINDOWS[w]) for w in CT_WINDOWS) + ")\n\n" + "\n".join(lines) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 def run_audit(
     models: Sequence[tuple[str | None, PathLike]],
     out_dir: PathLike,
@@ -219,159 +312,146 @@ def run_audit(
     boxes: PathLike | None = None,
     lesion_options: LesionAuditOptions | None = None,
 ) -> AuditResult:
-    """Audit ``models`` and write the report.
+    """Audit ``models`` (MRI reconstruction networks or CT denoisers, one modality) and write the report.
 
     Args:
-        models: ``[(label, checkpoint path), …]``; a ``None`` label takes the architecture's display name.
+        models: ``[(label, checkpoint path or bundled name), …]``; a ``None`` label takes the architecture's name.
         out_dir: the run folder.
-        data: fastMRI HDF5 / DICOM / image file or folder; ``None`` → phantoms (geometry of the first checkpoint's
-            training phantoms, seeds from ``config.phantom_seed``).
+        data: MRI: fastMRI HDF5 / DICOM / image file or folder; CT: a folder in the LDCT layout; ``None`` → phantoms
+            (MRI: geometry of the first checkpoint's training phantoms; seeds from ``config.phantom_seed``).
         config: :class:`AuditConfig`.
-        crop: ``(h, w)`` working size (default: the first checkpoint's crop, else the data's).
+        crop: MRI: ``(h, w)`` working size (default: the first checkpoint's crop, else the data's).
         resume: reuse the records of an interrupted run in ``out_dir`` (same settings) instead of recomputing them.
         log: where progress lines go (default: nowhere).
-        boxes: lesion bounding boxes (CSV / JSON, :mod:`blindspot.data.lesions`) on the fastMRI ``data`` (required
-            with boxes): adds the lesion section (:func:`blindspot.lesions.audit_lesions`, at the data's own image
-            size and every acceleration, whatever ``config.limit``): ``results.json["lesions"]``, ``lesions.csv``.
+        boxes: MRI: lesion bounding boxes (CSV / JSON, :mod:`blindspot.data.lesions`) on the fastMRI ``data``: adds
+            the lesion section (:func:`blindspot.lesions.audit_lesions`, at the data's own image size and every
+            acceleration, whatever ``config.limit``): ``results.json["lesions"]``, ``lesions.csv``.
         lesion_options: its rule, box origin and figures (:class:`blindspot.lesions.LesionAuditOptions`).
     """
-    from blindspot.attacks.features import FeatureSampler, Region
-    from blindspot.attacks.fnaf import FnafObjective
-    from blindspot.attacks.records import (RECORD_COLUMNS, group_rows, ip_table, load_features, save_features,
-                                           summarize, table2, transfer_rate)
-    from blindspot.attacks.search import ReplaySearch, build_search
-    from blindspot.data.mri import open_mri_dataset
-    from blindspot.data.sample import collate_mri
-    from blindspot.evaluate import TABLE_COLUMNS, evaluate_models, load_eval_models, table_markdown
-    from blindspot.physics.mri import create_mask_func
-    from blindspot.training.distributed import resolve_device
-
     config = config or AuditConfig()
     config.check()
     if boxes is not None and config.lesion_phantoms:
         raise BlindspotError(boxes, "give lesion boxes or lesion phantoms, not both")
     if boxes is not None:  # lesion boxes are checked against their data before anything runs
-        from blindspot.lesions import LesionAuditOptions, open_annotated
-
         lesion_options = lesion_options or LesionAuditOptions()
         open_annotated(data, boxes, origin=lesion_options.origin)
     say = log or (lambda s: None)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     device = resolve_device(config.device)
     audited = load_models(models, device)
+    modality = audited[0].modality
+    if modality == "ct" and (boxes is not None or config.lesion_phantoms):
+        raise BlindspotError(boxes, "the lesion section is for MRI networks")
     physics0 = audited[0].physics or {}
-    mask_type = config.mask_type or physics0.get("mask_type") or "random"
-    if crop is None and physics0.get("crop"):
-        crop = tuple(int(c) for c in physics0["crop"])
-    cfs = list(create_mask_func(mask_type, list(config.accelerations), config.center_fractions).center_fractions)
-    geometry = {k: tuple(v) for k, v in (physics0.get("phantom") or {}).items() if k in ("shape", "recon_size")}
-
-    def open_dataset(mask_func) -> Dataset:
-        if data is not None:
-            ds = open_mri_dataset(data, mask_func, crop)
-        else:
-            ds = open_mri_dataset(None, mask_func, crop, volumes=config.phantom_volumes, slices=config.phantom_slices,
-                                  seed=config.phantom_seed, **geometry)
-        if config.limit is not None:
-            ds = Subset(ds, range(min(config.limit, len(ds))))
-        if len(ds) == 0:
-            raise BlindspotError(data, "no images to audit")
-        return ds
-
-    settings = {
+    settings_json: dict[str, Any] = {
+        "modality": modality,
         "models": [{"name": m.name, "source": m.source, "architecture": m.architecture} for m in audited],
-        "data": str(data) if data is not None else f"built-in knee phantoms, {config.phantom_volumes} volumes x "
-        f"{config.phantom_slices} slices from seed {config.phantom_seed}",
-        "crop": list(crop) if crop else None, "mask_type": mask_type, "center_fractions": cfs,
         **{k: v for k, v in asdict(config).items() if k not in ("device", "progress", "figures")},
     }
-    settings["criteria"] = list(config.criteria)
-    settings["accelerations"] = [float(a) for a in config.accelerations]
-    settings["searches"] = list(config.searches)
-    _check_run_dir(out, settings, resume)
-    t_load = time.perf_counter()
-    timings["load"] = t_load - t0
+    settings_json.update(criteria=list(config.criteria), searches=list(config.searches),
+                         accelerations=[float(a) for a in config.accelerations])
+    lesion_section = None
+    if modality == "mri":
+        mask_type = config.mask_type or physics0.get("mask_type") or "random"
+        if crop is None and physics0.get("crop"):
+            crop = tuple(int(c) for c in physics0["crop"])
+        cfs = list(create_mask_func(mask_type, list(config.accelerations), config.center_fractions).center_fractions)
+        geometry = {k: tuple(v) for k, v in (physics0.get("phantom") or {}).items() if k in ("shape", "recon_size")}
+        settings_json.update(data=str(data) if data is not None else f"built-in knee phantoms, {config.phantom_volumes}"
+                             f" volumes x {config.phantom_slices} slices from seed {config.phantom_seed}",
+                             crop=list(crop) if crop else None, mask_type=mask_type, center_fractions=cfs)
+    else:
+        n_ct = config.phantom_volumes * config.phantom_slices
+        settings_json.update(data=str(data) if data is not None else f"built-in CT phantoms, {n_ct} slices from seed "
+                             f"{config.phantom_seed}")
+    folder = RunFolder(out_dir, "audit", settings_json, resume=resume, inputs=[data])
+    out = folder.path
+    timings["load"] = time.perf_counter() - t0
 
-    # ---- Table 1 ------------------------------------------------------------------------------------------------
-    say("Table 1: reconstruction quality")
-    eval_models = load_eval_models(["zero-filled"], device=device, zero_filled=False) + audited
-    ev = evaluate_models(eval_models, config.accelerations, cfs, open_dataset, mask_type=mask_type,
-                         batch_size=config.batch_size, device=device, out_dir=out, resume=True,
-                         progress=config.progress)
-    t1_rows = ev.rows
-    write_csv(out / "table1.csv", t1_rows, TABLE_COLUMNS)
+    # ---- data, and Table 1 ---------------------------------------------------------------------------------------
+    t_load = time.perf_counter()
+    settings: dict[float, dict[str, AttackSetting]] = {}  # setting label → model name → its setting
+    if modality == "mri":
+
+        def open_dataset(mask_func) -> Dataset:
+            if data is not None:
+                ds = open_mri_dataset(data, mask_func, crop)
+            else:
+                ds = open_mri_dataset(None, mask_func, crop, volumes=config.phantom_volumes,
+                                      slices=config.phantom_slices, seed=config.phantom_seed, **geometry)
+            if config.limit is not None:
+                ds = Subset(ds, range(min(config.limit, len(ds))))
+            if len(ds) == 0:
+                raise BlindspotError(data, "no images to audit")
+            return ds
+
+        say("Table 1: reconstruction quality")
+        eval_models = load_eval_models(["zero-filled"], device=device, zero_filled=False) + audited
+        ev = evaluate_models(eval_models, config.accelerations, cfs, open_dataset, mask_type=mask_type,
+                             batch_size=config.batch_size, device=device, out_dir=out, resume=True,
+                             progress=config.progress)
+        t1_rows, t1_md = ev.rows, table_markdown(ev.rows)
+        write_csv(out / "table1.csv", t1_rows, TABLE_COLUMNS)
+        for acc, cf in zip(config.accelerations, cfs):
+            mask_func = create_mask_func(mask_type, [acc], [cf])
+            shared = AttackSetting(float(acc), mask_func, open_dataset(mask_func), collate_mri, "mri")
+            shared = shared.materialised(config.batch_size)
+            settings[float(acc)] = {m.name: shared for m in audited}
+    else:
+        (base,) = ct_settings(audited[0], data, config.dose, config.phantom_volumes * config.phantom_slices,
+                              config.ct_size, config.phantom_seed, config.limit)
+        base = base.materialised(config.batch_size)
+        first = as_truths(base.batch_list[0]).image
+        settings[base.label] = {m.name: base.with_physics(ct_acquisition(m, base.physics.dose,
+                                                                          tuple(first.shape[-2:]), first[:1]))
+                                for m in audited}
+        say("Table 1: denoising quality")
+        t1_rows = ct_quality_table(audited, settings[base.label], config.seed)
+        t1_md = ct_table_markdown(t1_rows)
+        write_csv(out / "table1.csv", t1_rows, CT_TABLE_COLUMNS)
     timings["table1"] = time.perf_counter() - t_load
 
-    # ---- lesions (with boxes): blindspot.lesions on the annotated slices at every acceleration --------------------
-    lesion_section = None
-    lesion_data = data
+    # ---- lesions (MRI, with boxes): blindspot.lesions on the annotated slices at every acceleration ------------------
     if config.lesion_phantoms:
-        from blindspot.lesions import LesionAuditOptions, write_held_out_lesion_phantoms
-
         say(f"Lesions: planting lesions in {config.lesion_phantoms} held-out phantom volumes")
-        lesion_data, boxes = write_held_out_lesion_phantoms(out / "lesion_phantoms", config.lesion_phantoms,
-                                                            geometry.get("shape"), geometry.get("recon_size"))
+        data_l, boxes = write_held_out_lesion_phantoms(out / "lesion_phantoms", config.lesion_phantoms,
+                                                       geometry.get("shape"), geometry.get("recon_size"))
         lesion_options = lesion_options or LesionAuditOptions()
+    else:
+        data_l = data
     if boxes is not None:
-        from blindspot.lesions import audit_lesions
-
         say("Lesions: preservation of the annotated lesions")
-        lesion_section = audit_lesions(eval_models, lesion_data, boxes, config.accelerations, cfs, mask_type, out,
+        lesion_section = audit_lesions(eval_models, data_l, boxes, config.accelerations, cfs, mask_type, out,
                                        lesion_options, device=device, figures=config.figures, progress=config.progress)
         timings["lesions"] = lesion_section.seconds
 
     # ---- attacks -------------------------------------------------------------------------------------------------
     t_att = time.perf_counter()
-    objectives = {c: FnafObjective(criterion=c) for c in config.criteria}
     primary = config.criteria[0]
-    per = {"rs": dict(n_candidates=config.candidates), "fd": dict(iterations=config.fd_iterations),
-           "grad": dict(steps=config.grad_steps, init_candidates=config.grad_init)}
-
-    def common(criterion: str) -> dict[str, Any]:
-        return dict(sampler=FeatureSampler(config.family), objective=objectives[criterion], region=Region(),
-                    chunk_size=config.chunk_size, seed=config.seed)
 
     def group_of(r: Mapping[str, Any]) -> tuple[str, float, str, str]:
         return r["model"], float(r["acceleration"]), r["search"], r["criterion"]
 
-    log_path = out / "records.jsonl"
-    rows: list[dict[str, Any]] = read_jsonl(log_path) if log_path.exists() else []
+    rows: list[dict[str, Any]] = read_jsonl(folder.records_path)
     done = {group_of(r) for r in rows}
-    datasets: dict[float, Dataset] = {}
-    batches: dict[float, list] = {}
-    mask_funcs = {}
-    for acc, cf in zip(config.accelerations, cfs):
-        acc = float(acc)
-        mask_funcs[acc] = create_mask_func(mask_type, [acc], [cf])
-        datasets[acc] = open_dataset(mask_funcs[acc])
-        batches[acc] = list(DataLoader(datasets[acc], batch_size=config.batch_size, shuffle=False,
-                                       collate_fn=collate_mri))
     for criterion in config.criteria:
-        searches = [build_search(s, **common(criterion), **per[s]) for s in config.searches]
-        for acc in batches:
+        fcfg = config.fnaf(criterion)
+        for label, per_model in settings.items():
             for m in audited:
-                for search in searches:
-                    group = (m.name, acc, search.name, criterion)
-                    fdir = _features_dir(out, criterion, m.name) / f"{search.name}_{acc:g}x"
-                    if group in done and fdir.is_dir():
+                for search in fcfg.build(modality, criterion):
+                    group = (m.name, label, search.name, criterion)
+                    fdir = _features_dir(out, criterion, m.name)
+                    if group in done and (fdir / tag(search.name, label)).is_dir():
                         continue
                     rows = [r for r in rows if group_of(r) != group]
-                    new = []
-                    bar = tqdm(batches[acc], desc=f"{m.name} {search.name.upper()} {acc:g}x {criterion}",
-                               unit="batch", leave=False,
-                               disable=None if config.progress is None else not config.progress)
-                    for bi, batch in enumerate(bar):
-                        result = search(m.model, batch, mask_funcs[acc])
-                        save_features(fdir / f"batch_{bi:05d}.pt", result, m.name)
-                        new.extend(result.rows(m.name))
-                    append_jsonl(log_path, new)
+                    new = attack_setting(m.network, [search], per_model[m.name], config.batch_size, fdir,
+                                         progress=config.progress, desc=f"{m.name} {search.name.upper()} {criterion}")
+                    folder.append(new)
                     rows.extend(new)
                     k = sum(bool(r["success"]) for r in new)
-                    say(f"  {m.name:>20s} {search.name.upper():>4s} {acc:g}x {criterion:>8s}: {k}/{len(new)} images "
-                        "attacked")
+                    say(f"  {m.name:>20s} {search.name.upper():>4s} {setting_label(label, modality):>9s} "
+                        f"{criterion:>8s}: {k}/{len(new)} images attacked")
     write_csv(out / "records.csv", rows, RECORD_COLUMNS)
     timings["attacks"] = time.perf_counter() - t_att
 
@@ -380,29 +460,27 @@ def run_audit(
     transfer: list[dict[str, Any]] = []
     if config.transfer and len(audited) > 1:
         for criterion in config.criteria:
+            common = config.fnaf(criterion).common(modality)
             for src in audited:
                 saved = load_features(_features_dir(out, criterion, src.name))
                 for tgt in audited:
                     if tgt is src:
                         continue
                     for search in config.searches:
-                        replay = ReplaySearch(saved=saved, source_search=search, **common(criterion))
-                        for acc in batches:
-                            tgt_rows = []
-                            for batch in batches[acc]:
-                                res = replay(tgt.model, batch, mask_funcs[acc])
-                                if len(res):
-                                    tgt_rows.extend(res.rows(tgt.name))
-                            src_rows = [r for r in rows if group_of(r) == (src.name, acc, search, criterion)]
+                        replay = ReplaySearch(saved=saved, source_search=search, **common)
+                        for label, per_model in settings.items():
+                            tgt_rows = attack_setting(tgt.network, [replay], per_model[tgt.name], config.batch_size,
+                                                      progress=config.progress, desc=f"transfer {src.name}→{tgt.name}")
+                            src_rows = [r for r in rows if group_of(r) == (src.name, label, search, criterion)]
                             tr = transfer_rate(src_rows, tgt_rows, criterion=criterion)
-                            transfer.append({"source": src.name, "target": tgt.name, "acceleration": acc,
+                            transfer.append({"source": src.name, "target": tgt.name, "acceleration": label,
                                              "search": search, **tr})
         write_csv(out / "transfer.csv", transfer)
     timings["transfer"] = time.perf_counter() - t_tr
 
     # ---- tables --------------------------------------------------------------------------------------------------
     order = {(m.name, float(a), s): i for i, (m, a, s) in enumerate(
-        (m, a, s) for a in config.accelerations for m in audited for s in config.searches)}
+        (m, a, s) for a in settings for m in audited for s in config.searches)}
     t2_rows: list[dict[str, Any]] = []
     ip_rows: list[dict[str, Any]] = []
     headline: list[dict[str, Any]] = []
@@ -410,7 +488,9 @@ def run_audit(
     md_t2: dict[str, str] = {}
     md_ip: dict[str, str] = {}
     md_tr: dict[str, str] = {}
-    md_parts = ["## Table 1: reconstruction quality (per-volume mean ± std)\n\n" + table_markdown(t1_rows)]
+    quality = "reconstruction quality (per-volume mean ± std)" if modality == "mri" else \
+        "denoising quality (per-image mean ± std)"
+    md_parts = [f"## Table 1: {quality}\n\n" + t1_md]
     for criterion in config.criteria:
         groups = group_rows(r for r in rows if r["criterion"] == criterion)
         summaries = {k: summarize(groups[k]) for k in sorted(groups, key=lambda k: order.get(k, 1 << 30))}
@@ -423,9 +503,10 @@ def run_audit(
         rates = rates_by.setdefault(criterion, {})
         for (m, a, s), sm in summaries.items():
             rates.setdefault(m, {}).setdefault(_acc_key(a), {})[s] = sm
-        headline += [{"criterion": criterion, **h} for h in robustness_headline(t1_rows, rates)]
+        if modality == "mri":
+            headline += [{"criterion": criterion, **h} for h in robustness_headline(t1_rows, rates)]
         md_t2[criterion], md_ip[criterion] = c_t2_md, ip_markdown(summaries)
-        md_tr[criterion] = transfer_markdown([t for t in transfer if t["criterion"] == criterion])
+        md_tr[criterion] = transfer_markdown([t for t in transfer if t["criterion"] == criterion], modality)
         title = f"{criterion} criterion — {CRITERION_TEXT[criterion]}"
         md_parts += [f"## Table 2: FNAF attack rates, {title}\n\n" + md_t2[criterion],
                      f"## Information preservation, {criterion} criterion\n\n" + md_ip[criterion]]
@@ -444,12 +525,13 @@ def run_audit(
     t_fig = time.perf_counter()
     figures: list[tuple[str, str, Path]] = []
     if config.figures:
-        figures = _figures(out, audited, [r for r in rows if r["criterion"] == primary], batches, mask_funcs,
-                           objectives[primary], config)
+        figures = _figures(out, audited, [r for r in rows if r["criterion"] == primary], settings,
+                           config.fnaf(primary).objective(), config, modality)
     timings["figures"] = time.perf_counter() - t_fig
     timings["total"] = time.perf_counter() - t0
     results = {
-        "settings": settings,
+        "settings": settings_json,
+        "modality": modality,
         "criteria": list(config.criteria),
         "attack_rates": rates_by[primary],
         "attack_rates_by_criterion": rates_by,
@@ -464,31 +546,14 @@ def run_audit(
         results["lesions"] = lesion_section.results
         figures = [*figures, *lesion_section.figures]
     write_json(out / "results.json", results)
-    from blindspot.report.html import render_audit_report
-
     report = render_audit_report(out / "report.html", results, md_tables={
-        "table1": table_markdown(t1_rows), "table2": md_t2, "ip": md_ip, "transfer": md_tr}, figures=figures)
-    return AuditResult(t1_rows, t2_rows, ip_rows, rates_by[primary], transfer, rows, md, report, timings, rates_by)
+        "table1": t1_md, "table2": md_t2, "ip": md_ip, "transfer": md_tr}, figures=figures)
+    return AuditResult(t1_rows, t2_rows, ip_rows, rates_by[primary], transfer, rows, md, report, timings, rates_by,
+                       modality)
 
 
-def _check_run_dir(out: Path, settings: dict[str, Any], resume: bool) -> None:
-    from blindspot.fileio import read_json
-
-    run_json = out / "audit.json"
-    if (out / "records.jsonl").exists() or (out / "slices.jsonl").exists():
-        if not resume:
-            raise BlindspotError(out, "already holds an audit; pass --resume to continue it or choose another --out")
-        if run_json.exists():
-            old = read_json(run_json).get("settings", {})
-            diff = sorted(k for k in settings if old.get(k) != settings[k])
-            if diff:
-                raise BlindspotError(run_json, f"the audit was made with other settings ({', '.join(diff)}); "
-                                               "resume with the same ones or choose another --out")
-    write_json(run_json, {"command": "audit", "settings": settings})
-
-
-def transfer_markdown(transfer: Sequence[dict[str, Any]]) -> str:
-    """Transfer rates as one source × target matrix per acceleration; a cell lists each search's rate (%) and, in
+def transfer_markdown(transfer: Sequence[dict[str, Any]], modality: str = "mri") -> str:
+    """Transfer rates as one source × target matrix per setting; a cell lists each search's rate (%) and, in
     brackets, how many of the source's successful features were replayed."""
     if not transfer:
         return ""
@@ -498,7 +563,7 @@ def transfer_markdown(transfer: Sequence[dict[str, Any]]) -> str:
         names = list(dict.fromkeys(n for t in block for n in (t["source"], t["target"])))
         sources = [n for n in names if any(t["source"] == n for t in block)]
         targets = [n for n in names if any(t["target"] == n for t in block)]
-        lines = [f"**{acc:g}×** (source → target: share of the source's successful features that also fool the "
+        lines = [f"**{setting_label(acc, modality)}** (source → target: share of the source's successful features that also fool the "
                  "target)", "", "| source \\ target | " + " | ".join(targets) + " |", "|" + " --- |" * (len(targets) + 1)]
         for src in sources:
             cells = []
@@ -519,23 +584,25 @@ def saturation_markdown(summaries: dict) -> str:
     lines = ["**How much the network's own error decides the seed criterion** (share of images whose found feature's "
              "neighbourhood T holds, without any feature, reconstruction error at the threshold — there every "
              "feature counts as lost)", "",
-             "| model | acceleration | search | error alone at threshold (%) | mean error alone | mean L_atk | "
+             "| model | setting | search | error alone at threshold (%) | mean error alone | mean L_atk | "
              "threshold |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for (m, a, s), sm in summaries.items():
         sat = sm.get("baseline_saturation", float("nan"))
         thr = sm.get("loss_threshold", float("nan"))
-        lines.append(f"| {m} | {a:g}× | {s.upper()} | {'—' if not math.isfinite(sat) else f'{100 * sat:.1f}'} | "
+        lines.append(f"| {m} | {setting_label(a, sm['modality'])} | {s.upper()} | {'—' if not math.isfinite(sat) else f'{100 * sat:.1f}'} | "
                      f"{sm.get('mean_baseline_loss', float('nan')):.5f} | {sm['mean_attack_loss']:.5f} | {thr:.5f} |")
     return "\n".join(lines) + "\n"
 
 
 def ip_markdown(summaries: dict) -> str:
-    """The IP table in long form: one row per model, acceleration and search (acceptance %, mean IP loss)."""
-    lines = ["| model | acceleration | search | Acceptance Rate (%) | IP Loss (MSE) | images |",
+    """The IP table in long form: one row per model, setting and search (acceptance %, mean IP statistic)."""
+    modality = next(iter(summaries.values()))["modality"] if summaries else "mri"
+    lines = [f"| model | setting | search | Acceptance Rate (%) | {IP_LABEL.get(modality, 'IP statistic')} | images |",
              "| --- | --- | --- | --- | --- | --- |"]
+    digits = ".3g" if modality == "ct" else ".5f"
     for (m, a, s), sm in summaries.items():
-        lines.append(f"| {m} | {a:g}× | {s.upper()} | {100 * sm['ip_acceptance']:.2f} | {sm['mean_ip_loss']:.5f} | "
-                     f"{sm['n']} |")
+        lines.append(f"| {m} | {setting_label(a, modality)} | {s.upper()} | {100 * sm['ip_acceptance']:.2f} | "
+                     f"{format(sm['mean_ip_loss'], digits)} | {sm['n']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -601,27 +668,25 @@ def robustness_headline(table1: Sequence[dict[str, Any]], rates: dict) -> list[d
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def _figures(out: Path, audited, rows, batches, mask_funcs, objective, config) -> list[tuple[str, str, Path]]:
+def _figures(out: Path, audited: Sequence[LoadedModel], rows: Sequence[dict[str, Any]],
+             settings: Mapping[float, Mapping[str, AttackSetting]], objective: FnafObjective, config: AuditConfig,
+             modality: str) -> list[tuple[str, str, Path]]:
     """The report's figures: the qualitative grid, loss-vs-IP scatters, location heat-maps and the worst cases."""
-    from blindspot.attacks.features import Region
-    from blindspot.attacks.records import group_rows
-    from blindspot.report.fnaf_figures import example_panels, location_heatmap, loss_vs_ip_scatter
-    from blindspot.report.html import qualitative_grid
-
     figs = out / "figures"
     made: list[tuple[str, str, Path]] = []
     groups = group_rows(rows)
     first_search = config.searches[0]
-    any_batch = next(iter(batches.values()))[0]
-    shape = tuple(any_batch.target.shape[-2:])
-    box = Region().box(*shape)
-    for acc in batches:
+    for label, per_model in settings.items():
+        name = setting_label(label, modality)
+        any_setting = next(iter(per_model.values()))
+        shape = tuple(as_truths(any_setting.batch_list[0]).image.shape[-2:])
+        box = config.fnaf(objective.criterion).region_of().box(*shape)
         # qualitative grid: the first model's clearest failed and successful attack, replayed on every model
         # (a search without a failed attack lends the row to the next search that has one)
         src = audited[0]
         picks: dict[str, tuple[str, dict]] = {}
         for search in config.searches:
-            g = groups.get((src.name, acc, search), [])
+            g = groups.get((src.name, label, search), [])
             succ = [r for r in g if r["success"]]
             fail = [r for r in g if r["accepted"] and not r["success"]]
             if fail and "failed attack" not in picks:
@@ -631,51 +696,49 @@ def _figures(out: Path, audited, rows, batches, mask_funcs, objective, config) -
         picks = {k: picks[k] for k in ("failed attack", "successful attack") if k in picks}
         if picks:
             panels = {}
-            for label, (search, rec) in picks.items():
-                (panel,) = _replay_images(out, audited, src.name, search, acc, [rec], batches[acc], mask_funcs[acc],
-                                          objective)
-                panels[f"{label} ({search.upper()})"] = panel
-            path = qualitative_grid(panels, [m.name for m in audited], figs / f"qualitative_{acc:g}x.png",
-                                    title=f"{acc:g}×: features found against {src.name}, reconstructed by every model")
-            made.append(("qualitative", f"Qualitative results, {acc:g}×", path))
+            for what, (search, rec) in picks.items():
+                (panel,) = _replay_images(out, audited, src.name, search, label, [rec], per_model, objective, config)
+                panels[f"{what} ({search.upper()})"] = panel
+            path = qualitative_grid(panels, [m.name for m in audited], figs / f"qualitative_{label:g}x.png",
+                                    title=f"{name}: features found against {src.name}, output of every model",
+                                    input_label="zero-filled input" if modality == "mri" else "low-dose input")
+            made.append(("qualitative", f"Qualitative results, {name}", path))
         for m in audited:
-            g = groups.get((m.name, acc, first_search), [])
+            g = groups.get((m.name, label, first_search), [])
             if not g:
                 continue
-            tag = f"{_safe(m.name)}_{first_search}_{acc:g}x"
-            thr = float(g[0]["loss_threshold"])
-            p = loss_vs_ip_scatter(g, figs / f"loss_vs_ip_{tag}.png", thr, float(g[0]["ip_threshold"]),
-                                   title=f"{m.name} {first_search.upper()} {acc:g}×")
-            made.append(("scatter", f"{m.name}, {first_search.upper()} {acc:g}×: attack loss vs IP loss", p))
-            p = location_heatmap(g, shape, figs / f"locations_{tag}.png", region_box=box,
-                                 title=f"{m.name} {first_search.upper()} {acc:g}×")
-            made.append(("heatmap", f"{m.name}, {first_search.upper()} {acc:g}×: where attacks succeed", p))
+            t = f"{_safe(m.name)}_{first_search}_{label:g}x"
+            p = loss_vs_ip_scatter(g, figs / f"loss_vs_ip_{t}.png", float(g[0]["loss_threshold"]),
+                                   float(g[0]["ip_threshold"]), title=f"{m.name} {first_search.upper()} {name}")
+            made.append(("scatter", f"{m.name}, {first_search.upper()} {name}: attack loss vs IP statistic", p))
+            p = location_heatmap(g, shape, figs / f"locations_{t}.png", region_box=box,
+                                 title=f"{m.name} {first_search.upper()} {name}")
+            made.append(("heatmap", f"{m.name}, {first_search.upper()} {name}: where attacks succeed", p))
             worst = sorted([r for r in g if r["success"]], key=lambda r: -float(r["attack_loss"]))[:3]
             if worst:
-                imgs = _replay_images(out, [m], m.name, first_search, acc, worst, batches[acc], mask_funcs[acc],
-                                      objective)
+                imgs = _replay_images(out, [m], m.name, first_search, label, worst, per_model, objective, config)
                 ex = {f"worst {i + 1}": d[m.name] for i, d in enumerate(imgs)}
-                p = example_panels(ex, figs / f"worst_{tag}.png", title=f"{m.name} {first_search.upper()} {acc:g}×: "
-                                                                         "worst cases")
-                made.append(("worst", f"{m.name}, {first_search.upper()} {acc:g}×: worst cases", p))
+                p = example_panels(ex, figs / f"worst_{t}.png", title=f"{m.name} {first_search.upper()} {name}: "
+                                                                       "worst cases")
+                made.append(("worst", f"{m.name}, {first_search.upper()} {name}: worst cases", p))
     return made
 
 
-def _replay_images(out: Path, models, source: str, search: str, acc: float, picks, batches, mask_func, objective):
+def _replay_images(out: Path, models: Sequence[LoadedModel], source: str, search: str, label: float, picks,
+                   per_model: Mapping[str, AttackSetting], objective: FnafObjective, config: AuditConfig):
     """For each picked record (found against ``source``), the images of every model on that feature:
-    ``[{model name: example dict (fnaf.search.example_images)}, …]``."""
-    from blindspot.attacks.fnaf import subset_batch
-    from blindspot.attacks.records import load_features
-    from blindspot.attacks.search import ReplaySearch, example_images
-
-    saved = load_features(_features_dir(out, objective.criterion, source) / f"{search}_{acc:g}x")
-    result_panels = []
+    ``[{model name: example dict (blindspot.attacks.search.example_images)}, …]``."""
+    saved = load_features(_features_dir(out, objective.criterion, source) / tag(search, label))
+    panels = []
     for rec in picks:
-        batch = next(b for b in batches if rec["key"] in b.keys)
+        batch = next(b for b in per_model[source].batch_list if rec["key"] in b.keys)
         sub = subset_batch(batch, [batch.keys.index(rec["key"])])
         panel = {}
         for m in models:
-            res = ReplaySearch(saved=saved, source_search=search, objective=objective)(m.model, sub, mask_func)
-            panel[m.name] = example_images(m.model, sub, mask_func, res, objective, [0])[0]
-        result_panels.append(panel)
-    return result_panels
+            physics = per_model[m.name].physics
+            res = ReplaySearch(saved=saved, source_search=search, objective=objective, seed=config.seed,
+                               sampler=config.fnaf(objective.criterion).sampler(per_model[m.name].modality))(
+                m.network, sub, physics)
+            panel[m.name] = example_images(m.network, sub, physics, res, objective, [0], seed=config.seed)[0]
+        panels.append(panel)
+    return panels

@@ -69,6 +69,8 @@ class AttackSetting:
         dataset: the images (MRI samples, CT pairs or truths).
         collate: batches the dataset's items.
         modality: ``"mri"`` or ``"ct"``.
+        batch_list: the batches, already made (shared by the settings of several networks on the same data, e.g. in
+            the audit); ``None`` loads them from ``dataset`` on every pass.
     """
 
     label: float
@@ -76,9 +78,22 @@ class AttackSetting:
     dataset: Dataset
     collate: Callable
     modality: str
+    batch_list: list | None = None
 
-    def loader(self, batch_size: int) -> DataLoader:
+    def loader(self, batch_size: int) -> "DataLoader | list":
+        """The batches: ``batch_list`` when given, else a loader over ``dataset``."""
+        if self.batch_list is not None:
+            return self.batch_list
         return DataLoader(self.dataset, batch_size=batch_size, shuffle=False, collate_fn=self.collate, num_workers=0)
+
+    def with_physics(self, physics: Any) -> "AttackSetting":
+        """The same data (and batches) under another acquisition object (e.g. another network's normalisation)."""
+        return AttackSetting(self.label, physics, self.dataset, self.collate, self.modality, self.batch_list)
+
+    def materialised(self, batch_size: int) -> "AttackSetting":
+        """This setting with its batches made once, to be shared."""
+        return AttackSetting(self.label, self.physics, self.dataset, self.collate, self.modality,
+                             list(self.loader(batch_size)))
 
 
 def _limit(ds: Dataset, limit: int | None, what: PathLike | None) -> Dataset:
@@ -112,32 +127,42 @@ def mri_settings(
 
 
 class CTPhantomTruths(Dataset):
-    """Full-dose CT phantom slices in HU (alternating chest / abdomen, patient seeds ``seed·1000 + i // 2``): the
-    truths of a CT attack, whose low-dose inputs the acquisition simulates."""
+    """Built-in CT phantom slices as (full-dose, low-dose) pairs in HU, simulated like the bundled denoisers' training
+    data (``blindspot data ct-phantoms``): alternating chest / abdomen slices of patients ``seed·1000 + i // 2``, both
+    doses from one nested projection-domain simulation seeded by ``(seed, i)``. The truth of an attack is the
+    full-dose image (an FBP image, as in the public LDCT data), the network's input the low-dose one.
 
-    def __init__(self, n: int, size: int, seed: int = 0) -> None:
-        if n < 1 or size < 8:
-            raise BlindspotError(None, f"need at least 1 phantom of at least 8x8 pixels, got {n} of {size}x{size}")
-        self.n, self.size, self.seed = int(n), int(size), int(seed)
+    Args:
+        n: number of slices.
+        ct: the scanner (geometry, ``I0``) — the networks'.
+        dose: the low dose.
+        seed: phantom and noise seed.
+    """
+
+    def __init__(self, n: int, ct: LowDoseCT, dose: float, seed: int = 0) -> None:
+        if n < 1:
+            raise BlindspotError(None, f"need at least 1 phantom slice, got {n}")
+        self.n, self.ct, self.dose, self.seed = int(n), ct, float(dose), int(seed)
 
     def __len__(self) -> int:
         return self.n
 
-    def item(self, i: int) -> tuple[str, float]:
-        kind = ("chest", "abdomen")[i % 2]
-        return f"phantom-{kind}-{self.seed * 1000 + i // 2}", (0.5 if kind == "abdomen" else 0.55)
-
     def __getitem__(self, i: int) -> Truths:
-        name, z = self.item(i)
-        kind, patient = name.split("-")[1], int(name.split("-")[2])
-        hu = PhantomPatient(kind, patient).render(z, size=self.size).reshape(1, 1, self.size, self.size)
-        return Truths(hu.to(torch.float32), [name], [int(round(z * 100))])
+        kind = ("chest", "abdomen")[i % 2]
+        patient = self.seed * 1000 + i // 2
+        z = 0.5 if kind == "abdomen" else 0.55
+        size = self.ct.image_shape[0]
+        hu = PhantomPatient(kind, patient).render(z, size=size).reshape(1, 1, size, size).to(torch.float32)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        pair = self.ct.simulate(hu, (1.0, self.dose), generator=g)
+        return Truths(pair[1.0], [f"phantom-{kind}-{patient}"], [int(round(z * 100))], observed=pair[self.dose])
 
 
 def collate_truths(items: Sequence[Truths]) -> Truths:
     """Stack single-image :class:`Truths`."""
+    observed = None if items[0].observed is None else torch.cat([t.observed for t in items])
     return Truths(torch.cat([t.image for t in items]), [f for t in items for f in t.fname],
-                  [s for t in items for s in t.slice_num])
+                  [s for t in items for s in t.slice_num], observed)
 
 
 def ct_acquisition(model: LoadedModel, dose: float | None = None, image_shape: tuple[int, int] | None = None,
@@ -173,8 +198,8 @@ def ct_settings(
     limit: int | None = None,
 ) -> list[AttackSetting]:
     """The CT setting of a denoiser: the LDCT layout's (full, low-dose) pairs of ``data`` at ``dose`` (real noise),
-    or ``phantoms`` built-in phantom slices whose low dose is simulated per image (seeded by the run's seed and the
-    image) through the network's own acquisition."""
+    or ``phantoms`` built-in phantom slices (:class:`CTPhantomTruths`) simulated through the network's own scanner
+    model at full and low dose (seeded by ``seed`` and the slice)."""
     dose = float(dose if dose is not None else (model.physics or {}).get("dose", 0.25))
     if data is not None:
         path = Path(data)
@@ -185,8 +210,9 @@ def ct_settings(
         acq = ct_acquisition(model, dose, tuple(first.shape[-2:]), sample_hu=first)
         return [AttackSetting(1.0 / dose, acq, _limit(ds, limit, path), collate_ct, "ct")]
     size = size or int((model.physics.get("image_shape") or [512])[0])
-    ds = CTPhantomTruths(phantoms, size, seed)
-    acq = ct_acquisition(model, dose, (size, size), sample_hu=ds[0].image)
+    sample = PhantomPatient("abdomen", seed * 1000).render(0.5, size=size).reshape(1, 1, size, size)
+    acq = ct_acquisition(model, dose, (size, size), sample_hu=sample)
+    ds = CTPhantomTruths(phantoms, acq.ct, dose, seed)
     return [AttackSetting(1.0 / dose, acq, _limit(ds, limit, None), collate_truths, "ct")]
 
 

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from blindspot.attacks.distances import Distance, build_distance
-from blindspot.attacks.invariance import (InvarianceAttack, InvarianceConfig, MRITarget, DenoiserTarget, box_mask,
+from blindspot.attacks.invariance import (DenoiserTarget, InvarianceAttack, InvarianceConfig, MRITarget, box_mask,
                                           mri_decomposition, null_range_images, square_contrast, square_mask)
 from blindspot.attacks.natural import (AcquisitionTarget, ImageTarget, NaturalConfig, NaturalInvarianceTrainer,
                                        NaturalTarget, evaluate_samples, load_generator, realise_samples,
@@ -558,7 +558,8 @@ class InvarianceRun:
         """The terminal summary."""
         agg, unit, s = self.summary["aggregate"], self.summary["units"], self.summary
         if s["command"] == "invariances sample":
-            head = [f"natural invariances of {s['model']}: {len(self.rows)} image(s) × {s['config']['samples']} samples"]
+            head = [f"natural invariances of {s['model']}: {len(self.rows)} image(s) × {s['config']['samples']} "
+                    "samples"]
             keys = ("mean_abs_change", "output_mean_abs_change", "change_ratio", "sample_std", "critic_real",
                     "critic_samples", "critic_noise")
         else:

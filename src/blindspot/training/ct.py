@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from blindspot.data.ldct import LDCTDataset, PatchDataset, collate_ct, find_ldct, split_patients
 from blindspot.errors import BlindspotError, PathLike
 from blindspot.fileio import atomic_write_bytes, read_json, write_json
+from blindspot.losses import gradient_penalty
 from blindspot.metrics import psnr, ssim
 from blindspot.models.checkpoint import load_checkpoint, read_checkpoint_dict
 from blindspot.models.vgg import PerceptualLoss, VGG16Features, VGGWeightsInfo
@@ -55,15 +56,6 @@ def l2_loss(model: nn.Module, batch: tuple[Tensor, Tensor], ctx: StepContext) ->
     out = model(x)
     loss = F.mse_loss(out, y)
     return loss, {"l1": F.l1_loss(out.detach(), y)}
-
-
-def gradient_penalty(critic: nn.Module, real: Tensor, fake: Tensor, generator: torch.Generator) -> Tensor:
-    """WGAN-GP penalty ``E[(‖∇C(x̂)‖₂ − 1)²]`` at random interpolates ``x̂`` of real and fake ``(B, 1, p, p)``."""
-    eps = torch.rand(real.shape[0], 1, 1, 1, generator=generator, device=real.device, dtype=real.dtype)
-    mixed = (eps * real + (1.0 - eps) * fake).requires_grad_(True)
-    score = critic(mixed)
-    (grad,) = torch.autograd.grad(score.sum(), mixed, create_graph=True)
-    return ((grad.flatten(1).norm(dim=1) - 1.0) ** 2).mean()
 
 
 class WGANVGGLoss:
@@ -120,7 +112,8 @@ class WGANVGGLoss:
             fake = model(x)
         for _ in range(self.n_critic):
             w_dist = self.critic(y).mean() - self.critic(fake).mean()
-            critic_loss = -w_dist + self.gp_weight * gradient_penalty(self.critic, y, fake, gen)
+            eps = torch.rand(y.shape[0], 1, 1, 1, generator=gen, device=y.device, dtype=y.dtype)
+            critic_loss = -w_dist + self.gp_weight * gradient_penalty(self.critic, y, fake, eps)
             self.optimizer.zero_grad(set_to_none=True)
             critic_loss.backward()
             self._sync_critic_grads()
