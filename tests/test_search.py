@@ -17,6 +17,7 @@ from blindspot.attacks.records import (
     table2,
     transfer_rate,
 )
+from blindspot.report.tables import ip_table_markdown, table2_markdown
 from blindspot.attacks.search import (
     FiniteDifferenceSearch,
     GradientSearch,
@@ -153,11 +154,11 @@ def test_summaries_and_tables_on_known_counts():
     assert abs(sm["ci_low"] - 0.75585) < 1e-4 and abs(sm["ci_high"] - 0.89904) < 1e-4  # Wilson, n = 100
     assert math.isclose(sm["mean_attack_loss"], 0.84 * 2e-3 + 0.16 * 5e-4)
     summaries = {("U-Net", 4.0, "rs"): sm, ("U-Net", 4.0, "fd"): summarize([row(True)] * 3 + [row(False)])}
-    t_rows, md = table2(summaries)
+    t_rows, md = table2(summaries), table2_markdown(summaries)
     assert t_rows[0]["rs_attack_rate"] == 0.84 and t_rows[0]["fd_attack_rate"] == 0.75
     assert "| RS (Attack Rate %) | FD (Attack Rate %) | RS (MSE) | FD (MSE) |" in md
     assert "84.00 (75.58–89.90)" in md
-    i_rows, imd = ip_table(summaries)
+    i_rows, imd = ip_table(summaries), ip_table_markdown(summaries)
     assert i_rows[0]["quantity"] == "Acceptance Rate (%)" and "IP Loss (MSE)" in imd
     # transfer: of the source's 2 successes, the target fails one
     src = [dict(row(True), key="a"), dict(row(True), key="b"), dict(row(False), key="c")]

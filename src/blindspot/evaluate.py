@@ -10,28 +10,25 @@ appended to ``slices.jsonl`` after each acceleration, so an interrupted evaluati
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from blindspot.data.sample import collate_mri
 from blindspot.errors import BlindspotError, PathLike
 from blindspot.fileio import append_jsonl, atomic_write_text, read_jsonl, write_csv, write_json
-from blindspot.metrics import VolumeMetrics
+from blindspot.metrics import TABLE1_METRICS, VolumeMetrics
 from blindspot.models.adapters import reconstruct
 from blindspot.models.loading import DISPLAY_NAMES, LoadedModel, load_model
 from blindspot.physics.mri import MaskFunc, create_mask_func
+from blindspot.report.tables import table1_markdown
 
 ZERO_FILLED = "zero-filled"
-METRICS = ("ssim", "nmse", "psnr")
-HEADERS = {"ssim": "SSIM", "nmse": "NMSE", "psnr": "PSNR (dB)"}
-DIGITS = {"ssim": 4, "nmse": 5, "psnr": 2}
+METRICS = TABLE1_METRICS
 
 
 def load_eval_models(
@@ -194,35 +191,9 @@ def evaluate_models(
 # ----------------------------------------------------------------------------------------------------------------
 # Tables
 # ----------------------------------------------------------------------------------------------------------------
-def _fmt(value: float, digits: int) -> str:
-    return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
-
-
-def _accel_label(acceleration: float) -> str:
-    return f"{acceleration:g}×"
-
-
 def table_markdown(rows: Sequence[dict[str, Any]], title: str | None = None, per: str = "volume") -> str:
-    """The seed's Table 1 layout: one block per acceleration, a row per model, ``mean ± std`` cells.
-
-    Args:
-        per: ``"volume"`` (fastMRI) or ``"slice"`` statistics.
-    """
-    suffix = "" if per == "volume" else "_slice"
-    lines = []
-    if title:
-        lines += [title, ""]
-    for acc in dict.fromkeys(float(r["acceleration"]) for r in rows):
-        block = [r for r in rows if float(r["acceleration"]) == acc]
-        lines.append(f"| {_accel_label(acc)} | " + " | ".join(HEADERS[k] for k in METRICS) + " |")
-        lines.append("| --- |" + " --- |" * len(METRICS))
-        for r in block:
-            cells = [
-                f"{_fmt(r[f'{k}{suffix}_mean'], DIGITS[k])} ± {_fmt(r[f'{k}{suffix}_std'], DIGITS[k])}" for k in METRICS
-            ]
-            lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
-        lines.append("")
-    return "\n".join(lines)
+    """Table 1 as Markdown (:func:`blindspot.report.tables.table1_markdown`)."""
+    return table1_markdown(rows, title, per)
 
 
 def table_json(rows: Sequence[dict[str, Any]], meta: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -58,6 +58,7 @@ from blindspot.fileio import atomic_write_bytes, atomic_write_text, write_csv, w
 from blindspot.metrics import ssim_map
 from blindspot.models.adapters import reconstruct
 from blindspot.physics.mri import create_mask_func
+from blindspot.report.tables import lesion_summary_markdown
 
 SCORES = ("ssim_box", "nmse_box", "psnr_box", "ssim_region", "nmse_region", "psnr_region",
           "contrast_truth", "contrast_recon", "kept")
@@ -278,29 +279,9 @@ def summarize_rows(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {"preserved": preserved, "mean": mean}
 
 
-def summary_markdown(summary: dict[str, Any], rule_text: str, title: str | None = None) -> str:
-    """Markdown of :func:`summarize_rows`' dict: preserved / total per model (rows) and label (columns), the rule,
-    then mean kept fraction and box / region SSIM and region PSNR per model."""
-    table = summary["preserved"]
-    labels = list(dict.fromkeys(lab for v in table.values() for lab in v if lab != "all")) + ["all"]
-    lines = [title, ""] if title else []
-    lines.append("| model | " + " | ".join(labels) + " |")
-    lines.append("| --- |" + " --- |" * len(labels))
-    for model, cells in table.items():
-        lines.append(f"| {model} | " + " | ".join(
-            f"{cells[lab]['preserved']}/{cells[lab]['total']}" if lab in cells else "–" for lab in labels) + " |")
-    lines += ["", f"Rule: {rule_text}.", "",
-              "| model | mean kept fraction | mean SSIM (box) | mean SSIM (region) | mean PSNR (region, dB) |",
-              "| --- | --- | --- | --- | --- |"]
-    for model, m in summary["mean"].items():
-        lines.append(f"| {model} | {m['kept']:.3f} | {m['ssim_box']:.4f} | {m['ssim_region']:.4f} | "
-                     f"{m['psnr_region']:.2f} |")
-    return "\n".join(lines) + "\n"
-
-
 def table_markdown(rows: Sequence[dict[str, Any]], rule: PreservationRule, title: str | None = None) -> str:
     """Preserved / total per model (rows) and label (columns), then mean kept fraction and box SSIM per model."""
-    return summary_markdown(summarize_rows(rows), rule.describe(), title)
+    return lesion_summary_markdown(summarize_rows(rows), rule.describe(), title)
 
 
 def save_crop_figure(crops: LesionCrops, path: PathLike, dpi: int = 110) -> Path:
@@ -479,7 +460,7 @@ def audit_lesions(
         rows += [{"acceleration": acc, **r} for r in res.rows]
         key = f"{acc:g}x"
         per_acc[key] = {"acceleration": acc, "center_fraction": float(cf), **summarize_rows(res.rows)}
-        md.append(summary_markdown(per_acc[key], opts.rule.describe(),
+        md.append(lesion_summary_markdown(per_acc[key], opts.rule.describe(),
                                    f"**{acc:g}×: lesions preserved / total** ({len(checked)} lesions on "
                                    f"{len({b.key for b in checked})} slices, {mask_type} masks)"))
         for i, crop in enumerate(res.crops):

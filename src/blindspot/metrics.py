@@ -19,6 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+#: The seed's Table 1 metrics, in column order (fastMRI's definitions).
+TABLE1_METRICS: tuple[str, ...] = ("ssim", "nmse", "psnr")
+
 def _as_batch_range(data_range: Tensor | float, like: Tensor) -> Tensor:
     r = torch.as_tensor(data_range, dtype=like.dtype, device=like.device)
     return r.reshape(-1, 1, 1, 1) if r.ndim > 0 else r.reshape(1, 1, 1, 1)

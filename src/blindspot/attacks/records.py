@@ -250,31 +250,19 @@ def setting_label(acc: float, modality: str = "mri") -> str:
 IP_LABEL = {"mri": "IP Loss (MSE)", "ct": "IP detectability d'"}
 
 
-def _pct(x: float) -> str:
-    return "—" if not math.isfinite(x) else f"{100 * x:.2f}"
-
-
-def table2(summaries: Mapping[tuple[str, float, str], Mapping[str, Any]]) -> tuple[list[dict[str, Any]], str]:
-    """The seed's Table 2: per acceleration and model, each search's attack rate (%) with its 95% interval and its
-    mean attack loss ("MSE").
+def table2(summaries: Mapping[tuple[str, float, str], Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The seed's Table 2 as rows (for CSV/JSON): per setting and model, each search's attack rate with its 95%
+    interval, mean attack loss ("MSE") and image count (:func:`blindspot.report.tables.table2_markdown` renders it).
 
     Args:
         summaries: ``{(model, acceleration, search): summarize(...)}``.
-    Returns:
-        ``(rows, markdown)`` — rows as plain dicts (for CSV/JSON), and one markdown table per acceleration.
     """
     searches = list(dict.fromkeys(s for _, _, s in summaries))
-    accs = sorted({a for _, a, _ in summaries})
     models = list(dict.fromkeys(m for m, _, _ in summaries))
-    rows, parts = [], []
-    modality = next(iter(summaries.values()))["modality"] if summaries else "mri"
-    for acc in accs:
-        header = ["model"] + [f"{s.upper()} (Attack Rate %)" for s in searches] + [f"{s.upper()} (MSE)" for s in searches]
-        lines = [f"**{setting_label(acc, modality)}** (attack rate with its 95% Wilson interval)", "",
-                 "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    rows = []
+    for acc in sorted({a for _, a, _ in summaries}):
         for m in models:
             row: dict[str, Any] = {"acceleration": acc, "model": m}
-            rate_cells, mse_cells = [], []
             for s in searches:
                 sm = summaries.get((m, acc, s))
                 row[f"{s}_attack_rate"] = None if sm is None else sm["attack_rate"]
@@ -282,35 +270,22 @@ def table2(summaries: Mapping[tuple[str, float, str], Mapping[str, Any]]) -> tup
                 row[f"{s}_ci_high"] = None if sm is None else sm["ci_high"]
                 row[f"{s}_mse"] = None if sm is None else sm["mean_attack_loss"]
                 row[f"{s}_n"] = None if sm is None else sm["n"]
-                if sm is None:
-                    rate_cells.append("—")
-                    mse_cells.append("—")
-                else:
-                    rate_cells.append(f"{_pct(sm['attack_rate'])} ({_pct(sm['ci_low'])}–{_pct(sm['ci_high'])})")
-                    mse_cells.append(f"{sm['mean_attack_loss']:.6f}")
             rows.append(row)
-            lines.append("| " + " | ".join([m] + rate_cells + mse_cells) + " |")
-        parts.append("\n".join(lines))
-    return rows, "\n\n".join(parts) + "\n"
+    return rows
 
 
-def ip_table(summaries: Mapping[tuple[str, float, str], Mapping[str, Any]]) -> tuple[list[dict[str, Any]], str]:
-    """The seed's IP table: one column per (model, search, acceleration), rows "Acceptance Rate (%)" and the mean
-    IP statistic ("IP Loss (MSE)" for MRI, the detectability d' for CT)."""
-    cols = [(m, a, s) for (m, a, s) in summaries]
+def ip_table(summaries: Mapping[tuple[str, float, str], Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The seed's IP table as two rows ("Acceptance Rate (%)" and the mean IP statistic), one column per (model,
+    search, setting) (:func:`blindspot.report.tables.ip_table_markdown` renders it)."""
+    cols = list(summaries)
     modality = summaries[cols[0]]["modality"] if cols else "mri"
-    label = IP_LABEL.get(modality, "IP statistic")
     names = [f"{m} {s.upper()} {setting_label(a, modality)}".strip() for m, a, s in cols]
-    acc_row = {"quantity": "Acceptance Rate (%)"}
-    loss_row = {"quantity": label}
+    acc_row: dict[str, Any] = {"quantity": "Acceptance Rate (%)"}
+    loss_row: dict[str, Any] = {"quantity": IP_LABEL.get(modality, "IP statistic")}
     for name, c in zip(names, cols):
         acc_row[name] = 100 * summaries[c]["ip_acceptance"]
         loss_row[name] = summaries[c]["mean_ip_loss"]
-    lines = ["| | " + " | ".join(names) + " |", "|" + " --- |" * (len(names) + 1)]
-    lines.append("| Acceptance Rate (%) | " + " | ".join(_pct(summaries[c]["ip_acceptance"]) for c in cols) + " |")
-    digits = ".3g" if modality == "ct" else ".5f"
-    lines.append(f"| {label} | " + " | ".join(format(summaries[c]['mean_ip_loss'], digits) for c in cols) + " |")
-    return [acc_row, loss_row], "\n".join(lines) + "\n"
+    return [acc_row, loss_row]
 
 
 def transfer_rate(

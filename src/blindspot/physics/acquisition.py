@@ -60,7 +60,7 @@ from torch import Tensor
 
 from blindspot.errors import BlindspotError
 from blindspot.physics.ct import WINDOWS, HUNormalization, LowDoseCT
-from blindspot.physics.mri import (MaskFunc, NormStats, center_crop, fft2c, ifft2c, normalize, resample_mask, rss)
+from blindspot.physics.mri import MaskFunc, NormStats, center_crop, fft2c, normalize, resample_mask, rss
 
 #: The Rose criterion: a known signal is reliably detectable in white noise when its SNR reaches 5.
 ROSE_DETECTABILITY = 5.0

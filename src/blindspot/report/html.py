@@ -21,6 +21,7 @@ import numpy as np
 from blindspot import __version__
 from blindspot.attacks.fnaf import CRITERION_TEXT
 from blindspot.attacks.records import setting_label
+from blindspot.report.tables import lesion_summary_markdown
 from blindspot.errors import PathLike
 from blindspot.fileio import atomic_write_bytes, atomic_write_text
 
@@ -286,11 +287,9 @@ def lesion_section_html(lesions: Mapping[str, Any] | None, figures: Sequence[tup
     terminal's tables) and the ``"lesion"`` crop figures."""
     if not lesions:
         return ""
-    from blindspot.lesions import summary_markdown
-
     rule = lesions["rule"]
     labels = ", ".join(f"{n} {lab}" for lab, n in lesions.get("labels", {}).items())
-    tables = "\n".join(markdown_table_html(summary_markdown(
+    tables = "\n".join(markdown_table_html(lesion_summary_markdown(
         per, rule["text"], f"**{per['acceleration']:g}×** (centre fraction {per['center_fraction']:g})"))
         for per in lesions["by_acceleration"].values())
     items = [f for f in figures if f[0] == "lesion"]

@@ -34,7 +34,6 @@ Python API::
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,14 +43,14 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from blindspot.attacks.fnaf import CRITERIA, CRITERION_TEXT, FnafObjective, as_truths, subset_batch
-from blindspot.attacks.records import (IP_LABEL, RECORD_COLUMNS, group_rows, ip_table, load_features, setting_label,
+from blindspot.attacks.records import (RECORD_COLUMNS, group_rows, ip_table, load_features, setting_label,
                                        summarize, table2, transfer_rate)
 from blindspot.attacks.search import SEARCHES, ReplaySearch, example_images
 from blindspot.data.mri import open_mri_dataset
 from blindspot.data.sample import collate_mri
 from blindspot.errors import BlindspotError, PathLike
-from blindspot.evaluate import TABLE_COLUMNS, evaluate_models, load_eval_models, table_markdown
-from blindspot.fileio import append_jsonl, atomic_write_text, read_jsonl, write_csv, write_json
+from blindspot.evaluate import TABLE_COLUMNS, evaluate_models, load_eval_models
+from blindspot.fileio import atomic_write_text, read_jsonl, write_csv, write_json
 from blindspot.lesions import LesionAuditOptions, audit_lesions, open_annotated, write_held_out_lesion_phantoms
 from blindspot.metrics import mean_std
 from blindspot.models.adapters import eval_mode
@@ -60,6 +59,8 @@ from blindspot.physics.ct import WINDOWS
 from blindspot.physics.mri import create_mask_func
 from blindspot.report.fnaf_figures import example_panels, location_heatmap, loss_vs_ip_scatter
 from blindspot.report.html import qualitative_grid, render_audit_report
+from blindspot.report.tables import (CT_WINDOWS, ct_table1_markdown, headline_markdown, ip_long_markdown,
+                                     saturation_markdown, table1_markdown, table2_markdown, transfer_matrix_markdown)
 from blindspot.runs.fnaf import AttackSetting, FnafConfig, attack_setting, ct_acquisition, ct_settings, tag
 from blindspot.runs.folder import RunFolder
 from blindspot.training.ct import slice_metrics
@@ -75,8 +76,6 @@ BUNDLED: dict[str, tuple[tuple[str, str], ...]] = {
 #: the CT denoisers were trained and selected on patients 0–11.
 AUDIT_PHANTOM_SEED = 100
 
-#: CT Table 1: the display windows whose PSNR / SSIM are reported (DESIGN.md §1.4).
-CT_WINDOWS: tuple[str, ...] = ("abdomen", "lung")
 CT_TABLE_COLUMNS: tuple[str, ...] = (
     "model", "dose", "images", "rmse_hu_mean", "rmse_hu_std",
     *[f"{k}_{w}_{s}" for w in CT_WINDOWS for k in ("psnr", "ssim") for s in ("mean", "std")],
@@ -272,32 +271,16 @@ def ct_quality_table(models: Sequence[LoadedModel], settings: Mapping[str, Attac
                 for name, img in pairs:
                     vals = per.setdefault(name, {})
                     for w in CT_WINDOWS:
-                        sm = slice_metrics(img, ctx.target, WINDOWS[w])
-                        vals.setdefault("rmse_hu", []).extend(sm["rmse_hu"].tolist()) if w == CT_WINDOWS[0] else None
-                        vals.setdefault(f"psnr_{w}", []).extend(sm["psnr"].tolist())
-                        vals.setdefault(f"ssim_{w}", []).extend(sm["ssim"].tolist())
+                        sm = slice_metrics(img, ctx.target, WINDOWS[w])  # its RMSE (HU) does not depend on w
+                        for key, v in (("rmse_hu", sm["rmse_hu"]), (f"psnr_{w}", sm["psnr"]), (f"ssim_{w}", sm["ssim"])):
+                            vals.setdefault(key, []).extend(v.tolist())
     rows = []
     for name in [low_dose_label] + [m.name for m in models]:
-        row: dict[str, Any] = {"model": name, "dose": dose, "images": len(per[name]["rmse_hu"])}
+        row: dict[str, Any] = {"model": name, "dose": dose, "images": len(per[name]["rmse_hu"]) // len(CT_WINDOWS)}
         for k, v in per[name].items():
             row[f"{k}_mean"], row[f"{k}_std"] = mean_std(v)
         rows.append({c: row.get(c) for c in CT_TABLE_COLUMNS})
     return rows
-
-
-def ct_table_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
-    """CT Table 1 as Markdown (mean ± std over images)."""
-    head = ["model", "RMSE (HU)"] + [f"{k} {w}" for w in CT_WINDOWS for k in ("PSNR (dB)", "SSIM")]
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for r in rows:
-        cells = [r["model"], f"{r['rmse_hu_mean']:.1f} ± {r['rmse_hu_std']:.1f}"]
-        for w in CT_WINDOWS:
-            cells += [f"{r[f'psnr_{w}_mean']:.2f} ± {r[f'psnr_{w}_std']:.2f}",
-                      f"{r[f'ssim_{w}_mean']:.4f} ± {r[f'ssim_{w}_std']:.4f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    dose = rows[0]["dose"] if rows else None
-    return (f"**{100 * dose:g}% dose** (against the full-dose image; windows: "
-            + ", ".join(str(WINDOWS[w]) for w in CT_WINDOWS) + ")\n\n" + "\n".join(lines) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -391,7 +374,7 @@ def run_audit(
         ev = evaluate_models(eval_models, config.accelerations, cfs, open_dataset, mask_type=mask_type,
                              batch_size=config.batch_size, device=device, out_dir=out, resume=True,
                              progress=config.progress)
-        t1_rows, t1_md = ev.rows, table_markdown(ev.rows)
+        t1_rows, t1_md = ev.rows, table1_markdown(ev.rows)
         write_csv(out / "table1.csv", t1_rows, TABLE_COLUMNS)
         for acc, cf in zip(config.accelerations, cfs):
             mask_func = create_mask_func(mask_type, [acc], [cf])
@@ -408,7 +391,7 @@ def run_audit(
                                 for m in audited}
         say("Table 1: denoising quality")
         t1_rows = ct_quality_table(audited, settings[base.label], config.seed)
-        t1_md = ct_table_markdown(t1_rows)
+        t1_md = ct_table1_markdown(t1_rows)
         write_csv(out / "table1.csv", t1_rows, CT_TABLE_COLUMNS)
     timings["table1"] = time.perf_counter() - t_load
 
@@ -494,10 +477,10 @@ def run_audit(
     for criterion in config.criteria:
         groups = group_rows(r for r in rows if r["criterion"] == criterion)
         summaries = {k: summarize(groups[k]) for k in sorted(groups, key=lambda k: order.get(k, 1 << 30))}
-        c_t2_rows, c_t2_md = table2(summaries)
+        c_t2_rows, c_t2_md = table2(summaries), table2_markdown(summaries)
         if criterion == "seed":
             c_t2_md += "\n" + saturation_markdown(summaries)
-        c_ip_rows, _ = ip_table(summaries)
+        c_ip_rows = ip_table(summaries)
         t2_rows += [{"criterion": criterion, **r} for r in c_t2_rows]
         ip_rows += [{"criterion": criterion, **r} for r in c_ip_rows]
         rates = rates_by.setdefault(criterion, {})
@@ -505,15 +488,16 @@ def run_audit(
             rates.setdefault(m, {}).setdefault(_acc_key(a), {})[s] = sm
         if modality == "mri":
             headline += [{"criterion": criterion, **h} for h in robustness_headline(t1_rows, rates)]
-        md_t2[criterion], md_ip[criterion] = c_t2_md, ip_markdown(summaries)
-        md_tr[criterion] = transfer_markdown([t for t in transfer if t["criterion"] == criterion], modality)
+        md_t2[criterion], md_ip[criterion] = c_t2_md, ip_long_markdown(summaries)
+        md_tr[criterion] = transfer_matrix_markdown([t for t in transfer if t["criterion"] == criterion], modality)
         title = f"{criterion} criterion — {CRITERION_TEXT[criterion]}"
         md_parts += [f"## Table 2: FNAF attack rates, {title}\n\n" + md_t2[criterion],
                      f"## Information preservation, {criterion} criterion\n\n" + md_ip[criterion]]
         if transfer:
             md_parts.append(f"## Transferability, {criterion} criterion\n\n" + md_tr[criterion])
     if headline:
-        md_parts.append("## FNAF-robust training against the seed's claim\n\n" + headline_markdown(headline))
+        md_parts.append("## FNAF-robust training against the seed's claim\n\n" + headline_markdown(
+            headline, RATE_FRACTION, SSIM_TOLERANCE, NMSE_TOLERANCE))
     write_csv(out / "table2.csv", t2_rows)
     write_csv(out / "ip_table.csv", ip_rows)
     if lesion_section is not None:
@@ -552,83 +536,10 @@ def run_audit(
                        modality)
 
 
-def transfer_markdown(transfer: Sequence[dict[str, Any]], modality: str = "mri") -> str:
-    """Transfer rates as one source × target matrix per setting; a cell lists each search's rate (%) and, in
-    brackets, how many of the source's successful features were replayed."""
-    if not transfer:
-        return ""
-    parts = []
-    for acc in dict.fromkeys(float(t["acceleration"]) for t in transfer):
-        block = [t for t in transfer if float(t["acceleration"]) == acc]
-        names = list(dict.fromkeys(n for t in block for n in (t["source"], t["target"])))
-        sources = [n for n in names if any(t["source"] == n for t in block)]
-        targets = [n for n in names if any(t["target"] == n for t in block)]
-        lines = [f"**{setting_label(acc, modality)}** (source → target: share of the source's successful features that also fool the "
-                 "target)", "", "| source \\ target | " + " | ".join(targets) + " |", "|" + " --- |" * (len(targets) + 1)]
-        for src in sources:
-            cells = []
-            for tgt in targets:
-                items = [t for t in block if t["source"] == src and t["target"] == tgt]
-                cells.append("—" if not items else " · ".join(
-                    f"{t['search'].upper()} " + ("—" if not math.isfinite(t["transfer_rate"])
-                                                 else f"{100 * t['transfer_rate']:.0f}% ({t['n_matched']})")
-                    for t in items))
-            lines.append(f"| {src} | " + " | ".join(cells) + " |")
-        parts.append("\n".join(lines))
-    return "\n\n".join(parts) + "\n"
-
-
-def saturation_markdown(summaries: dict) -> str:
-    """How much of the seed criterion's verdict the network's own error explains: per model, acceleration and search,
-    the share of images whose found feature's neighbourhood already reaches the threshold without the feature."""
-    lines = ["**How much the network's own error decides the seed criterion** (share of images whose found feature's "
-             "neighbourhood T holds, without any feature, reconstruction error at the threshold — there every "
-             "feature counts as lost)", "",
-             "| model | setting | search | error alone at threshold (%) | mean error alone | mean L_atk | "
-             "threshold |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    for (m, a, s), sm in summaries.items():
-        sat = sm.get("baseline_saturation", float("nan"))
-        thr = sm.get("loss_threshold", float("nan"))
-        lines.append(f"| {m} | {setting_label(a, sm['modality'])} | {s.upper()} | {'—' if not math.isfinite(sat) else f'{100 * sat:.1f}'} | "
-                     f"{sm.get('mean_baseline_loss', float('nan')):.5f} | {sm['mean_attack_loss']:.5f} | {thr:.5f} |")
-    return "\n".join(lines) + "\n"
-
-
-def ip_markdown(summaries: dict) -> str:
-    """The IP table in long form: one row per model, setting and search (acceptance %, mean IP statistic)."""
-    modality = next(iter(summaries.values()))["modality"] if summaries else "mri"
-    lines = [f"| model | setting | search | Acceptance Rate (%) | {IP_LABEL.get(modality, 'IP statistic')} | images |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    digits = ".3g" if modality == "ct" else ".5f"
-    for (m, a, s), sm in summaries.items():
-        lines.append(f"| {m} | {setting_label(a, modality)} | {s.upper()} | {100 * sm['ip_acceptance']:.2f} | "
-                     f"{format(sm['mean_ip_loss'], digits)} | {sm['n']} |")
-    return "\n".join(lines) + "\n"
-
-
 #: The seed's claim for FNAF-robust training: the attack rate falls to at most this fraction of the standard model's,
 #: at a quality cost of at most ``SSIM_TOLERANCE`` in SSIM and ``NMSE_TOLERANCE`` (relative) in NMSE. Both checks
 #: are one-sided: a robust model with better SSIM or NMSE than the standard one meets them.
 RATE_FRACTION, SSIM_TOLERANCE, NMSE_TOLERANCE = 1 / 3, 0.01, 0.05
-
-
-def headline_markdown(headline: Sequence[Mapping[str, Any]]) -> str:
-    """:func:`robustness_headline` rows as one table: per criterion and acceleration, each search's attack rate of the
-    standard and the robust model with ✓ where it meets :data:`RATE_FRACTION`, and the SSIM / NMSE changes."""
-    searches = list(dict.fromkeys(k[: -len("_ratio")] for h in headline for k in h if k.endswith("_ratio")))
-    lines = [f"(✓: the robust model's attack rate is at most a third of the standard one's; SSIM may be at most "
-             f"{SSIM_TOLERANCE} lower and NMSE at most {100 * NMSE_TOLERANCE:.0f}% higher)", "",
-             "| models | criterion | acceleration | " + " | ".join(s.upper() for s in searches)
-             + " | SSIM change | NMSE change |", "|" + " --- |" * (len(searches) + 5)]
-    for h in headline:
-        cells = [("—" if f"{s}_rate" not in h else
-                  f"{100 * h[f'{s}_rate']:.1f}% → {100 * h[f'{s}_robust_rate']:.1f}% {'✓' if h[f'{s}_meets'] else '✗'}")
-                 for s in searches]
-        dssim, dnmse = h.get("ssim_diff", float("nan")), h.get("nmse_rel_change", float("nan"))
-        lines.append(f"| {h['robust']} vs {h['model']} | {h.get('criterion', '')} | {h['acceleration']} | "
-                     + " | ".join(cells) + f" | {dssim:+.4f} {'✓' if h.get('ssim_within') else '✗'} | "
-                     f"{100 * dnmse:+.1f}% {'✓' if h.get('nmse_within') else '✗'} |")
-    return "\n".join(lines) + "\n"
 
 
 def robustness_headline(table1: Sequence[dict[str, Any]], rates: dict) -> list[dict[str, Any]]:

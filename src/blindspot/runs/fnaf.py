@@ -49,6 +49,7 @@ from blindspot.models.loading import LoadedModel
 from blindspot.physics.acquisition import LowDoseCTScan
 from blindspot.physics.ct import HUNormalization, LowDoseCT
 from blindspot.physics.mri import create_mask_func
+from blindspot.report.tables import ip_table_markdown, table2_markdown, transfer_list_markdown
 from blindspot.runs.folder import RunFolder
 
 #: CT features by default: small discs of 30–100 HU above the tissue (low contrast, like a small hyperdense lesion),
@@ -491,8 +492,8 @@ def write_summary(out: Path, rows: Sequence[dict[str, Any]], model_name: str, co
     """``summary.json``, ``tables.md``, ``table2.csv`` and ``ip_table.csv`` of a run's records."""
     groups = group_rows(rows)
     summaries = {k: summarize(v) for k, v in groups.items()}
-    t2_rows, t2_md = table2(summaries)
-    ip_rows, ip_md = ip_table(summaries)
+    t2_rows, t2_md = table2(summaries), table2_markdown(summaries)
+    ip_rows, ip_md = ip_table(summaries), ip_table_markdown(summaries)
     results: dict[str, dict[str, Any]] = {}
     for (m, acc, s), sm in summaries.items():
         results.setdefault(f"{acc:g}x", {})[s] = sm
@@ -508,12 +509,7 @@ def write_summary(out: Path, rows: Sequence[dict[str, Any]], model_name: str, co
         transfer.setdefault(f"{acc:g}x", {})[src_search] = tr
     md = "## FNAF attack (Table 2)\n\n" + t2_md + "\n## Information preservation\n\n" + ip_md
     if transfer:
-        md += "\n## Transferability\n\n| acceleration | search | source → target | transfer rate (%) | 95% CI |\n"
-        md += "| --- | --- | --- | --- | --- |\n"
-        for a, per in transfer.items():
-            for s, tr in per.items():
-                md += (f"| {a} | {s} | {tr['source_model']} → {tr['target_model']} | "
-                       f"{100 * tr['transfer_rate']:.2f} | [{100 * tr['ci_low']:.2f}, {100 * tr['ci_high']:.2f}] |\n")
+        md += "\n## Transferability\n\n" + transfer_list_markdown(transfer)
     summary = {"model": model_name, "criterion": config.criterion, "family": config.family,
                "modality": stored.get("modality"), "settings": dict(stored), "results": results, "table2": t2_rows,
                "ip_table": ip_rows, "transfer": transfer, "tables_markdown": md}
