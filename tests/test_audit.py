@@ -204,3 +204,14 @@ def test_lesion_phantoms_add_the_lesion_section(checkpoints, tmp_path):
     with pytest.raises(BlindspotError, match="not both"):
         run_audit([("Tiny U-Net", checkpoints[0])], tmp_path / "run2", config=cfg,
                   boxes=tmp_path / "run" / "lesion_phantoms" / "boxes.csv")
+
+
+def test_cli_audits_the_bundled_ct_denoisers(tmp_path, capsys):
+    out = tmp_path / "ct"
+    assert main(["audit", "--modality", "ct", "--out", str(out), "--ct-size", "48", "--phantom-volumes", "1",
+                 "--phantom-slices", "2", "--search", "rs", "--candidates", "2", "--criteria", "recovery",
+                 "--no-figures", "--no-transfer", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "denoising quality" in printed and "Low-dose input" in printed and "25% dose" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert results["modality"] == "ct" and set(results["attack_rates"]) == {"CNN-10", "RED-CNN", "WGAN-VGG"}

@@ -54,7 +54,7 @@ from blindspot.fileio import atomic_write_text, read_jsonl, write_csv, write_jso
 from blindspot.lesions import LesionAuditOptions, audit_lesions, open_annotated, write_held_out_lesion_phantoms
 from blindspot.metrics import mean_std
 from blindspot.models.adapters import eval_mode
-from blindspot.models.loading import LoadedModel, load_model, weights_dir
+from blindspot.models.loading import DISPLAY_NAMES, LoadedModel, load_model, weights_dir
 from blindspot.physics.ct import WINDOWS
 from blindspot.physics.mri import create_mask_func
 from blindspot.report.fnaf_figures import example_panels, location_heatmap, loss_vs_ip_scatter
@@ -233,8 +233,6 @@ def load_models(specs: Sequence[tuple[str | None, PathLike]], device: torch.devi
             if m.modality != "ct":
                 raise BlindspotError(spec, f"is an {m.modality.upper()} network; audit networks of one modality")
             if label is None:
-                from blindspot.models.loading import DISPLAY_NAMES
-
                 m.name = DISPLAY_NAMES.get(m.architecture, m.architecture)
             out.append(m)
         names = [m.name for m in out]

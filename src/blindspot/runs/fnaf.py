@@ -49,6 +49,7 @@ from blindspot.models.loading import LoadedModel
 from blindspot.physics.acquisition import LowDoseCTScan
 from blindspot.physics.ct import HUNormalization, LowDoseCT
 from blindspot.physics.mri import create_mask_func
+from blindspot.report.fnaf_figures import example_panels, location_heatmap, loss_vs_ip_scatter
 from blindspot.report.tables import ip_table_markdown, table2_markdown, transfer_list_markdown
 from blindspot.runs.folder import RunFolder
 
@@ -523,8 +524,6 @@ def write_summary(out: Path, rows: Sequence[dict[str, Any]], model_name: str, co
 
 def write_figures(out: Path, rows: Sequence[dict[str, Any]], config: FnafConfig) -> list[Path]:
     """Location heat-maps, loss-vs-IP scatter plots and example panels per (search, setting)."""
-    from blindspot.report.fnaf_figures import example_panels, location_heatmap, loss_vs_ip_scatter
-
     figs = out / "figures"
     written = []
     for (m, acc, s), v in group_rows(rows).items():

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as tdist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -37,6 +38,7 @@ from blindspot.fileio import atomic_write_bytes, read_json, write_json
 from blindspot.losses import gradient_penalty
 from blindspot.metrics import psnr, ssim
 from blindspot.models.checkpoint import load_checkpoint, read_checkpoint_dict
+from blindspot.models.registry import build_model
 from blindspot.models.vgg import PerceptualLoss, VGG16Features, VGGWeightsInfo
 from blindspot.models.wganvgg import WGANCritic
 from blindspot.physics.ct import HUNormalization, Window, parse_window
@@ -95,8 +97,6 @@ class WGANVGGLoss:
     def _sync_critic_grads(self) -> None:
         if not self.dist.distributed:
             return
-        import torch.distributed as tdist
-
         for p in self.critic.parameters():
             if p.grad is not None:
                 tdist.all_reduce(p.grad, op=tdist.ReduceOp.SUM)
@@ -291,7 +291,6 @@ def train_ct(
     ``vgg`` is the loaded perceptual network (:func:`blindspot.models.vgg.load_vgg16`) — required for WGAN-VGG with
     ``lambda_vgg > 0`` (the caller decides where weights come from; nothing is downloaded).
     """
-    from blindspot.models.registry import build_model
 
     if settings.model not in CT_MODELS:
         raise BlindspotError(None, f"unknown CT model {settings.model!r}; choose from {', '.join(CT_MODELS)}")

@@ -37,6 +37,7 @@ of scalar floats/tensors that are averaged per epoch and logged beside the loss.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -395,8 +396,6 @@ class Trainer:
         rows = read_jsonl(self.log_path)
         keep = [r for r in rows if int(r.get("epoch", -1)) < start_epoch]
         if len(keep) != len(rows):
-            import json
-
             atomic_write_text(self.log_path, "".join(json.dumps(r) + "\n" for r in keep))
 
     # -- main loop ------------------------------------------------------------------------------------------------
