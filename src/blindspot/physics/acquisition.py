@@ -231,7 +231,8 @@ class CartesianMRI(Acquisition):
         self.sens_maps = sens_maps
         if accelerations is None:
             accelerations = mask.shape[-1] / mask.flatten(1).sum(1).clamp_min(1.0)
-        self.accelerations = torch.as_tensor(accelerations, dtype=torch.float32).reshape(-1).cpu()
+        # on the mask's device, so that selecting items never waits for the device
+        self.accelerations = torch.as_tensor(accelerations, dtype=torch.float32).reshape(-1).to(mask.device)
         self.clamp = clamp
 
     @classmethod
@@ -264,12 +265,13 @@ class CartesianMRI(Acquisition):
         sens = self.sens_maps
         if sens is not None and sens.shape[0] > 1:
             sens = sens.index_select(0, idx.to(sens.device))
-        acc = self.accelerations.index_select(0, idx.cpu()) if n > 1 else self.accelerations.expand(len(idx))
+        acc = (self.accelerations.index_select(0, idx.to(self.accelerations.device)) if n > 1
+               else self.accelerations.expand(len(idx)))
         return CartesianMRI(mask, self.crop, sens, acc, self.clamp)
 
     def to(self, device: torch.device | str) -> "CartesianMRI":
         sens = None if self.sens_maps is None else self.sens_maps.to(device)
-        return CartesianMRI(self.mask.to(device), self.crop, sens, self.accelerations, self.clamp)
+        return CartesianMRI(self.mask.to(device), self.crop, sens, self.accelerations.to(device), self.clamp)
 
     def _mask_for(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.mask.shape[-1]:
