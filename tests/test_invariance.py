@@ -247,7 +247,8 @@ def test_gaussian_ri_known_answer_through_the_python_run_layer(ct_lowdose, tmp_p
     """The same known answer through :func:`blindspot.runs.invariances.run_invariances`, on low-dose images given as
     a tensor in HU: every record's structure lies inside the square (ratio ≥ 5) and the output hardly moves."""
     from blindspot.models.loading import load_model
-    from blindspot.runs.invariances import CTImageSet, run_invariances
+    from blindspot.runs.images import CTImageSet
+    from blindspot.runs.invariances import run_invariances
 
     x, norm = ct_lowdose
     images = CTImageSet.from_tensor(norm.to_hu(x), keys=["chest", "abdomen"], dose=0.25, normalization=norm)

@@ -19,7 +19,8 @@ from blindspot.models.adapters import Network
 from blindspot.models.zero_filled import ZeroFilled
 from blindspot.physics.acquisition import CartesianMRI
 from blindspot.physics.mri import create_mask_func, ifft2c, rss
-from blindspot.runs.invariances import DataOptions, MRIImageSet, run_invariances, run_sample, run_train_generator
+from blindspot.runs.images import DataOptions, MRIImageSet
+from blindspot.runs.invariances import run_invariances, run_sample, run_train_generator
 
 S = 32
 #: A generator small enough for a CPU test (patches of 16 px, two scales).

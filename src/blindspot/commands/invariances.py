@@ -7,7 +7,8 @@
   ``g(z|x)`` with its WGAN-GP critic (CT and MRI networks; checkpoints and ``--resume``).
 * ``blindspot invariances sample --generator DIR --out RUN_DIR …`` — draw natural invariances and score them.
 
-Argument parsing only: the runs live in :mod:`blindspot.runs.invariances` (data, run folders, records, reports).
+Argument parsing only: the runs live in :mod:`blindspot.runs.invariances` (run folders, records, reports) and
+:mod:`blindspot.runs.images` (the images).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from blindspot.attacks.natural import NaturalConfig
 from blindspot.errors import BlindspotError
 from blindspot.models.loading import load_model
 from blindspot.runs import invariances as runs
+from blindspot.runs.images import DataOptions
 from blindspot.training.distributed import resolve_device
 
 
@@ -133,7 +135,7 @@ def _setup(args: argparse.Namespace):
     """The device, the model (``None`` without ``--model``) and the data options."""
     device = resolve_device(args.device)
     model = load_model(args.model, device, args.arch, modality=args.modality) if args.model else None
-    data = runs.DataOptions(args.data, args.phantoms, args.size, args.dose, args.mask_type, args.acceleration,
+    data = DataOptions(args.data, args.phantoms, args.size, args.dose, args.mask_type, args.acceleration,
                             args.center_fraction, tuple(args.crop) if args.crop else None, args.limit, args.seed)
     return device, model, data
 

@@ -1,0 +1,386 @@
+"""The images an invariance run optimises: built-in phantoms or files, for CT denoisers and MRI networks.
+
+:class:`DataOptions` says what the CLI's data flags say; :func:`open_images` resolves it against a model's
+checkpoint physics into a :class:`CTImageSet` (low-dose images in HU with their normalisation: built-in phantoms
+simulated at the model's dose, a DICOM series, the LDCT layout or ``.npy`` files) or an :class:`MRIImageSet` (true
+images and their acquisition: built-in knee phantoms or fastMRI / image files). Both can also be built from tensors
+(:meth:`CTImageSet.from_tensor`, :meth:`MRIImageSet.from_tensor`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from blindspot.data import ldct
+from blindspot.data.ct_phantom import FOV_MM, PhantomPatient
+from blindspot.data.mri import open_mri_dataset
+from blindspot.data.sample import collate_mri
+from blindspot.errors import BlindspotError, PathLike
+from blindspot.models.loading import LoadedModel
+from blindspot.physics.acquisition import CartesianMRI
+from blindspot.physics.ct import HUNormalization, LowDoseCT
+from blindspot.physics.mri import create_mask_func, resample_mask
+
+__all__ = ["CTImageSet", "CTItem", "DataOptions", "ImageBatch", "MRIImageSet", "as_image_set", "open_images"]
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """Which images a run uses (the CLI's data flags). ``None`` takes the checkpoint's setting, else a default.
+
+    Attributes:
+        data: CT: a DICOM file or series, the LDCT layout or ``.npy`` images in HU (a file or folder); MRI: fastMRI
+            HDF5 or image files. ``None``: the built-in phantoms.
+        phantoms: built-in phantoms: CT slices (alternating chest / abdomen), MRI volumes (8 slices each).
+        size: phantom side in pixels (CT: the slice, default the checkpoint's training size, else 512; MRI: k-space
+            and image, default the checkpoint's phantom geometry, else fastMRI's 640×368 k-space, 320×320 image).
+        dose: CT: the simulated dose of the phantoms' network input (default the checkpoint's, else 0.25); with
+            ``data``, the low-dose series to take from the LDCT layout.
+        mask_type, acceleration, center_fraction, crop: MRI sampling (default the checkpoint's, else random 4x with
+            the standard centre fraction) and image size ``(h, w)``.
+        limit: use only the first ``limit`` images.
+        seed: CT phantoms: patient seeds ``seed·1000 + i`` and the noise seeds of the low-dose simulation.
+    """
+
+    data: PathLike | None = None
+    phantoms: int = 4
+    size: int | None = None
+    dose: float | None = None
+    mask_type: str | None = None
+    acceleration: float | None = None
+    center_fraction: float | None = None
+    crop: tuple[int, int] | None = None
+    limit: int | None = None
+    seed: int = 0
+
+    def settings(self) -> dict[str, Any]:
+        """JSON-able settings for run folders (``seed`` as ``data_seed``)."""
+        d = dataclasses.asdict(self)
+        d["data"] = None if self.data is None else str(self.data)
+        d["crop"] = None if self.crop is None else [int(c) for c in self.crop]
+        d["data_seed"] = d.pop("seed")
+        return d
+
+    def describe(self) -> str:
+        return str(self.data) if self.data is not None else f"phantoms:{self.phantoms}"
+
+
+@dataclass
+class ImageBatch:
+    """Images of a run, with their identities.
+
+    Attributes:
+        keys: identities (file and slice, LDCT patient and index, phantom name).
+        index: positions in the image set (seed the start noise, so results do not depend on the batch).
+        images: CT: low-dose images in HU ``(B, 1, H, W)``; MRI: true images ``(B, 1, h, w)`` in the data's units.
+        acquisition: MRI only: the acquisition of these images (one column mask each).
+        weights: CT only: sampling weights ``(B,)`` (equal probability per LDCT patient), or ``None``.
+    """
+
+    keys: list[str]
+    index: list[int]
+    images: Tensor
+    acquisition: CartesianMRI | None = None
+    weights: Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def subset(self, sel: Sequence[int]) -> "ImageBatch":
+        i = torch.as_tensor(list(sel), dtype=torch.long)
+        return ImageBatch([self.keys[j] for j in sel], [self.index[j] for j in sel], self.images[i],
+                          None if self.acquisition is None else self.acquisition.select(i),
+                          None if self.weights is None else self.weights[i])
+
+
+@dataclass
+class CTItem:
+    """One CT image: identity, a loader of its low-dose image in HU ``(1, H, W)`` and a sampling weight."""
+
+    key: str
+    load: Callable[[], Tensor]
+    weight: float = 1.0
+
+
+class CTImageSet:
+    """Low-dose CT images (loaded lazily, batch by batch) and what is known about their normalisation and dose.
+
+    Args:
+        items: the images.
+        dose: the dose of the low-dose images, when known (recorded).
+        normalization: the HU ↔ network map; ``None`` takes the model's, else one fitted to the first image (the
+            same on every resume).
+        settings: what identifies the images in run settings.
+    """
+
+    modality = "ct"
+
+    def __init__(self, items: Sequence[CTItem], dose: float | None = None,
+                 normalization: HUNormalization | None = None, settings: Mapping[str, Any] | None = None) -> None:
+        if not items:
+            raise BlindspotError(None, "no CT images to use")
+        self.items = list(items)
+        self.dose = dose
+        self.normalization = normalization
+        self.settings = dict(settings or {"data": "tensor", "images": len(self.items)})
+
+    @classmethod
+    def from_tensor(cls, low_dose_hu: Tensor, keys: Sequence[str] | None = None, dose: float | None = None,
+                    normalization: HUNormalization | None = None) -> "CTImageSet":
+        """Images ``(N, 1, H, W)`` in HU (named ``image-0``, … unless ``keys`` are given)."""
+        if low_dose_hu.ndim != 4 or low_dose_hu.shape[1] != 1:
+            raise BlindspotError(None, f"CT images must be (N, 1, H, W) in HU, got {tuple(low_dose_hu.shape)}")
+        keys = [f"image-{i}" for i in range(low_dose_hu.shape[0])] if keys is None else list(keys)
+        items = [CTItem(k, (lambda i=i: low_dose_hu[i])) for i, k in enumerate(keys)]
+        return cls(items, dose, normalization)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def load(self, index: Sequence[int]) -> ImageBatch:
+        """The images ``index`` as one batch (one size; finite values)."""
+        imgs = []
+        for i in index:
+            it = self.items[i]
+            img = it.load()
+            img = img.unsqueeze(0) if img.ndim == 2 else img
+            if not torch.isfinite(img).all():
+                raise BlindspotError(it.key, "image contains NaN or Inf")
+            imgs.append(img.to(torch.float32))
+        shapes = {tuple(i.shape) for i in imgs}
+        if len(shapes) > 1:
+            raise BlindspotError(self.items[index[0]].key, f"images of one batch differ in size {sorted(shapes)}; "
+                                                           "use a batch size of 1")
+        weights = torch.tensor([self.items[i].weight for i in index], dtype=torch.float32)
+        return ImageBatch([self.items[i].key for i in index], list(index), torch.stack(imgs), weights=weights)
+
+    def batches(self, batch_size: int, todo: Callable[[str], bool] = lambda key: True) -> Iterator[ImageBatch]:
+        """Batches of at most ``batch_size`` images, skipping (without loading) those ``todo`` rejects."""
+        for start in range(0, len(self.items), batch_size):
+            index = [i for i in range(start, min(start + batch_size, len(self.items))) if todo(self.items[i].key)]
+            if index:
+                yield self.load(index)
+
+    def load_all(self) -> ImageBatch:
+        return self.load(range(len(self.items)))
+
+    def normalization_for(self, model: LoadedModel) -> HUNormalization:
+        """This set's normalisation, else the model's (its checkpoint's), else one fitted to the first image."""
+        if self.normalization is not None:
+            return self.normalization
+        if model.normalization:
+            return HUNormalization.from_dict(model.normalization, model.source)
+        return HUNormalization.fit(self.load([0]).images)
+
+
+class MRIImageSet:
+    """MRI true images with their acquisitions: a data set of :class:`~blindspot.data.sample.MRISample` (read
+    batch by batch) or tensors.
+
+    Args:
+        dataset: MRI samples; their targets are the truths and their masks (mapped onto the image's columns by
+            spatial frequency) the acquisition, k-space simulated from the truth as the FNAF attack does.
+        truth, acquisition, keys: tensors instead: truths ``(N, 1, H, W)`` and a :class:`CartesianMRI` of ``1`` or
+            ``N`` items (see :meth:`from_tensor`).
+        settings: what identifies the images in run settings.
+        info: what the records say about the sampling (``mask_type``, ``acceleration``).
+    """
+
+    modality = "mri"
+
+    def __init__(self, dataset: Dataset | None = None, *, truth: Tensor | None = None,
+                 acquisition: CartesianMRI | None = None, keys: Sequence[str] | None = None,
+                 settings: Mapping[str, Any] | None = None, info: Mapping[str, Any] | None = None) -> None:
+        if (dataset is None) == (truth is None):
+            raise ValueError("give either a data set or truth tensors")
+        self.dataset, self.truth, self.acquisition = dataset, truth, acquisition
+        n = len(dataset) if dataset is not None else int(truth.shape[0])
+        if n == 0:
+            raise BlindspotError(None, "no MRI images to use")
+        self.keys = None if keys is None else list(keys)
+        self.settings = dict(settings or {"data": "tensor", "images": n})
+        self.info = dict(info or {})
+
+    @classmethod
+    def from_tensor(cls, truth: Tensor, acquisition: "CartesianMRI | Tensor",
+                    keys: Sequence[str] | None = None) -> "MRIImageSet":
+        """Truths ``(N, 1, H, W)`` (data units) and their acquisition: a :class:`CartesianMRI` of 1 or ``N`` items
+        (its mask ``W`` columns wide), or column masks ``(N, 1, 1, W')`` / ``(W',)`` mapped onto the ``W`` columns."""
+        if truth.ndim != 4 or truth.shape[1] != 1:
+            raise BlindspotError(None, f"MRI truths must be (N, 1, H, W), got {tuple(truth.shape)}")
+        N, w = int(truth.shape[0]), int(truth.shape[-1])
+        if not isinstance(acquisition, CartesianMRI):
+            mask = torch.as_tensor(acquisition, dtype=torch.float32)
+            acquisition = CartesianMRI(resample_mask(mask.reshape(-1, mask.shape[-1]), w).reshape(-1, 1, 1, w))
+        if len(acquisition) not in (1, N):
+            raise BlindspotError(None, f"{len(acquisition)} acquisitions for {N} images")
+        if len(acquisition) == 1:
+            acquisition = acquisition.select(torch.zeros(N, dtype=torch.long))
+        keys = [f"image-{i}" for i in range(N)] if keys is None else list(keys)
+        return cls(truth=truth, acquisition=acquisition, keys=keys)
+
+    def __len__(self) -> int:
+        return len(self.dataset) if self.dataset is not None else int(self.truth.shape[0])
+
+    def batches(self, batch_size: int, todo: Callable[[str], bool] = lambda key: True) -> Iterator[ImageBatch]:
+        """Batches of at most ``batch_size`` images, without those ``todo`` rejects (data sets are read to know)."""
+        if self.dataset is None:
+            for start in range(0, len(self), batch_size):
+                index = [i for i in range(start, min(start + batch_size, len(self))) if todo(self.keys[i])]
+                if index:
+                    i = torch.tensor(index)
+                    yield ImageBatch([self.keys[j] for j in index], index, self.truth[i], self.acquisition.select(i))
+            return
+        loader = DataLoader(self.dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_mri, num_workers=0)
+        start = 0
+        for b in loader:
+            B, w = len(b), int(b.target.shape[-1])
+            masks = resample_mask(b.mask.to(torch.float32), w).reshape(B, 1, 1, w)
+            batch = ImageBatch(b.keys, list(range(start, start + B)), b.target,
+                               CartesianMRI(masks, accelerations=b.acceleration))
+            start += B
+            sel = [j for j, k in enumerate(batch.keys) if todo(k)]
+            if sel:
+                yield batch if len(sel) == B else batch.subset(sel)
+
+    def load_all(self) -> ImageBatch:
+        """Every image as one batch (one acquisition of ``N`` items)."""
+        if self.dataset is None:
+            return ImageBatch(list(self.keys), list(range(len(self))), self.truth, self.acquisition)
+        parts = list(self.batches(16))
+        shapes = sorted({tuple(p.images.shape[-2:]) for p in parts})
+        if len(shapes) > 1:
+            raise BlindspotError(None, f"the MRI images differ in size {shapes}; give a common crop")
+        acq = CartesianMRI(torch.cat([p.acquisition.mask for p in parts]),
+                           accelerations=torch.cat([p.acquisition.accelerations for p in parts]))
+        return ImageBatch([k for p in parts for k in p.keys], [i for p in parts for i in p.index],
+                          torch.cat([p.images for p in parts]), acq)
+
+
+def open_images(model: LoadedModel, options: DataOptions) -> "CTImageSet | MRIImageSet":
+    """The images of ``options`` for ``model``'s modality, with the checkpoint's physics as defaults."""
+    return open_ct_images(model, options) if model.modality == "ct" else open_mri_images(model, options)
+
+
+def open_ct_images(model: LoadedModel, options: DataOptions) -> CTImageSet:
+    """CT images: built-in phantoms through the low-dose simulation, or the images of ``options.data``."""
+    physics = model.physics
+    dose = options.dose if options.dose is not None else float(physics.get("dose", 0.25))
+    if options.data is None:
+        if not 0 < dose <= 1:
+            raise BlindspotError(None, f"--dose must be in (0, 1], got {dose}")
+        size = options.size or int((physics.get("image_shape") or [512])[0])
+        items = _phantom_items(options.phantoms, size, dose, physics, options.seed)
+    else:
+        path = Path(options.data)
+        if not path.exists():
+            raise BlindspotError(path, "no such file or folder")
+        want = options.dose if options.dose is not None else physics.get("dose")
+        dose = None if want is None else float(want)
+        items = _file_items(path, dose, options.dose is not None)
+    if options.limit is not None:
+        items = items[: options.limit]
+    return CTImageSet(items, dose, settings=options.settings())
+
+
+def _phantom_items(n: int, size: int, dose: float, physics: Mapping[str, Any], seed: int) -> list[CTItem]:
+    """Built-in phantom slices (alternating chest / abdomen, patient seeds ``seed·1000 + i``, mid-region slices)
+    passed through the low-dose simulation at ``dose`` with a per-slice noise seed."""
+    cache: dict[str, LowDoseCT] = {}
+
+    def scanner() -> LowDoseCT:
+        if "ct" not in cache:
+            if physics.get("modality") == "ct" and physics.get("pixel_size_mm") is not None:
+                cache["ct"] = LowDoseCT.from_physics_dict(dict(physics, pixel_size_mm=FOV_MM / size), (size, size))
+            else:
+                cache["ct"] = LowDoseCT((size, size), pixel_size_mm=FOV_MM / size)
+        return cache["ct"]
+
+    items = []
+    for i in range(n):
+        kind = ("chest", "abdomen")[i % 2]
+        patient = seed * 1000 + i // 2
+        z = 0.5 if kind == "abdomen" else 0.55
+
+        def load(kind=kind, patient=patient, z=z, i=i) -> Tensor:
+            hu = PhantomPatient(kind, patient).render(z, size=size).reshape(1, 1, size, size)
+            g = torch.Generator().manual_seed(seed * 7919 + i)
+            return scanner().simulate(hu, (dose,), generator=g)[float(dose)][0]
+
+        items.append(CTItem(f"phantom-{kind}-{patient}-z{z:.2f}-{size}px-dose{dose:g}", load))
+    return items
+
+
+def _file_items(path: Path, dose: float | None, dose_given: bool) -> list[CTItem]:
+    """CT images of a path: the LDCT layout (its low-dose images, patient-balanced weights), ``.npy`` images in HU
+    (a file or a folder), or one DICOM file / series (HU from the rescale tags)."""
+    if path.is_dir() and ldct.series_folders(path):
+        try:
+            patients = ldct.find_ldct(path, dose)
+        except BlindspotError:
+            if dose is None or dose_given:
+                raise
+            patients = ldct.find_ldct(path, None)  # the model's dose is not there: take the only low-dose series
+        data = ldct.LDCTDataset(patients, preload=False)
+        weights = data.patient_weights()
+        return [CTItem(f"{s.patient}:{s.index}", (lambda i=i: torch.from_numpy(np.array(data.pair(i)[0])).unsqueeze(0)),
+                       float(weights[i])) for i, s in enumerate(data.slices)]
+    npy = [path] if path.suffix.lower() == ".npy" else (
+        sorted(p for p in path.rglob("*.npy") if not any(t.startswith(".") for t in p.relative_to(path).parts))
+        if path.is_dir() else [])
+    if npy:
+        return [CTItem(f.name if f == path else str(f.relative_to(path)), (lambda f=f: _read_npy_hu(f))) for f in npy]
+    images = ldct.load_ct_images(path)
+    return [CTItem(f"{path.name}:{name}", (lambda i=i: images.hu[i])) for i, name in enumerate(images.names)]
+
+
+def _read_npy_hu(f: Path) -> Tensor:
+    try:
+        arr = np.load(f, allow_pickle=False)
+    except (ValueError, OSError) as err:
+        raise BlindspotError(f, f"not a readable .npy file ({err})") from None
+    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
+        raise BlindspotError(f, f"expected a 2-D real image in HU, got {arr.dtype} of shape {arr.shape}")
+    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).unsqueeze(0)
+
+
+def open_mri_images(model: LoadedModel, options: DataOptions) -> MRIImageSet:
+    """MRI images: the built-in knee phantoms (``options.phantoms`` volumes) or ``options.data``, with masks drawn
+    per volume (seeded by file name, as fastMRI) from the options' or the checkpoint's sampling."""
+    phys = model.physics
+    mask_type = options.mask_type or phys.get("mask_type") or "random"
+    acc = options.acceleration or float((phys.get("accelerations") or [4.0])[0])
+    cf = [options.center_fraction] if options.center_fraction else None
+    crop = tuple(options.crop) if options.crop else (tuple(phys["crop"]) if phys.get("crop") else None)
+    mask_func = create_mask_func(mask_type, [acc], cf)
+    if options.data is None:
+        geometry = {k: tuple(v) for k, v in (phys.get("phantom") or {}).items() if k in ("shape", "recon_size")}
+        if options.size:
+            geometry = {"shape": (options.size, options.size), "recon_size": (options.size, options.size)}
+        dataset = open_mri_dataset(None, mask_func, crop, volumes=options.phantoms, **geometry)
+    else:
+        dataset = open_mri_dataset(options.data, mask_func, crop=crop)
+    if options.limit is not None:
+        dataset = Subset(dataset, range(min(options.limit, len(dataset))))
+    return MRIImageSet(dataset, settings=options.settings(), info={"mask_type": mask_type, "acceleration": acc})
+
+
+def as_image_set(images: "DataOptions | CTImageSet | MRIImageSet", model: LoadedModel) -> "CTImageSet | MRIImageSet":
+    source = open_images(model, images) if isinstance(images, DataOptions) else images
+    if source.modality != model.modality:
+        raise BlindspotError(model.source or None, f"{model.name!r} is made for {model.modality.upper()}; it cannot "
+                                                   f"be given {source.modality.upper()} images")
+    return source
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models and small helpers
+# ----------------------------------------------------------------------------------------------------------------
