@@ -179,6 +179,17 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     assert math.isfinite(namespace["rate"])
 
 
+def test_readme_own_network_example_runs():
+    """The README's "Your own network" block (a user's k-space network, not registered) runs and attacks."""
+    section = (ROOT / "README.md").read_text(encoding="utf-8").split("### Your own network", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    result = namespace["result"]
+    assert len(result) == 1 and result.modality == "mri" and bool(result.evaluation.accepted[0])
+    assert math.isfinite(float(result.evaluation.attack_loss[0]))
+
+
 def test_no_lesion_section_without_boxes(audit):
     out, result = audit
     assert "lesions" not in json.loads((out / "results.json").read_text())
