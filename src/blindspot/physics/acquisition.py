@@ -423,9 +423,21 @@ class LowDoseCTScan(Acquisition):
         measured point-spread function unless ``feature_response="exact"``."""
         if self.feature_response == "exact":
             return self.exact_response(delta_hu)
-        k = self.psf(delta_hu.device).to(delta_hu.dtype)
+        H, W = delta_hu.shape[-2:]
         r = self.psf_radius
-        return F.conv2d(delta_hu, k.flip(0, 1).reshape(1, 1, 2 * r + 1, 2 * r + 1), padding=r)
+        size = (H + 2 * r, W + 2 * r)  # linear (not circular) convolution: pad by the kernel's half-width
+        spec = torch.fft.rfft2(delta_hu, s=size) * self._psf_spectrum(delta_hu.device, size)
+        return torch.fft.irfft2(spec, s=size)[..., :H, :W].to(delta_hu.dtype)
+
+    def _psf_spectrum(self, device: torch.device, size: tuple[int, int]) -> Tensor:
+        """The PSF's 2-D real FFT on a ``size`` grid, the kernel's centre at the origin (cached per device)."""
+        key = f"spectrum:{device}:{size}"
+        if key not in self._psf:
+            r = self.psf_radius
+            kernel = torch.zeros(size, device=device)
+            kernel[: 2 * r + 1, : 2 * r + 1] = self.psf(device)
+            self._psf[key] = torch.fft.rfft2(torch.roll(kernel, (-r, -r), dims=(0, 1)))
+        return self._psf[key]
 
     def measure(self, truth: Tensor, generator: torch.Generator | None = None) -> Measurement:
         """Simulate the low-dose input of full-dose truths in HU; ``generator`` (on the truth's device) seeds the
