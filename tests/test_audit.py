@@ -123,7 +123,8 @@ def test_cli_bad_input(tmp_path, capsys):
 
 def test_ct_audit_of_two_bundled_denoisers(tmp_path):
     cfg = AuditConfig(phantom_volumes=1, phantom_slices=2, ct_size=64, searches=("rs", "grad"), candidates=3,
-                      grad_steps=1, grad_init=2, device="cpu", progress=False, figures=True)
+                      grad_steps=1, grad_init=2, invariance_images=1, invariance_iterations=20, device="cpu",
+                      progress=False, figures=True)
     result = run_audit([(None, "cnn10"), ("RED", "redcnn")], tmp_path / "ct", config=cfg)
     assert result.modality == "ct"
     names = [r["model"] for r in result.table1]
@@ -136,6 +137,9 @@ def test_ct_audit_of_two_bundled_denoisers(tmp_path):
     assert {(t["source"], t["target"]) for t in result.transfer} == {("CNN-10", "RED"), ("RED", "CNN-10")}
     html = (tmp_path / "ct" / "report.html").read_text()
     assert "denoising quality" in html and "low-dose input" in html and "25% dose" in html
+    # the invariance section: one short image-domain run per denoiser, its change in HU
+    assert set(json.loads((tmp_path / "ct" / "results.json").read_text())["invariances"]) == {"CNN-10", "RED"}
+    assert "<h2>Invariances</h2>" in html and (tmp_path / "ct" / "invariances" / "RED" / "records.csv").exists()
     # the same noise realisation reaches every denoiser: the low-dose row is computed once, on the attack's inputs
     assert (tmp_path / "ct" / "table1.csv").read_text().count("Low-dose input") == 1
 
@@ -221,7 +225,7 @@ def test_cli_audits_the_bundled_ct_denoisers(tmp_path, capsys):
     out = tmp_path / "ct"
     assert main(["audit", "--modality", "ct", "--out", str(out), "--ct-size", "48", "--phantom-volumes", "1",
                  "--phantom-slices", "2", "--search", "rs", "--candidates", "2", "--criteria", "recovery",
-                 "--no-figures", "--no-transfer", "--device", "cpu"]) == 0
+                 "--no-figures", "--no-transfer", "--device", "cpu", "--invariance-images", "0"]) == 0
     printed = capsys.readouterr().out
     assert "denoising quality" in printed and "Low-dose input" in printed and "25% dose" in printed
     results = json.loads((out / "results.json").read_text())

@@ -65,6 +65,23 @@ def test_multicoil_round_trip(tmp_path, mask_func):
     assert FastMRISliceDataset(path, mask_func, challenge="multicoil")[0].attrs["challenge"] == "multicoil"
 
 
+def test_multicoil_kspace_and_maps_on_request(tmp_path, mask_func):
+    """``kspace=True`` keeps the masked multi-coil k-space; ``coil_maps="full"`` gives maps on the crop with
+    ``S_c · RSS = x_c`` there."""
+    path = tmp_path / "file_mc.h5"
+    kspace, _ = write_multicoil(path, slices=1, coils=3, size=(32, 40), recon=(24, 24), seed=2)
+    plain = FastMRISliceDataset(path, mask_func)[0]
+    sample = open_mri_dataset(path, mask_func, kspace=True, coil_maps="full")[0]
+    assert torch.equal(sample.input, plain.input) and plain.kspace is None and plain.sens_maps is None
+    full = torch.from_numpy(kspace[0])
+    torch.testing.assert_close(sample.kspace, full * sample.mask, rtol=0, atol=0)
+    coils = center_crop(ifft2c(full), (24, 24))
+    rss = coils.abs().pow(2).sum(0, keepdim=True).sqrt()
+    torch.testing.assert_close(sample.sens_maps * rss, coils, rtol=0, atol=1e-5 * float(rss.max()))
+    batch = collate_mri([sample, sample])
+    assert batch.kspace.shape == (2, 3, 32, 40) and batch.mask.shape == (2, 1, 1, 40)
+
+
 def test_targets_computed_when_absent(tmp_path):
     """Test-set files have no reconstruction: the target is the cropped magnitude / RSS of the full image."""
     single = tmp_path / "single.h5"

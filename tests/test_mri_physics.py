@@ -44,7 +44,7 @@ def test_fft2c_is_centred():
 def test_mask_statistics(cls, accel, cf):
     width = 368
     fractions = []
-    mf = cls([accel], [cf])
+    mf = cls([cf], [accel])
     num_low = round(width * cf)
     pad = (width - num_low + 1) // 2
     for seed in range(200):
@@ -70,7 +70,7 @@ def test_mask_seeding():
     assert torch.equal(a.mask, b.mask) and a.acceleration == b.acceleration
     assert not torch.equal(a.mask, c.mask)
     # a seeded call leaves the function's own generator untouched
-    f1, f2 = RandomMaskFunc([4], [0.08], seed=3), RandomMaskFunc([4], [0.08], seed=3)
+    f1, f2 = RandomMaskFunc([0.08], [4], seed=3), RandomMaskFunc([0.08], [4], seed=3)
     f1(100, seed=7)
     assert torch.equal(f1(100).mask, f2(100).mask)
 
@@ -83,16 +83,73 @@ def test_several_settings_are_all_drawn():
 
 def test_bad_mask_settings_are_user_errors():
     with pytest.raises(BlindspotError):
-        RandomMaskFunc([4, 8], [0.08])
+        RandomMaskFunc([0.08], [4, 8])
     with pytest.raises(BlindspotError):
-        RandomMaskFunc([4], [0.5])
+        RandomMaskFunc([0.5], [4])
     with pytest.raises(BlindspotError):
         create_mask_func("spiral", [4])
 
 
+def test_mask_functions_take_fastmris_argument_order():
+    a = RandomMaskFunc([0.08], [4])  # as a fastMRI user writes it: centre fractions first
+    b = RandomMaskFunc(accelerations=[4], center_fractions=[0.08])
+    assert (a.center_fractions, a.accelerations) == (b.center_fractions, b.accelerations) == ([0.08], [4.0])
+    assert torch.equal(a(64, seed="f.h5").mask, b(64, seed="f.h5").mask)
+    assert torch.equal(a(64, seed="f.h5").mask, create_mask_func("random", [4], [0.08])(64, seed="f.h5").mask)
+    with pytest.raises(BlindspotError) as info:  # blindspot's old order: a one-line error that says what to do
+        EquispacedMaskFunc([4, 8], [0.08, 0.04])
+    assert "fastMRI's order" in info.value.message and "\n" not in info.value.message
+
+
+def fastmri_reference_mask(kind, center_fractions, accelerations, num_cols, fname):
+    """fastMRI's ``RandomMaskFunc`` / ``EquispacedMaskFractionFunc`` as read from ``fastmri/data/subsample.py``:
+    a RandomState seeded with the file name's character codes draws the setting index (``randint(n)``), then
+    ``round(W·cf)`` central columns start at ``(W − n_low + 1) // 2``; random: ``uniform(size=W) < prob``;
+    equispaced fraction: spacing ``R (n_low − W)/(n_low R − W)``, offset ``randint(0, round(spacing))``, columns
+    ``around(arange(offset, W − 1, spacing))``."""
+    rng = np.random.RandomState()
+    rng.seed(tuple(map(ord, fname)))
+    choice = rng.randint(len(center_fractions))
+    cf, acc = center_fractions[choice], accelerations[choice]
+    n_low = round(num_cols * cf)
+    mask = np.zeros(num_cols, dtype=bool)
+    pad = (num_cols - n_low + 1) // 2
+    mask[pad : pad + n_low] = True
+    if kind == "random":
+        mask |= rng.uniform(size=num_cols) < (num_cols / acc - n_low) / (num_cols - n_low)
+    else:
+        spacing = acc * (n_low - num_cols) / (n_low * acc - num_cols)
+        offset = rng.randint(0, high=round(spacing))
+        mask[np.around(np.arange(offset, num_cols - 1, spacing)).astype(np.uint)] = True
+    return np.flatnonzero(mask).tolist(), float(acc)
+
+
+# (kind, width, centre fractions, accelerations, file name) → (sampled columns, drawn acceleration), worked out
+# by hand from fastMRI's algorithm (fastmri_reference_mask) for small widths
+FASTMRI_MASKS = [
+    ("random", 32, [0.08, 0.04], [4, 8], "file1000001.h5", [2, 4, 9, 16, 19, 22, 24], 8.0),
+    ("equispaced", 32, [0.08, 0.04], [4, 8], "file1000001.h5", [9, 16, 19, 30], 8.0),
+    ("random", 32, [0.08, 0.04], [4, 8], "file1000002.h5", [3, 8, 13, 15, 16, 17, 20, 22], 4.0),
+    ("equispaced", 32, [0.08, 0.04], [4, 8], "file1000002.h5", [4, 10, 15, 16, 17, 21, 27], 4.0),
+]
+
+
+@pytest.mark.parametrize("kind, width, cfs, accs, fname, columns, acc", FASTMRI_MASKS)
+def test_masks_equal_fastmris_for_the_same_file_name(kind, width, cfs, accs, fname, columns, acc):
+    cls = RandomMaskFunc if kind == "random" else EquispacedMaskFunc
+    drawn = cls(cfs, accs)(width, seed=fname)
+    assert np.flatnonzero(drawn.mask[0].numpy()).tolist() == columns and drawn.acceleration == acc
+    assert fastmri_reference_mask(kind, cfs, accs, width, fname) == (columns, acc)
+    for name in ("file_brain_AXT2_200_2000019.h5", "file1000031.h5", "x"):  # and at fastMRI's knee width
+        for w in (40, 368):
+            got = cls(cfs, accs)(w, seed=name)
+            assert (np.flatnonzero(got.mask[0].numpy()).tolist(), got.acceleration) == \
+                fastmri_reference_mask(kind, cfs, accs, w, name)
+
+
 def test_undersampling_single_and_multicoil():
     g = torch.Generator().manual_seed(0)
-    mask = RandomMaskFunc([4], [0.08])(48, seed=1).mask
+    mask = RandomMaskFunc([0.08], [4])(48, seed=1).mask
     op = CartesianUndersampling(mask, crop=(24, 24))
     img = torch.rand(2, 1, 40, 48, generator=g)
     zf = op(img)
@@ -109,7 +166,7 @@ def test_undersampling_single_and_multicoil():
 
 
 def test_undersampling_is_batched_per_item_and_differentiable():
-    masks = [RandomMaskFunc([4], [0.08])(32, seed=s).mask for s in range(3)]
+    masks = [RandomMaskFunc([0.08], [4])(32, seed=s).mask for s in range(3)]
     op = CartesianUndersampling.from_masks(masks)
     img = torch.rand(3, 1, 32, 32, dtype=torch.float64, requires_grad=True)
     out = op(img)
@@ -120,7 +177,7 @@ def test_undersampling_is_batched_per_item_and_differentiable():
 
 
 def test_null_space_part_is_invisible():
-    mask = EquispacedMaskFunc([4], [0.08])(32, seed=0).mask
+    mask = EquispacedMaskFunc([0.08], [4])(32, seed=0).mask
     op = CartesianUndersampling(mask)
     img = torch.rand(1, 1, 32, 32, dtype=torch.float64).to(torch.complex128)
     hidden = op.null_space_part(img)

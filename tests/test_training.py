@@ -193,7 +193,13 @@ def test_cli_train_mri_on_tiny_phantoms(tmp_path, capsys):
     assert main(["train", "mri", "--model", "unet", "--preset", "paper", "--out", str(tmp_path / "bad")]) == 2
     assert main(["train", "mri", "--accelerations", "4", "8", "--center-fractions", "0.08", "--out", "x"]) == 2
     capsys.readouterr()
-    assert main(["train", "mri", "--model", "varnet", "--out", str(tmp_path / "varnet")]) == 2
+    # a k-space network on single-coil data: one line, exit 2, no run folder
+    tiny = ["--phantom-shape", "32", "32", "--phantom-recon-size", "24", "24", "--phantom-volumes", "1",
+            "--phantom-val-volumes", "1", "--phantom-slices", "1"]
+    assert main(["train", "mri", "--model", "varnet", "--phantom-coils", "1", *tiny, "--out",
+                 str(tmp_path / "varnet")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "takes multi-coil k-space" in err[0]
+    assert len(err) == 1 and "is single-coil data; varnet takes multi-coil k-space" in err[0]
     assert not (tmp_path / "varnet").exists()
+    assert main(["train", "mri", "--model", "varnet", "--robust", *tiny, "--out", str(tmp_path / "varnet")]) == 2
+    assert "for image-domain networks" in capsys.readouterr().err

@@ -22,7 +22,7 @@ from blindspot.data.sample import collate_mri
 from blindspot.errors import BlindspotError, PathLike
 from blindspot.fileio import append_jsonl, atomic_write_text, read_jsonl, write_csv, write_json
 from blindspot.metrics import TABLE1_METRICS, VolumeMetrics
-from blindspot.models.adapters import reconstruct
+from blindspot.training.mri import reconstruct_batch
 from blindspot.models.loading import DISPLAY_NAMES, LoadedModel, load_model
 from blindspot.physics.mri import MaskFunc, create_mask_func
 from blindspot.report.tables import table1_markdown
@@ -99,9 +99,8 @@ def run_models(
     with torch.no_grad():
         for batch in tqdm(loader, desc=desc, unit="batch", disable=None if progress is None else not progress):
             batch = batch.to(device)
-            x, _ = batch.normalized()
             for m in models:
-                pred = batch.stats.invert(reconstruct(m.model, x, batch.mask))
+                pred = batch.stats.invert(reconstruct_batch(m.model, batch))
                 if not torch.isfinite(pred).all():
                     raise BlindspotError(m.source, f"model output contains NaN or Inf on {batch.keys[0]}")
                 metrics[m.name].update(pred, batch.target, batch.fname, batch.slice_num, batch.max_value)

@@ -56,7 +56,7 @@ from blindspot.evaluate import ZERO_FILLED, load_eval_models
 from blindspot.models.loading import LoadedModel
 from blindspot.fileio import atomic_write_bytes, atomic_write_text, write_csv, write_json
 from blindspot.metrics import ssim_map
-from blindspot.models.adapters import reconstruct
+from blindspot.training.mri import reconstruct_batch
 from blindspot.physics.mri import create_mask_func
 from blindspot.report.tables import lesion_summary_markdown
 
@@ -225,10 +225,9 @@ def evaluate_lesions(
             item_t = torch.tensor(item, device=device)
             bx = all_boxes[lesion].to(device)
             truth = batch.target[item_t]
-            x, _ = batch.normalized()
             preds = {}
             for m in models:
-                pred = batch.stats.invert(reconstruct(m.model, x, batch.mask))
+                pred = batch.stats.invert(reconstruct_batch(m.model, batch))
                 if not torch.isfinite(pred).all():
                     raise BlindspotError(m.source, f"model output contains NaN or Inf on {batch.keys[0]}")
                 preds[m.name] = pred

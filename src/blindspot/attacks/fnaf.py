@@ -55,6 +55,8 @@ class Truths:
         fname, slice_num: per-image identity (volume or patient, slice); ``keys`` are ``"fname:slice"``.
         observed: CT only: the scanner's low-dose images ``(B, 1, H, W)`` HU of a real pair (``None``: simulate).
         mask, acceleration: MRI only: the batch's own column masks ``(B, 1, 1, W)`` and accelerations ``(B,)``.
+        sens_maps: multi-coil MRI only: complex coil sensitivities ``(B, C, H, W)`` on the truths' grid; the attack's
+            acquisition is then multi-coil (a feature enters every coil as ``S_c · δ'``). ``None``: single coil.
     """
 
     image: Tensor
@@ -63,6 +65,7 @@ class Truths:
     observed: Tensor | None = None
     mask: Tensor | None = None
     acceleration: Tensor | None = None
+    sens_maps: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.image.shape[0])
@@ -76,17 +79,19 @@ class Truths:
         pick = lambda t: None if t is None else t[i.to(t.device)]  # noqa: E731
         il = i.tolist()
         return Truths(pick(self.image), [self.fname[k] for k in il], [self.slice_num[k] for k in il],
-                      pick(self.observed), pick(self.mask), pick(self.acceleration))
+                      pick(self.observed), pick(self.mask), pick(self.acceleration), pick(self.sens_maps))
 
 
 def as_truths(batch: "Truths | MRIBatch | CTBatch | Tensor") -> Truths:
-    """Any batch an attack accepts as :class:`Truths`: an MRI batch (its ``target``), a CT batch (``full`` with its
-    ``low`` as the observed input), or a bare tensor ``(B, 1, H, W)`` (images named ``image-0``, …)."""
+    """Any batch an attack accepts as :class:`Truths`: an MRI batch (its ``target``, and its coil maps when the data
+    set estimated them, :mod:`blindspot.data.sample`: multi-coil data then get a multi-coil acquisition), a CT batch
+    (``full`` with its ``low`` as the observed input), or a bare tensor ``(B, 1, H, W)`` (images named ``image-0``,
+    …)."""
     if isinstance(batch, Truths):
         return batch
     if isinstance(batch, MRIBatch):
         return Truths(batch.target, list(batch.fname), [int(s) for s in batch.slice_num], None, batch.mask,
-                      batch.acceleration)
+                      batch.acceleration, batch.sens_maps)
     if isinstance(batch, CTBatch):
         return Truths(batch.full, list(batch.patient), [int(i) for i in batch.index], batch.low)
     if isinstance(batch, Tensor):
@@ -103,29 +108,40 @@ def attack_acquisition(truths: Truths, physics: Any) -> Acquisition:
     """The attack's acquisition for these truths (on their device), one set of parameters per image.
 
     Args:
-        truths: the images (``image`` ``(B, 1, h, w)``).
+        truths: the images (``image`` ``(B, 1, h, w)``), with their coil maps ``(B, C, h, w)`` when multi-coil.
         physics: an :class:`Acquisition` (used as it is; a one-mask MRI acquisition serves every image), a mask
             function (drawn per image with ``mask_func(w, seed=fname)``, as fastMRI seeds by volume), an operator or
             mask tensor (``(w,)``, ``(1, w)`` or ``(B, 1, 1, w)``), or ``None`` for the batch's own masks mapped onto
             ``w`` columns (:func:`~blindspot.physics.mri.resample_mask`).
+
+    Unless ``physics`` is an :class:`Acquisition`, the MRI acquisition is multi-coil, ``CartesianMRI(mask,
+    sens_maps=truths.sens_maps)``, when the truths carry coil maps, and single-coil otherwise. It works on the
+    truths' grid (the crop the network sees): the maps are cropped like the truths and the mask is mapped onto its
+    columns, as for single-coil data.
     """
     B, _, _, w = truths.image.shape
     dev = truths.image.device
     if isinstance(physics, Acquisition):
         acq = physics.to(dev)
         return acq.select(torch.arange(B)) if isinstance(acq, CartesianMRI) and len(acq) == 1 else acq
+    maps = None
+    if truths.sens_maps is not None:
+        maps = truths.sens_maps.to(dev)
+        if maps.ndim != 4 or maps.shape[0] != B or tuple(maps.shape[-2:]) != tuple(truths.image.shape[-2:]):
+            raise BlindspotError(None, f"coil maps {tuple(maps.shape)} do not match truths {tuple(truths.image.shape)}"
+                                       " (expected (B, coils, h, w))")
     if isinstance(physics, MaskFunc):
-        return CartesianMRI.from_mask_func(physics, w, truths.fname).to(dev)
+        return CartesianMRI.from_mask_func(physics, w, truths.fname, sens_maps=maps).to(dev)
     if physics is None:
         if truths.mask is None:
             raise BlindspotError(None, "no acquisition given and the batch carries no sampling masks")
         m = resample_mask(truths.mask.to(dev).to(torch.float32), w).reshape(B, 1, 1, w)
-        return CartesianMRI(m, accelerations=truths.acceleration.detach().cpu().to(torch.float32))
+        return CartesianMRI(m, sens_maps=maps, accelerations=truths.acceleration.detach().cpu().to(torch.float32))
     m = physics.mask if isinstance(physics, CartesianUndersampling) else torch.as_tensor(physics)
     m = m.to(device=dev, dtype=torch.float32)
     if m.shape[-1] != w:
         raise BlindspotError(None, f"the attack's mask has {m.shape[-1]} columns but the truth is {w} wide")
-    return CartesianMRI(m.reshape(-1, 1, 1, w).expand(B, 1, 1, w).contiguous())
+    return CartesianMRI(m.reshape(-1, 1, 1, w).expand(B, 1, 1, w).contiguous(), sens_maps=maps)
 
 
 @dataclass

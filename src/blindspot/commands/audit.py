@@ -59,6 +59,12 @@ def add_audit_arguments(p: argparse.ArgumentParser, out_default: str | None = No
                    help="plant lesions in N held-out phantom volumes (RUN_DIR/lesion_phantoms) and add the lesion "
                         f"section on them (default {lesion_phantoms})")
     p.add_argument("--no-transfer", action="store_true", help="skip the transferability replay")
+    p.add_argument("--coil-maps", choices=["full", "lowres", "espirit"], default="full",
+                   help="multi-coil MRI data: coil-sensitivity estimator of the attacks' acquisition (default full)")
+    p.add_argument("--invariance-images", type=int, default=1,
+                   help="CT: image-domain invariances of each denoiser on this many inputs (default 1; 0: none)")
+    p.add_argument("--invariance-iterations", type=int, default=200,
+                   help="CT: Adam iterations of those invariances (default 200; the source document runs 3000)")
     p.add_argument("--no-figures", action="store_true")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
@@ -67,6 +73,8 @@ def add_audit_arguments(p: argparse.ArgumentParser, out_default: str | None = No
 
 
 def register(subparsers) -> None:
+    from blindspot.commands.train_mri import add_arch_arguments
+
     p = subparsers.add_parser(
         "audit",
         help="audit MRI reconstruction networks or CT denoisers: quality, FNAF attack rates, IP, transfer; report.html",
@@ -75,6 +83,7 @@ def register(subparsers) -> None:
         "results.json and CSVs.",
     )
     add_audit_arguments(p)
+    add_arch_arguments(p)
     g = p.add_argument_group("lesions (blindspot.lesions): a lesion section in the report")
     g.add_argument("--boxes", metavar="CSV", help="lesion bounding boxes (CSV or JSON) on the --data fastMRI files")
     g.add_argument("--lesion-threshold", type=float, default=0.5,
@@ -87,9 +96,14 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from blindspot.commands.train_mri import arch_hparams
     from blindspot.runs.audit import AuditConfig, bundled_models, run_audit
 
     t0 = time.perf_counter()
+    hparams = arch_hparams(args) if hasattr(args, "arch") else None
+    bare = {"architecture": args.arch, "hparams": hparams} if getattr(args, "arch", None) else {}
+    if bare and not args.model:
+        raise BlindspotError(None, "--arch needs --model (the bare state dicts to audit)")
     lesion_options = None
     boxes = getattr(args, "boxes", None)
     if boxes and not args.data:
@@ -116,16 +130,18 @@ def run(args: argparse.Namespace) -> int:
     config = AuditConfig(
         accelerations=tuple(args.accelerations),
         center_fractions=tuple(args.center_fractions) if args.center_fractions else None,
-        mask_type=args.mask_type, dose=args.dose, ct_size=args.ct_size, searches=tuple(args.search), family=args.family, criteria=tuple(args.criteria),
+        mask_type=args.mask_type, dose=args.dose, ct_size=args.ct_size, searches=tuple(args.search),
+        family=args.family, criteria=tuple(args.criteria),
         candidates=args.candidates, transfer=not args.no_transfer, phantom_volumes=args.phantom_volumes,
         phantom_slices=args.phantom_slices, phantom_seed=args.phantom_seed, limit=args.limit,
-        lesion_phantoms=args.lesion_phantoms,
+        lesion_phantoms=args.lesion_phantoms, invariance_images=args.invariance_images,
+        invariance_iterations=args.invariance_iterations,
         batch_size=args.batch_size, seed=args.seed, device=args.device, figures=not args.no_figures,
     )
     result = run_audit(models, args.out, data=args.data, config=config,
                        crop=tuple(args.crop) if args.crop else None, resume=args.resume,
                        log=lambda s: print(s, file=sys.stderr), boxes=boxes,
-                       lesion_options=lesion_options)
+                       lesion_options=lesion_options, coil_maps=args.coil_maps, **bare)
     print(result.markdown)
     t = result.timings
     print(f"audit finished in {time.perf_counter() - t0:.1f} s (Table 1 {t.get('table1', 0):.1f} s, attacks "

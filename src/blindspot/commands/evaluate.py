@@ -20,7 +20,7 @@ from blindspot.errors import BlindspotError
 
 
 def register(subparsers) -> None:
-    from blindspot.commands.train_mri import add_data_arguments
+    from blindspot.commands.train_mri import add_arch_arguments, add_data_arguments
 
     p = subparsers.add_parser(
         "evaluate",
@@ -32,8 +32,7 @@ def register(subparsers) -> None:
                    "the baseline's position")
     p.add_argument("--names", nargs="+", help="row labels, one per checkpoint (default: architecture names)")
     p.add_argument("--no-zero-filled", action="store_true", help="leave out the zero-filled baseline row")
-    p.add_argument("--arch", help="architecture of bare state-dict checkpoints (e.g. unet for a fastMRI U-Net)")
-    p.add_argument("--hparam", action="append", metavar="KEY=VALUE", help="hyper-parameters for --arch, repeatable")
+    add_arch_arguments(p)
     p.add_argument("--data", help="validation data: fastMRI HDF5, DICOM, PNG or NumPy file/folder (default: phantoms)")
     g = add_data_arguments(p)
     g.add_argument("--phantom-volumes", type=int, default=4, help="validation phantom volumes (default 4)")
@@ -48,18 +47,17 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from blindspot.commands.train_mri import center_fractions, parse_hparams, phantom_options
+    from blindspot.commands.train_mri import arch_hparams, center_fractions, phantom_options
     from blindspot.data.mri import open_mri_dataset
     from blindspot.evaluate import evaluate_models, load_eval_models, table_markdown, write_tables
     from blindspot.fileio import write_json
+    from blindspot.models.adapters import network_convention
     from blindspot.training.distributed import resolve_device
 
     if args.batch_size < 1:
         raise BlindspotError(None, "--batch-size must be >= 1")
     device = resolve_device(args.device, None)
-    hparams = parse_hparams(args.hparam) if args.arch else None
-    if args.hparam and not args.arch:
-        raise BlindspotError(None, "--hparam needs --arch (hyper-parameters of a bare state dict)")
+    hparams = arch_hparams(args)
     models = load_eval_models(args.checkpoints, args.names, device, zero_filled=not args.no_zero_filled,
                               arch=args.arch, hparams=hparams)
     if not models:
@@ -70,14 +68,18 @@ def run(args: argparse.Namespace) -> int:
         args.mask_type = physics.get("mask_type") or "random"
     cfs = center_fractions(args)
     crop = tuple(args.crop) if args.crop else (tuple(physics["crop"]) if physics.get("crop") else None)
+    kspace = any(network_convention(m.model) == "kspace" for m in models)  # k-space networks read masked k-space
 
     def open_dataset(mask_func):
         if args.data is not None:
-            return open_mri_dataset(args.data, mask_func, crop)
-        geometry = {k: tuple(v) for k, v in (physics.get("phantom") or {}).items() if k in ("shape", "recon_size")}
+            return open_mri_dataset(args.data, mask_func, crop, kspace=kspace)
+        phantom = physics.get("phantom") or {}
+        geometry = {k: tuple(phantom[k]) for k in ("shape", "recon_size") if phantom.get(k)}
+        if phantom.get("num_coils"):  # the multi-coil phantoms the first checkpoint was trained on
+            geometry.update(challenge="multicoil", num_coils=int(phantom["num_coils"]))
         geometry.update(phantom_options(args))
         return open_mri_dataset(None, mask_func, crop, volumes=args.phantom_volumes, seed=args.phantom_seed,
-                                **geometry)
+                                kspace=kspace, **geometry)
 
     out = Path(args.out)
     result = evaluate_models(models, args.accelerations, cfs, open_dataset, mask_type=args.mask_type,

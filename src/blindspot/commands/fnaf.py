@@ -16,10 +16,11 @@ import torch
 from blindspot.attacks.features import CENTER_FRACTION, FAMILIES
 from blindspot.attacks.fnaf import CRITERIA
 from blindspot.attacks.search import SEARCHES
-from blindspot.commands.train_mri import add_data_arguments, phantom_options
+from blindspot.commands.train_mri import add_arch_arguments, add_data_arguments, arch_hparams, phantom_options
+from blindspot.physics.coils import MAP_ESTIMATORS
 from blindspot.errors import BlindspotError
 from blindspot.models.loading import load_model
-from blindspot.runs.fnaf import FnafConfig, ct_settings, mri_settings, run_fnaf
+from blindspot.runs.fnaf import FnafConfig, ct_settings, mri_settings, phantom_geometry_of, run_fnaf
 from blindspot.training.distributed import resolve_device
 
 
@@ -32,7 +33,6 @@ def register(subparsers) -> None:
     )
     p.add_argument("--model", required=True, help="checkpoint file, bundled network (e.g. cnn10, unet) or registered "
                    "model name (e.g. zero-filled) for an untrained baseline")
-    p.add_argument("--arch", help="architecture of a bare state-dict checkpoint (e.g. unet)")
     p.add_argument("--name", help="the model's label in records and tables (default: from the checkpoint's path)")
     p.add_argument("--data", help="MRI: fastMRI HDF5, DICOM, PNG or NumPy file or folder; CT: a folder in the LDCT "
                    "layout (default: built-in phantoms)")
@@ -40,11 +40,15 @@ def register(subparsers) -> None:
                    help="searches to run (default rs; with --replay: the saved searches)")
     p.add_argument("--replay", metavar="RUN_DIR",
                    help="replay the features found by another run on this model (transferability) instead of searching")
+    add_arch_arguments(p)  # --arch, --hparam: bare state dicts
     g = add_data_arguments(p)  # --accelerations, --center-fractions, --mask-type, --crop, phantom geometry
     g.add_argument("--phantom-volumes", type=int, default=4,
                    help="phantom volumes (MRI) or phantom slices (CT) to attack (default 4)")
     g.add_argument("--phantom-seed", type=int, default=0, help="first phantom seed (default 0: the validation "
                    "phantoms of train/evaluate)")
+    p.add_argument("--coil-maps", choices=sorted(MAP_ESTIMATORS), default="full",
+                   help="multi-coil data: coil-sensitivity estimator of the attack's acquisition (default full: from "
+                   "the fully sampled coil images; lowres / espirit: from the auto-calibration columns only)")
     p.add_argument("--dose", type=float, help="CT: dose fraction of the network's input (default: its checkpoint's)")
     p.add_argument("--size", type=int, help="CT phantoms: image size (default: the network's training size)")
     p.add_argument("--out", required=True, metavar="RUN_DIR")
@@ -117,20 +121,20 @@ def run(args: argparse.Namespace) -> int:
     )
     config.check()
     device = resolve_device(args.device)
-    model = load_model(args.model, device, architecture=args.arch, name=args.name)
+    model = load_model(args.model, device, architecture=args.arch, hparams=arch_hparams(args), name=args.name)
     crop = tuple(args.crop) if args.crop else (tuple(model.physics["crop"]) if model.physics.get("crop") else None)
     if model.modality == "ct":
         settings = ct_settings(model, args.data, args.dose, args.phantom_volumes, args.size, args.seed, args.limit)
     else:
-        geometry = {k: tuple(v) for k, v in (model.physics.get("phantom") or {}).items() if k in ("shape", "recon_size")}
-        geometry.update(phantom_options(args))
+        geometry = {**phantom_geometry_of(model), **phantom_options(args)}
         settings = mri_settings(args.data, args.accelerations, args.center_fractions,
                                 args.mask_type or model.physics.get("mask_type") or "random", crop, args.limit,
+                                coil_maps=args.coil_maps, kspace=model.network.needs_measurements,
                                 volumes=args.phantom_volumes, seed=args.phantom_seed, **geometry)
     identity = {k: getattr(args, k) for k in ("model", "arch", "name", "data", "accelerations", "center_fractions",
                                                "mask_type", "crop", "phantom_shape", "phantom_recon_size",
                                                "phantom_slices", "phantom_volumes", "phantom_seed", "dose", "size",
-                                               "limit", "region")}
+                                               "limit", "region", "coil_maps")}
     result = run_fnaf(model, settings, config, args.out, resume=args.resume, overwrite=args.overwrite,
                       replay=args.replay, replay_searches=args.search, run_settings=identity, inputs=[args.data])
     print(result.markdown, end="")

@@ -23,6 +23,8 @@ from blindspot.errors import BlindspotError
 
 
 def register(subparsers) -> None:
+    from blindspot.commands.train_mri import add_arch_arguments
+
     p = subparsers.add_parser(
         "lesions",
         help="lesion preservation per model on annotated bounding boxes (preserved / total by label)",
@@ -33,8 +35,7 @@ def register(subparsers) -> None:
                    "baseline's position")
     p.add_argument("--names", nargs="+", help="row labels, one per checkpoint")
     p.add_argument("--no-zero-filled", action="store_true", help="leave out the zero-filled baseline row")
-    p.add_argument("--arch", help="architecture of bare state-dict checkpoints")
-    p.add_argument("--hparam", action="append", metavar="KEY=VALUE", help="hyper-parameters for --arch, repeatable")
+    add_arch_arguments(p)
     p.add_argument("--data", required=True, help="fastMRI HDF5 file or folder the boxes refer to")
     p.add_argument("--boxes", required=True, metavar="CSV", help="bounding boxes: .csv or .json")
     p.add_argument("--origin", choices=["top", "bottom"], default="top",
@@ -56,7 +57,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from blindspot.commands.train_mri import parse_hparams
+    from blindspot.commands.train_mri import arch_hparams
     from blindspot.data.lesions import read_annotations, volume_key
     from blindspot.evaluate import load_eval_models
     from blindspot.fileio import write_json
@@ -68,13 +69,12 @@ def run(args: argparse.Namespace) -> int:
         raise BlindspotError(None, "--batch-size must be >= 1")
     if args.max_figures < 0:
         raise BlindspotError(None, "--max-figures must be >= 0")
-    if args.hparam and not args.arch:
-        raise BlindspotError(None, "--hparam needs --arch (hyper-parameters of a bare state dict)")
+    hparams = arch_hparams(args)
     rule = PreservationRule(args.threshold, args.margin)
     annotations = read_annotations(args.boxes)  # malformed rows fail before any model is loaded
     device = resolve_device(args.device, None)
     models = load_eval_models(args.model, args.names, device, zero_filled=not args.no_zero_filled, arch=args.arch,
-                              hparams=parse_hparams(args.hparam) if args.arch else None)
+                              hparams=hparams)
     physics = next((m.physics for m in models if m.physics), {})
     mask_type = args.mask_type or physics.get("mask_type") or "random"
     cfs = [args.center_fraction] if args.center_fraction is not None else None

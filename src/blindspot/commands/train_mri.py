@@ -1,4 +1,4 @@
-"""``blindspot train mri``: supervised training of an MRI reconstruction network (U-Net, I-RIM, …).
+"""``blindspot train mri``: supervised training of an MRI reconstruction network (U-Net, I-RIM, E2E-VarNet, …).
 
 Single process::
 
@@ -12,10 +12,12 @@ Without ``--data`` it trains on the built-in knee phantoms: training volumes are
 (default 1000), validation volumes from ``--phantom-val-seed`` (default 0, the phantoms other commands use by
 default), so attacks and evaluations on the default phantoms never see training images. With ``--data`` and no
 ``--val-data`` a seeded ``--val-fraction`` of the volumes is held out. Training masks change every epoch (seeded by
-run seed, epoch and volume); validation masks are fixed per volume (seeded by file name, as fastMRI).
+run seed, epoch and volume); validation masks are fixed per volume (seeded by file name, as fastMRI). A k-space
+network (``--model varnet``) trains on masked multi-coil k-space: multi-coil phantoms (``--phantom-coils``, default 8
+for it) or multi-coil fastMRI files; single-coil data are a one-line error.
 
 The run folder gets ``last.pt`` (resumable with ``--resume``), ``best.pt`` (best validation SSIM), ``log.jsonl`` and
-``summary.json``.
+``summary.json``. The run itself is :func:`blindspot.runs.train.run_train_mri`.
 """
 
 from __future__ import annotations
@@ -23,15 +25,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 from blindspot.commands.train import add_optimisation_arguments
 from blindspot.errors import BlindspotError
-
-#: Phantom seeds: training volumes start at 1000; validation (and every command's default phantoms) start at 0.
-PHANTOM_TRAIN_SEED = 1000
-PHANTOM_VAL_SEED = 0
+from blindspot.runs.train import PHANTOM_TRAIN_SEED, PHANTOM_VAL_SEED
 
 
 def parse_hparams(items: list[str] | None) -> dict[str, Any]:
@@ -48,6 +46,21 @@ def parse_hparams(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
+def add_arch_arguments(p: argparse.ArgumentParser) -> None:
+    """``--arch`` and ``--hparam`` for bare state dicts (``evaluate``, ``lesions``, ``audit``)."""
+    p.add_argument("--arch", help="architecture of bare state-dict checkpoints (e.g. unet or varnet for fastMRI's "
+                   "weights); hyper-parameters are read off the weights where possible")
+    p.add_argument("--hparam", action="append", metavar="KEY=VALUE",
+                   help="hyper-parameter for --arch, repeatable (overrides what the weights say); values are JSON")
+
+
+def arch_hparams(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The ``--hparam`` values for ``--arch`` (``None`` without ``--hparam``); ``--hparam`` alone is an error."""
+    if args.hparam and not args.arch:
+        raise BlindspotError(None, "--hparam needs --arch (hyper-parameters of a bare state dict)")
+    return parse_hparams(args.hparam) if args.hparam else None
+
+
 def add_data_arguments(p: argparse.ArgumentParser):
     """Options shared by ``train mri`` and ``evaluate``: physics and the phantom geometry; returns the phantom group."""
     p.add_argument("--accelerations", nargs="+", type=float, default=[4.0, 8.0], help="default 4 8")
@@ -61,20 +74,22 @@ def add_data_arguments(p: argparse.ArgumentParser):
     g.add_argument("--phantom-recon-size", nargs=2, type=int, metavar=("H", "W"),
                    help="reconstruction (target) size of the phantoms (default 320 320)")
     g.add_argument("--phantom-slices", type=int, help="slices per phantom volume (default 8)")
+    g.add_argument("--phantom-coils", type=int, metavar="C",
+                   help="multi-coil phantoms with C coils (default: single-coil; 8 coils for k-space networks)")
     return g
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "mri",
-        help="train an MRI reconstruction network (U-Net, I-RIM) on (zero-filled, target) pairs",
+        help="train an MRI reconstruction network (U-Net, I-RIM, E2E-VarNet) on under-sampled data",
         description="Supervised training with L1 or SSIM loss; validation SSIM/NMSE/PSNR each epoch; best and last "
         "checkpoints; --resume; multi-process through torchrun.",
     )
     p.add_argument("--data", help="training data: fastMRI HDF5, DICOM, PNG or NumPy file/folder (default: phantoms)")
     p.add_argument("--val-data", help="validation data (default: --val-fraction of --data's volumes, or phantoms)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="held-out share of volumes without --val-data")
-    p.add_argument("--model", default="unet", help="registered architecture: unet or irim (default unet)")
+    p.add_argument("--model", default="unet", help="registered architecture: unet, irim or varnet (default unet)")
     p.add_argument("--preset", help="named hyper-parameters (irim: small or paper)")
     p.add_argument("--hparam", action="append", metavar="KEY=VALUE",
                    help="model hyper-parameter, repeatable (e.g. --hparam chans=16); values are JSON")
@@ -107,22 +122,8 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def model_hparams(args: argparse.Namespace) -> dict[str, Any]:
-    """Hyper-parameters from ``--preset`` and ``--hparam`` (later wins)."""
-    hparams: dict[str, Any] = {}
-    if args.preset:
-        if args.model != "irim":
-            raise BlindspotError(None, f"--preset applies to irim, not {args.model!r}")
-        from blindspot.models.irim import PRESETS
-
-        if args.preset not in PRESETS:
-            raise BlindspotError(None, f"unknown irim preset {args.preset!r}; choose from {', '.join(PRESETS)}")
-        hparams.update(PRESETS[args.preset])
-    hparams.update(parse_hparams(args.hparam))
-    return hparams
-
-
 def center_fractions(args: argparse.Namespace) -> list[float]:
+    """``--center-fractions``, one per ``--accelerations`` (default: the standard fraction of each)."""
     from blindspot.physics.mri import create_mask_func
 
     if args.center_fractions and len(args.center_fractions) != len(args.accelerations):
@@ -131,7 +132,8 @@ def center_fractions(args: argparse.Namespace) -> list[float]:
 
 
 def phantom_options(args: argparse.Namespace) -> dict[str, Any]:
-    """PhantomDataset keyword arguments from the ``--phantom-*`` geometry flags (unset ones omitted)."""
+    """PhantomDataset keyword arguments from the ``--phantom-*`` geometry flags (unset ones omitted;
+    ``--phantom-coils C`` → multi-coil phantoms with C coils)."""
     opts: dict[str, Any] = {}
     if args.phantom_shape:
         opts["shape"] = tuple(args.phantom_shape)
@@ -139,100 +141,39 @@ def phantom_options(args: argparse.Namespace) -> dict[str, Any]:
         opts["recon_size"] = tuple(args.phantom_recon_size)
     if args.phantom_slices is not None:
         opts["slices"] = args.phantom_slices
+    if getattr(args, "phantom_coils", None) is not None:
+        if args.phantom_coils < 1:
+            raise BlindspotError(None, f"--phantom-coils must be >= 1, got {args.phantom_coils}")
+        opts.update(challenge="multicoil", num_coils=args.phantom_coils)
     return opts
 
 
 def run(args: argparse.Namespace) -> int:
-    from blindspot.data.mri import open_mri_dataset
-    from blindspot.models.adapters import network_convention
-    from blindspot.models.registry import build_model
-    from blindspot.physics.mri import create_mask_func
-    from blindspot.training.distributed import DistContext
-    from blindspot.training.engine import TrainConfig, seed_everything
-    from blindspot.training.mri import EpochDataset, EpochMasks, mri_physics, split_volumes, train_mri
+    from blindspot.runs.train import MRITrainData, run_train_mri
+    from blindspot.training.engine import TrainConfig
+    from blindspot.training.robust import RobustConfig
 
-    hparams = model_hparams(args)
-    mask_type = args.mask_type or "random"
-    cfs = center_fractions(args)
-    crop = tuple(args.crop) if args.crop else None
     config = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
         weight_decay=args.weight_decay, lr_step_size=args.lr_step_size, lr_gamma=args.lr_gamma,
         grad_clip=args.grad_clip, seed=args.seed, num_workers=args.num_workers, progress=args.progress,
     )
-    config.check()
-    if args.data is None and args.val_data is not None:
-        raise BlindspotError(None, "--val-data needs --data (the phantoms bring their own validation volumes)")
-
-    dist = DistContext.from_env(device=args.device)
-    try:
-        seed_everything(args.seed)
-        model = build_model(args.model, **hparams)
-        if network_convention(model) == "kspace":  # MRISample batches hold magnitude images, not coil k-space
-            raise BlindspotError(None, f"{args.model} takes multi-coil k-space; train mri trains image-domain networks "
-                                       "only (its batches hold magnitude images); train it with fastMRI and load the "
-                                       "state dict with --arch")
-        masks = EpochMasks(create_mask_func(mask_type, args.accelerations, cfs), seed=args.seed)
-        val_masks = create_mask_func(mask_type, args.accelerations, cfs)
-        physics = mri_physics(mask_type, args.accelerations, cfs, crop)
-        if args.data is None:
-            geometry = phantom_options(args)
-            train_set = open_mri_dataset(None, masks, crop, volumes=args.phantom_volumes, seed=args.phantom_seed,
-                                         **geometry)
-            val_set = open_mri_dataset(None, val_masks, crop, volumes=args.phantom_val_volumes,
-                                       seed=args.phantom_val_seed, **geometry)
-            physics["crop"] = list(train_set.crop)
-            physics["phantom"] = {"shape": list(train_set.shape), "recon_size": list(train_set.recon_size)}
-            data = (f"built-in knee phantoms {train_set.shape[0]}x{train_set.shape[1]} (crop "
-                    f"{train_set.crop[0]}x{train_set.crop[1]}): {args.phantom_volumes} training volumes from seed "
-                    f"{args.phantom_seed}, {args.phantom_val_volumes} validation volumes from seed "
-                    f"{args.phantom_val_seed}, {train_set.slices} slices each")
-        else:
-            train_set = open_mri_dataset(args.data, masks, crop)
-            if args.val_data is not None:
-                val_set = open_mri_dataset(args.val_data, val_masks, crop)
-                data = f"{args.data} ({len(train_set)} slices); validation {args.val_data} ({len(val_set)} slices)"
-            else:
-                val_full = open_mri_dataset(args.data, val_masks, crop)
-                train_set, _ = split_volumes(train_set, args.val_fraction, seed=args.seed)
-                _, val_set = split_volumes(val_full, args.val_fraction, seed=args.seed)
-                data = (f"{args.data}: {len(train_set)} training slices, {len(val_set)} validation slices "
-                        f"({args.val_fraction:g} of the volumes held out, seed {args.seed})")
-        train_set = EpochDataset(train_set, masks)
-        if dist.is_main:
-            n_params = sum(p.numel() for p in model.parameters())
-            print(f"training {args.model} ({n_params:,} parameters) on {dist.device} x {dist.world_size} "
-                  f"process(es): {len(train_set)} training slices, {len(val_set)} validation slices -> {args.out}",
-                  flush=True)
-        loss_fn, extra = None, None
-        if getattr(args, "robust", False):
-            from blindspot.training.mri import mri_loss
-            from blindspot.training.robust import RobustConfig, fnaf_robust_loss
-
-            rcfg = RobustConfig(fraction=args.robust_fraction, families=tuple(args.robust_families),
-                                weight=args.robust_weight, search=args.robust_search,
-                                candidates=args.robust_candidates, grad_steps=args.robust_grad_steps,
-                                grad_step_size=args.robust_grad_step_size, dilation=args.robust_dilation)
-            loss_fn, extra = fnaf_robust_loss(mri_loss(args.loss), rcfg), {"robust": rcfg.as_dict()}
-        if getattr(args, "boxes", None):
-            if loss_fn is not None:
-                raise BlindspotError(None, "give --boxes or --robust, not both")
-            from blindspot.training.lesion_weighted import box_weighted_setup
-
-            loss_fn, extra = box_weighted_setup(args.boxes, args.data, args.loss, args.box_weight)
-        result = train_mri(model, args.model, hparams, train_set, val_set, config, args.out, loss=args.loss,
-                           physics=physics, data=data, resume=args.resume, dist=dist, loss_fn=loss_fn,
-                           extra_summary=extra)
-        if dist.is_main:
-            best = next((r for r in result.history if r["epoch"] == result.best_epoch), None)
-            if result.epochs_run == 0:
-                print(f"{args.out}: already trained for {len(result.history)} epochs; nothing to do")
-            if best is not None:
-                v = best["val"]
-                print(f"best epoch {best['epoch'] + 1}/{len(result.history)}: validation SSIM {v['ssim']:.4f}, "
-                      f"NMSE {v['nmse']:.5f}, PSNR {v['psnr']:.2f} dB")
-            print(f"checkpoints: {result.best_path} (best), {result.last_path} (last); log: "
-                  f"{Path(args.out) / 'log.jsonl'}", file=sys.stdout)
-    finally:
-        dist.shutdown()
+    geometry = phantom_options(args)
+    phantom = {k: geometry[k] for k in ("shape", "recon_size", "slices", "num_coils") if k in geometry}
+    spec = MRITrainData(
+        data=args.data, val_data=args.val_data, val_fraction=args.val_fraction, accelerations=args.accelerations,
+        center_fractions=center_fractions(args), mask_type=args.mask_type or "random",
+        crop=tuple(args.crop) if args.crop else None, phantom_volumes=args.phantom_volumes,
+        phantom_val_volumes=args.phantom_val_volumes, phantom_seed=args.phantom_seed,
+        phantom_val_seed=args.phantom_val_seed, phantom=phantom,
+    )
+    robust = None
+    if getattr(args, "robust", False):
+        robust = RobustConfig(fraction=args.robust_fraction, families=tuple(args.robust_families),
+                              weight=args.robust_weight, search=args.robust_search, candidates=args.robust_candidates,
+                              grad_steps=args.robust_grad_steps, grad_step_size=args.robust_grad_step_size,
+                              dilation=args.robust_dilation)
+    run_train_mri(args.model, args.out, spec, config, preset=args.preset, hparams=parse_hparams(args.hparam),
+                  loss=args.loss, robust=robust, boxes=getattr(args, "boxes", None), box_weight=args.box_weight,
+                  resume=args.resume, device=args.device, log=lambda line: print(line, file=sys.stdout, flush=True))
     return 0

@@ -44,7 +44,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from blindspot.data.sample import KspaceTransform, MRISample
+from blindspot.data.sample import KspaceTransform, MRISample, check_coil_maps
 from blindspot.errors import BlindspotError, PathLike
 from blindspot.fileio import temporary_sibling
 from blindspot.physics.mri import Mask, MaskFunc, Seed
@@ -475,6 +475,11 @@ class FastMRISliceDataset(Dataset):
         seed: seed of the slice / volume sampling.
         mask_padding: remove columns outside the header's acquired range from the mask.
         progress: tqdm bar while validating files (``None``: only on a terminal).
+        coil_maps: multi-coil volumes only: estimate each slice's coil sensitivities (``"full"`` from the fully
+            sampled coil images, ``"lowres"`` / ``"espirit"`` from the auto-calibration columns of the masked k-space;
+            :class:`~blindspot.data.sample.KspaceTransform`) into ``sample.sens_maps``; ``None``: none. Too few
+            calibration columns for the estimator is an error naming the file and slice.
+        kspace: keep each slice's masked k-space in ``sample.kspace`` (for k-space networks such as VarNet).
 
     Items are :class:`MRISample` with ``input``/``target`` ``(1, h, w)`` float32, ``mask`` ``(1, W)``,
     ``max_value`` = the file's ``max`` attribute (else the stored target volume's maximum, else the slice's).
@@ -492,8 +497,12 @@ class FastMRISliceDataset(Dataset):
         seed: int = 0,
         mask_padding: bool = True,
         progress: bool | None = None,
+        coil_maps: str | None = None,
+        kspace: bool = False,
     ) -> None:
         self.root = Path(root)
+        self.coil_maps = check_coil_maps(coil_maps)
+        self.keep_kspace = bool(kspace)
         self.mask_func = mask_func
         self.challenge = challenge
         self.use_seed = use_seed
@@ -582,7 +591,8 @@ class FastMRISliceDataset(Dataset):
         mask_func = self.mask_func
         if mask_func is not None and self.mask_padding and vol.padding != (0, vol.image_size[1]):
             mask_func = _PaddedMask(mask_func, *vol.padding)
-        return KspaceTransform(mask_func, crop=vol.crop, use_seed=self.use_seed)
+        return KspaceTransform(mask_func, crop=vol.crop, use_seed=self.use_seed, coil_maps=self.coil_maps,
+                               kspace=self.keep_kspace)
 
     def __getitem__(self, index: int) -> MRISample:
         vol, s, kspace, target = self.read_slice(index)

@@ -28,7 +28,8 @@ PHANTOMS = "phantoms"
 
 #: Options each kind of source accepts (besides ``mask_func`` and ``crop``).
 OPTIONS: dict[str, frozenset[str]] = {
-    FASTMRI: frozenset({"challenge", "sample_rate", "volume_sample_rate", "use_seed", "seed", "mask_padding", "progress"}),
+    FASTMRI: frozenset({"challenge", "sample_rate", "volume_sample_rate", "use_seed", "seed", "mask_padding",
+                        "progress", "coil_maps", "kspace"}),
     IMAGES: frozenset({"resize", "use_seed", "progress"}),
 }
 
@@ -85,17 +86,26 @@ def open_mri_dataset(
         mask_func: under-sampling mask function (``None`` → fully sampled).
         crop: ``(h, w)`` of inputs and targets. fastMRI: the crop (default: the header's, capped to the data);
             images: the working size (default 320×320); phantoms: passed through.
-        **options: passed to the source's constructor; options that are ``None`` are dropped.
+        **options: passed to the source's constructor; options that are ``None`` (and ``kspace=False``) are dropped.
             fastMRI: ``challenge``, ``sample_rate``, ``volume_sample_rate``, ``use_seed``, ``seed``,
-            ``mask_padding``, ``progress``. Images: ``resize``, ``use_seed``, ``progress``.
+            ``mask_padding``, ``progress``, ``coil_maps``, ``kspace``. Images: ``resize``, ``use_seed``,
+            ``progress`` (``coil_maps`` is accepted and has no effect: images are single-coil, so they get no maps).
             Phantoms: whatever :class:`~blindspot.data.phantom_dataset.PhantomDataset` takes (``volumes``, ``slices``,
-            ``seed``, ``shape``, …).
+            ``seed``, ``shape``, ``challenge``, ``num_coils``, ``coil_maps``, ``kspace``, …).
+            Multi-coil extras (:mod:`blindspot.data.sample`): ``coil_maps`` (``"full"``, ``"lowres"``, ``"espirit"``)
+            estimates the coil sensitivities of multi-coil slices, ``kspace=True`` keeps the masked k-space.
     Raises:
-        BlindspotError: bad path or files (see :func:`detect_kind` and each dataset), or an option that does not
-        apply to the source's kind.
+        BlindspotError: bad path or files (see :func:`detect_kind` and each dataset), an option that does not
+        apply to the source's kind, or ``kspace=True`` for image files (single-coil magnitudes, no k-space network
+        can take them).
     """
-    options = {k: v for k, v in options.items() if v is not None}
+    options = {k: v for k, v in options.items() if v is not None and not (k == "kspace" and not v)}
     kind = detect_kind(path)
+    if kind == IMAGES and options.get("kspace"):
+        raise BlindspotError(path, "image files are single-coil magnitude images; a k-space network needs multi-coil "
+                                   "k-space (fastMRI multi-coil files or multi-coil phantoms)")
+    if kind == IMAGES:
+        options.pop("coil_maps", None)
     if kind == PHANTOMS:
         return PhantomDataset(mask_func=mask_func, crop=crop, **options)
     unknown = sorted(set(options) - OPTIONS[kind])

@@ -59,6 +59,9 @@ class PhantomDataset(Dataset):
         num_coils: coils of a multi-coil phantom.
         recon_size: size of the stored target (the reconstruction crop; clipped to ``shape``).
         use_seed: seed each volume's mask with its file name (fastMRI behaviour).
+        coil_maps: multi-coil only: estimate each slice's coil sensitivities (``"full"``, ``"lowres"``, ``"espirit"``;
+            :class:`~blindspot.data.sample.KspaceTransform`) into ``sample.sens_maps``; ``None``: none.
+        kspace: keep each slice's masked k-space in ``sample.kspace`` (for k-space networks such as VarNet).
 
     Index ``i`` is slice ``i % slices`` of volume ``i // slices``.
 
@@ -82,6 +85,8 @@ class PhantomDataset(Dataset):
         num_coils: int = 8,
         recon_size: Sequence[int] = FASTMRI_RECON_SIZE,
         use_seed: bool = True,
+        coil_maps: str | None = None,
+        kspace: bool = False,
     ) -> None:
         self.num_coils = challenge_coils(challenge, num_coils)
         if int(slices) < 1:
@@ -97,7 +102,7 @@ class PhantomDataset(Dataset):
         want = self.recon_size if crop is None else (int(crop[0]), int(crop[1]))
         # Capped to the k-space and the stored target, as the fastMRI reader caps it.
         self.crop = (min(want[0], self.recon_size[0]), min(want[1], self.recon_size[1]))
-        self.transform = KspaceTransform(mask_func, self.crop, use_seed)
+        self.transform = KspaceTransform(mask_func, self.crop, use_seed, coil_maps=coil_maps, kspace=kspace)
         self._cache: dict[int, _Volume] = {}
 
     @property

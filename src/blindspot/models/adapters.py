@@ -102,6 +102,8 @@ class Network:
                                        f"{', '.join(CONVENTIONS)}")
         self.name = name or type(module).__name__
         self.modality = modality
+        #: a k-space network that needs several coils (declared by the module, e.g. VarNet's sensitivity model)
+        self.multicoil_only = bool(getattr(getattr(module, "module", module), "multicoil_only", False))
         if self.convention != "image" and modality == "ct":
             raise BlindspotError(self.name, f"a CT network cannot take the {self.convention} convention")
 
@@ -125,6 +127,8 @@ class Network:
         if self.convention != "image" and acquisition.modality != "mri":
             raise BlindspotError(self.name, f"takes the {self.convention} convention, which needs an MRI "
                                             f"acquisition, not {acquisition.modality.upper()}")
+        if self.convention == "kspace" and getattr(acquisition, "coils", 1) < 2 and self.multicoil_only:
+            raise BlindspotError(self.name, "takes multi-coil k-space; this acquisition is single-coil")
 
     def __call__(self, acquisition: Acquisition, measurement: Measurement, x: Tensor, stats: NormStats) -> Tensor:
         """The normalised output ``(B, 1, h, w)`` for normalised input ``x`` ``(B, 1, h, w)`` (image conventions) or
@@ -133,15 +137,32 @@ class Network:
             return self.module(x)
         if self.convention == "image+mask":
             return self.module(x, resample_mask(measurement.mask, x.shape[-1]))
-        kspace = torch.view_as_real(measurement.kspace)  # (B, C, H, W, 2)
-        mask = measurement.mask.bool().unsqueeze(-1)  # (B, 1, 1, W, 1)
-        out = self.module(kspace, mask)
-        if out.ndim == 3:
-            out = out.unsqueeze(1)
-        if out.ndim != 4 or out.shape[1] != 1:
-            raise BlindspotError(self.name, f"a k-space network must return (B, H, W) images, got {tuple(out.shape)}")
-        out = center_crop(out, tuple(x.shape[-2:])) if out.shape[-2:] != x.shape[-2:] else out
-        return stats.apply(out, clamp=False)
+        return kspace_forward(self.module, measurement.kspace, measurement.mask, tuple(x.shape[-2:]), stats,
+                              self.name)
+
+
+def kspace_forward(module: nn.Module, kspace: Tensor, mask: Tensor, shape: tuple[int, int], stats: NormStats,
+                   name: str | None = None) -> Tensor:
+    """Call a ``kspace``-convention network (fastMRI's VarNet) and bring its output to the others' units.
+
+    Args:
+        module: the network: ``module(view_as_real(kspace), mask.bool().unsqueeze(-1))`` → image ``(B, H, W)`` (or
+            ``(B, 1, H, W)``) in the data's units.
+        kspace: masked multi-coil k-space, complex ``(B, C, H, W)``.
+        mask: column masks ``(B, 1, 1, W)`` (0/1).
+        shape: ``(h, w)`` of the other networks' images (the crop); the output is centre-cropped to it.
+        stats: the normalisation applied to the output (unclamped).
+        name: the network's name for errors.
+    Returns:
+        The normalised output ``(B, 1, h, w)``.
+    """
+    out = module(torch.view_as_real(kspace), mask.bool().unsqueeze(-1))
+    out = out.unsqueeze(1) if out.ndim == 3 else out
+    if out.ndim != 4 or out.shape[1] != 1 or out.shape[-2] < shape[0] or out.shape[-1] < shape[1]:
+        raise BlindspotError(name or type(module).__name__, f"returned {tuple(out.shape)}; a k-space network must "
+                                                            f"return (B, H, W) images at least {shape[0]}x{shape[1]}")
+    out = center_crop(out, shape) if tuple(out.shape[-2:]) != tuple(shape) else out
+    return stats.apply(out, clamp=False)
 
 
 def as_network(model: "nn.Module | Network", convention: str | None = None, name: str | None = None,

@@ -16,7 +16,12 @@ A checkpoint is a plain dict::
       "training": {...},                   # optional: epoch, step, optimizer/scheduler state, RNG state (resume)
     }
 
-A bare state dict (e.g. one trained with fastMRI's ``Unet``) also loads when the caller names the architecture.
+A bare state dict (e.g. one trained with fastMRI's ``Unet`` or ``VarNet``) also loads when the caller names the
+architecture. Its hyper-parameters are read off the weights' keys and shapes where the architecture allows
+(:data:`HPARAM_READERS`: U-Net ``in_chans``, ``out_chans``, ``chans``, ``num_pool_layers``; VarNet
+``num_cascades``, ``sens_chans``, ``sens_pools``, ``chans``, ``pools``); hyper-parameters the caller gives win over
+the inferred ones. Weights that do not fit are a one-line error listing the mismatched keys (and naming the
+architecture they do fit, when one of the readers recognises them).
 """
 
 from __future__ import annotations
@@ -26,17 +31,25 @@ import pickle
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from blindspot.errors import BlindspotError, PathLike
 from blindspot.fileio import atomic_write_bytes
 from blindspot.models.registry import build_model
+from blindspot.models.unet import unet_hparams
+from blindspot.models.varnet import varnet_hparams
 
 FORMAT = "blindspot-checkpoint"
 VERSION = 1
+
+#: Architectures whose hyper-parameters can be read off a bare state dict's keys and shapes.
+HPARAM_READERS: dict[str, Callable[[Mapping[str, Tensor]], dict[str, Any]]] = {
+    "unet": unet_hparams,
+    "varnet": varnet_hparams,
+}
 
 
 @dataclass
@@ -100,6 +113,18 @@ def read_checkpoint_dict(path: PathLike, map_location: str | torch.device = "cpu
     return obj
 
 
+def infer_hparams(architecture: str, state_dict: Mapping[str, Tensor]) -> dict[str, Any] | None:
+    """The hyper-parameters of ``architecture`` read off ``state_dict`` (:data:`HPARAM_READERS`), or ``None`` when the
+    architecture has no reader or the keys are not that architecture's."""
+    reader = HPARAM_READERS.get(architecture)
+    if reader is None:
+        return None
+    try:
+        return reader(state_dict)
+    except BlindspotError:
+        return None
+
+
 def _check_keys(path: PathLike, model: nn.Module, state_dict: dict[str, Any], architecture: str) -> None:
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
@@ -119,7 +144,9 @@ def _check_keys(path: PathLike, model: nn.Module, state_dict: dict[str, Any], ar
             parts.append(f"unexpected keys: {show(unexpected)}")
         if wrong:
             parts.append(f"wrong shapes: {show(wrong)}")
-        raise BlindspotError(path, f"weights do not fit architecture {architecture!r} — " + "; ".join(parts))
+        fits = [a for a in HPARAM_READERS if a != architecture and infer_hparams(a, state_dict) is not None]
+        hint = f" (the keys are a {fits[0]!r} state dict's: try --arch {fits[0]})" if fits and not wrong else ""
+        raise BlindspotError(path, f"weights do not fit architecture {architecture!r} — " + "; ".join(parts) + hint)
 
 
 def load_checkpoint(
@@ -128,8 +155,14 @@ def load_checkpoint(
     architecture: str | None = None,
     hparams: dict[str, Any] | None = None,
 ) -> Checkpoint:
-    """Load a blindspot checkpoint, or a bare state dict when ``architecture`` (and ``hparams``) are given.
+    """Load a blindspot checkpoint, or a bare state dict when ``architecture`` is given.
 
+    Args:
+        path: the file.
+        map_location: where the weights go.
+        architecture: the registry name; required for a bare state dict, checked against a blindspot checkpoint's.
+        hparams: constructor arguments of a bare state dict; where not given they are read off the weights
+            (:func:`infer_hparams`), and given ones win over inferred ones.
     Raises :class:`BlindspotError` naming the file for anything unusable, including weights of another
     architecture (the message lists the mismatched keys).
     """
@@ -145,7 +178,9 @@ def load_checkpoint(
     else:
         if architecture is None:
             raise BlindspotError(path, "a bare state dict: name its architecture (e.g. --arch unet)")
-        arch, hp, state_dict = architecture, dict(hparams or {}), obj.get("state_dict", obj)
+        arch, state_dict = architecture, obj.get("state_dict", obj)
+        inferred = infer_hparams(arch, state_dict) if isinstance(state_dict, dict) else None
+        hp = {**(inferred or {}), **dict(hparams or {})}
         meta, data = {k: {} for k in ("physics", "normalization", "metrics", "training")}, ""
     if not isinstance(state_dict, dict):
         raise BlindspotError(path, "checkpoint has no state dict")

@@ -2,7 +2,8 @@
 
 A model is named by
 
-* a checkpoint file (blindspot's format, or a bare state dict with ``architecture`` and ``hparams``);
+* a checkpoint file (blindspot's format, or a bare state dict with ``architecture``; its ``hparams`` are read off the
+  weights where the architecture allows, :func:`blindspot.models.checkpoint.infer_hparams`, and given ones win);
 * a bundled network by name: ``blindspot/weights/<name>.pt``, else ``ct_<name>.pt`` / ``mri_<name>.pt``
   (``cnn10``, ``unet`` → ``mri_unet.pt``, ``mri_unet_robust``);
 * a registered architecture without weights (baselines such as ``zero-filled``, the ``gaussian-ri`` validation
@@ -94,7 +95,8 @@ def load_model(
 
     Args:
         spec: checkpoint path, bundled name or registered architecture.
-        architecture, hparams: for a bare state dict (e.g. a fastMRI U-Net).
+        architecture, hparams: for a bare state dict (e.g. a fastMRI U-Net or VarNet); hyper-parameters that are
+            not given are inferred from the weights' shapes where the architecture allows (U-Net, VarNet).
         name: the label (default: the checkpoint's run folder or file stem; the name for a registered model).
         modality: overrides what the checkpoint's physics or the registry say.
         warn: print a note to stderr when a model with parameters has no weights.

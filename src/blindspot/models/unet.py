@@ -18,15 +18,19 @@ trained with fastMRI loads with ``strict=True``.
 Any input size works: the input is reflect-padded (symmetrically) to a multiple of ``2**num_pool_layers`` and the
 output cropped back. For sizes that already are multiples (e.g. fastMRI's 320×320 crop) no padding happens and the
 output equals fastMRI's exactly; for other sizes fastMRI pads one pixel after each up-sampling instead, so outputs
-differ near the border.
+differ near the border. :func:`unet_hparams` reads the constructor arguments off a bare state dict.
 """
 
 from __future__ import annotations
+
+import re
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from blindspot.errors import BlindspotError
 from blindspot.models.registry import register_model
 
 
@@ -149,3 +153,30 @@ class Unet(nn.Module):
         if pad_h or pad_w:
             out = out[..., pad[2] : pad[2] + H, pad[0] : pad[0] + W]
         return out
+
+
+def unet_hparams(state_dict: Mapping[str, Tensor], prefix: str = "") -> dict[str, Any]:
+    """The constructor arguments of the :class:`Unet` a state dict was saved from, read off its keys and shapes.
+
+    ``in_chans`` / ``chans`` are the input / output channels of the first convolution
+    (``down_sample_layers.0.layers.0.weight``, ``(chans, in_chans, 3, 3)``), ``num_pool_layers`` the number of
+    encoder blocks and ``out_chans`` the output channels of the final 1×1 convolution. ``drop_prob`` leaves no trace
+    in the weights and is not returned (its default is fastMRI's 0).
+
+    Args:
+        state_dict: the weights (keys as :class:`Unet` names them, after ``prefix``).
+        prefix: the U-Net's key prefix inside a larger model (e.g. ``"cascades.0.model.unet."``).
+    Raises:
+        BlindspotError: the keys are not a U-Net's (a one-line message naming the missing key).
+    """
+    first = state_dict.get(f"{prefix}down_sample_layers.0.layers.0.weight")
+    if first is None or getattr(first, "ndim", 0) != 4:
+        raise BlindspotError(None, f"not a fastMRI U-Net state dict: no 4-D "
+                                   f"{prefix}down_sample_layers.0.layers.0.weight")
+    pattern = re.compile(re.escape(prefix) + r"down_sample_layers\.(\d+)\.layers\.0\.weight")
+    pools = 1 + max(int(m.group(1)) for m in map(pattern.fullmatch, state_dict) if m)
+    last = state_dict.get(f"{prefix}up_conv.{pools - 1}.1.weight")
+    if last is None or getattr(last, "ndim", 0) != 4:
+        raise BlindspotError(None, f"not a fastMRI U-Net state dict: no 4-D {prefix}up_conv.{pools - 1}.1.weight")
+    return {"in_chans": int(first.shape[1]), "out_chans": int(last.shape[0]), "chans": int(first.shape[0]),
+            "num_pool_layers": pools}

@@ -166,6 +166,8 @@ class VarNet(nn.Module):
     """
 
     network_input = "kspace"
+    #: fastMRI's VarNet is a multi-coil network (its sensitivity model normalises over coils)
+    multicoil_only = True
 
     def __init__(self, num_cascades: int = 12, sens_chans: int = 8, sens_pools: int = 4, chans: int = 18,
                  pools: int = 4, mask_center: bool = True) -> None:

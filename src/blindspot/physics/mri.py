@@ -115,23 +115,37 @@ class MaskFunc:
     """Base of fastMRI-style column mask functions.
 
     Args:
-        accelerations: one or more accelerations ``R``.
-        center_fractions: the matching centre fractions (same length); pair ``i`` is drawn with probability
+        center_fractions: one or more centre fractions (fastMRI's first argument).
+        accelerations: the matching accelerations ``R`` (same length); pair ``i`` is drawn with probability
             ``1/len`` on each call, as in fastMRI.
         seed: seed of the function's own generator, used when a call passes no seed.
 
+    The argument order is fastMRI's, ``RandomMaskFunc([0.08], [4])``; keywords work too
+    (``RandomMaskFunc(accelerations=[4], center_fractions=[0.08])``). Arguments given in the other order
+    (accelerations first) are a one-line error that says so.
+
     Calling ``mask_func(width, seed=...)`` returns a :class:`Mask`; the same seed (a file name or an int) gives the
-    same mask, and the function's own generator state is left untouched by a seeded call.
+    same mask as fastMRI's mask function of the same name (``EquispacedMaskFunc``: fastMRI's
+    ``EquispacedMaskFractionFunc``, the equispaced masks of the public multi-coil data), and the function's own
+    generator state is left untouched by a seeded call.
     """
 
-    def __init__(self, accelerations: Iterable[float], center_fractions: Iterable[float], seed: Seed = None):
-        self.accelerations = [float(a) for a in accelerations]
+    def __init__(self, center_fractions: Iterable[float], accelerations: Iterable[float], seed: Seed = None):
         self.center_fractions = [float(c) for c in center_fractions]
+        self.accelerations = [float(a) for a in accelerations]
+        name = type(self).__name__
+        if (self.center_fractions and self.accelerations and all(c >= 1 for c in self.center_fractions)
+                and all(a < 1 for a in self.accelerations)):
+            raise BlindspotError(
+                None,
+                f"{name} takes (center_fractions, accelerations) in fastMRI's order, got center fractions "
+                f"{self.center_fractions} and accelerations {self.accelerations}: swap them or use keywords",
+            )
         if not self.accelerations or len(self.accelerations) != len(self.center_fractions):
             raise BlindspotError(
                 None,
-                f"need one centre fraction per acceleration, got accelerations {self.accelerations} "
-                f"and centre fractions {self.center_fractions}",
+                f"need one centre fraction per acceleration, got center_fractions {self.center_fractions} "
+                f"and accelerations {self.accelerations}",
             )
         for a, c in zip(self.accelerations, self.center_fractions):
             if a < 1:
@@ -158,8 +172,8 @@ class MaskFunc:
 
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}(accelerations={self.accelerations}, "
-            f"center_fractions={self.center_fractions})"
+            f"{type(self).__name__}(center_fractions={self.center_fractions}, "
+            f"accelerations={self.accelerations})"
         )
 
 
@@ -206,15 +220,16 @@ def create_mask_func(
 ) -> MaskFunc:
     """A mask function by name (``"random"`` or ``"equispaced"``).
 
-    Without ``center_fractions``, each acceleration takes its standard fraction (4x → 0.08, 8x → 0.04) or, for other
-    accelerations, ``0.32 / R``.
+    This helper takes the accelerations first (fastMRI's ``create_mask_for_mask_type`` and the mask classes take the
+    centre fractions first); it passes both to the class by keyword. Without ``center_fractions``, each acceleration
+    takes its standard fraction (4x → 0.08, 8x → 0.04) or, for other accelerations, ``0.32 / R``.
     """
     if mask_type not in MASK_TYPES:
         raise BlindspotError(None, f"unknown mask type {mask_type!r}; choose from {sorted(MASK_TYPES)}")
     accelerations = [float(a) for a in accelerations]
     if center_fractions is None:
         center_fractions = [STANDARD_SETTINGS.get(int(a), 0.32 / a) if a == int(a) else 0.32 / a for a in accelerations]
-    return MASK_TYPES[mask_type](accelerations, center_fractions, seed=seed)
+    return MASK_TYPES[mask_type](center_fractions=center_fractions, accelerations=accelerations, seed=seed)
 
 
 def zero_filled(image: Tensor, mask: Tensor) -> Tensor:

@@ -21,7 +21,7 @@ import numpy as np
 from blindspot import __version__
 from blindspot.attacks.fnaf import CRITERION_TEXT
 from blindspot.attacks.records import setting_label
-from blindspot.report.tables import lesion_summary_markdown
+from blindspot.report.tables import invariance_markdown, lesion_summary_markdown
 from blindspot.errors import PathLike
 from blindspot.fileio import atomic_write_bytes, atomic_write_text
 
@@ -112,7 +112,7 @@ def _verdicts(headline: Sequence[Mapping[str, Any]]) -> str:
 
 
 def render_audit_report(path: PathLike, results: Mapping[str, Any], md_tables: Mapping[str, str],
-                        figures: Sequence[tuple[str, str, Path]] = ()) -> Path:
+                        figures: Sequence[tuple[str, str, Path]] = (), sections: Sequence[str] = ()) -> Path:
     """Write the self-contained audit report.
 
     Args:
@@ -120,6 +120,7 @@ def render_audit_report(path: PathLike, results: Mapping[str, Any], md_tables: M
         results: the dict written to ``results.json`` (``settings``, ``attack_rates``, ``headline``, ``timings_s``…).
         md_tables: Markdown of ``table1``; ``table2``, ``ip`` and ``transfer`` are ``{criterion: markdown}``.
         figures: ``(kind, caption, png path)``; kinds ``qualitative``, ``scatter``, ``heatmap``, ``worst``.
+        sections: self-contained HTML sections (the invariance runs' ``section.html``) shown under "Invariances".
     """
     st = results.get("settings", {})
     models = ", ".join(html.escape(m["name"]) for m in st.get("models", []))
@@ -188,6 +189,11 @@ def render_audit_report(path: PathLike, results: Mapping[str, Any], md_tables: M
                    "ε); IP loss: mean squared difference of the normalised perturbed and clean zero-filled inputs.")
         q_text = "Columns: the zero-filled input, the truth with the feature (outlined neighbourhood T), then each " \
                  "model's reconstruction"
+    invariance_html = "" if not sections else (
+        "<h2>Invariances</h2><p class='muted'>Large changes of each denoiser's low-dose input that leave its output "
+        "(nearly) unchanged, found by image-domain optimisation (the CT source document's method: distance MSE, "
+        "α = 0.01, a short Adam budget); mean input and output changes in HU per model, then each run's details.</p>"
+        + markdown_table_html(invariance_markdown(results.get("invariances", {}))) + "\n".join(sections))
     body = f"""
 <h1>blindspot audit</h1>
 <p class="muted">blindspot {html.escape(__version__)} · models: {models} · data: {html.escape(str(st.get('data', '')))}
@@ -220,6 +226,7 @@ def render_audit_report(path: PathLike, results: Mapping[str, Any], md_tables: M
 {fig_html['heatmap']}
 <h2>Worst cases</h2>
 {fig_html['worst']}
+{invariance_html}
 {lesion_section_html(results.get('lesions'), figures)}
 <h2>Run</h2>
 <p class="muted">Timings: {html.escape(timing)}. Files beside this report: <code>results.json</code>,

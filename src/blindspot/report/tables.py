@@ -213,3 +213,14 @@ def lesion_summary_markdown(summary: Mapping[str, Any], rule_text: str, title: s
                            [[model, f"{m['kept']:.3f}", f"{m['ssim_box']:.4f}", f"{m['ssim_region']:.4f}",
                              f"{m['psnr_region']:.2f}"] for model, m in summary["mean"].items()])
     return counts + f"\nRule: {rule_text}.\n\n" + means
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Invariances
+# ----------------------------------------------------------------------------------------------------------------
+def invariance_markdown(summary: Mapping[str, Mapping[str, float]]) -> str:
+    """Per model, the mean change of the input (HU), of the output (HU) and their ratio over its invariances."""
+    return markdown_table(["model", "mean |x_inv − x| (HU)", "mean |f(x_inv) − f(x)| (HU)", "output / input change"],
+                          [[m, f"{v.get('mean_abs_change', float('nan')):.1f}",
+                            f"{v.get('output_mean_abs_change', float('nan')):.2f}",
+                            f"{v.get('change_ratio', float('nan')):.3f}"] for m, v in summary.items()])

@@ -43,6 +43,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from blindspot.attacks.fnaf import CRITERIA, CRITERION_TEXT, FnafObjective, as_truths, subset_batch
+from blindspot.attacks.invariance import InvarianceConfig
 from blindspot.attacks.records import (RECORD_COLUMNS, group_rows, ip_table, load_features, setting_label,
                                        summarize, table2, transfer_rate)
 from blindspot.attacks.search import SEARCHES, ReplaySearch, example_images
@@ -59,10 +60,14 @@ from blindspot.physics.ct import WINDOWS
 from blindspot.physics.mri import create_mask_func
 from blindspot.report.fnaf_figures import example_panels, location_heatmap, loss_vs_ip_scatter
 from blindspot.report.html import qualitative_grid, render_audit_report
-from blindspot.report.tables import (CT_WINDOWS, ct_table1_markdown, headline_markdown, ip_long_markdown,
-                                     saturation_markdown, table1_markdown, table2_markdown, transfer_matrix_markdown)
-from blindspot.runs.fnaf import AttackSetting, FnafConfig, attack_setting, ct_acquisition, ct_settings, tag
+from blindspot.report.tables import (CT_WINDOWS, ct_table1_markdown, headline_markdown, invariance_markdown,
+                                     ip_long_markdown, saturation_markdown, table1_markdown, table2_markdown,
+                                     transfer_matrix_markdown)
+from blindspot.runs.fnaf import (AttackSetting, FnafConfig, attack_setting, ct_acquisition, ct_settings,
+                                 phantom_geometry_of, tag)
 from blindspot.runs.folder import RunFolder
+from blindspot.runs.images import CTImageSet
+from blindspot.runs.invariances import run_invariances
 from blindspot.training.ct import slice_metrics
 from blindspot.training.distributed import resolve_device
 
@@ -71,6 +76,9 @@ BUNDLED: dict[str, tuple[tuple[str, str], ...]] = {
     "mri": (("U-Net", "mri_unet.pt"), ("FNAF-robust U-Net", "mri_unet_robust.pt"), ("I-RIM", "mri_irim.pt")),
     "ct": (("CNN-10", "cnn10.pt"), ("RED-CNN", "redcnn.pt"), ("WGAN-VGG", "wganvgg.pt")),
 }
+
+#: The audit's invariance runs weigh the distance reward as ``blindspot invariances`` does by default.
+INVARIANCE_ALPHA = 0.01
 
 #: First phantom seed of the audit's default data: training used 1000+, validation (model selection) 0–3 (MRI);
 #: the CT denoisers were trained and selected on patients 0–11.
@@ -118,6 +126,11 @@ class AuditConfig:
         lesion_phantoms: MRI, without ``boxes``: plant lesions in this many held-out phantom volumes
             (:func:`blindspot.lesions.write_held_out_lesion_phantoms`, in ``out_dir/lesion_phantoms``) and add the
             lesion section on them; 0 for none.
+        invariance_images, invariance_iterations: CT: image-domain invariances (DESIGN.md §1.3, MSE distance,
+            α = :data:`INVARIANCE_ALPHA`, as ``blindspot invariances``)
+            of each denoiser on the first ``invariance_images`` low-dose inputs, with a short budget of Adam
+            iterations (the source document runs 3000); 0 images for none. Written to ``invariances/MODEL/`` and
+            included in the report.
         batch_size: images per attack batch; chunk_size: most candidates per model call.
         seed: the attack's seed (it also keys a simulated CT input's noise).
         device: ``auto``, ``cpu``, ``cuda``…
@@ -143,6 +156,8 @@ class AuditConfig:
     phantom_seed: int = AUDIT_PHANTOM_SEED
     limit: int | None = None
     lesion_phantoms: int = 0
+    invariance_images: int = 1
+    invariance_iterations: int = 200
     batch_size: int = 16
     chunk_size: int = 96
     seed: int = 0
@@ -220,16 +235,18 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name).strip("_") or "model"
 
 
-def load_models(specs: Sequence[tuple[str | None, PathLike]], device: torch.device) -> list[LoadedModel]:
+def load_models(specs: Sequence[tuple[str | None, PathLike]], device: torch.device, architecture: str | None = None,
+                hparams: dict[str, Any] | None = None) -> list[LoadedModel]:
     """Load ``[(label or None, checkpoint), …]``: MRI networks (the zero-filled baseline excluded) or CT denoisers,
-    all of one modality."""
+    all of one modality; ``architecture`` / ``hparams`` for bare state dicts (hyper-parameters are inferred from the
+    weights' shapes where they can be)."""
     if not specs:
         raise BlindspotError(None, "no models to audit")
-    first = load_model(specs[0][1], device, warn=False)
+    first = load_model(specs[0][1], device, architecture=architecture, hparams=hparams, warn=False)
     if first.modality == "ct":
         out = []
         for label, spec in specs:
-            m = load_model(spec, device, name=label, warn=False)
+            m = load_model(spec, device, architecture=architecture, hparams=hparams, name=label, warn=False)
             if m.modality != "ct":
                 raise BlindspotError(spec, f"is an {m.modality.upper()} network; audit networks of one modality")
             if label is None:
@@ -243,7 +260,7 @@ def load_models(specs: Sequence[tuple[str | None, PathLike]], device: torch.devi
     sources = [str(p) for _, p in specs]
     if any(n is None for n in names):
         names = None if all(n is None for n in names) else [n or Path(p).stem for n, p in specs]
-    return load_eval_models(sources, names, device=device, zero_filled=False)
+    return load_eval_models(sources, names, device=device, zero_filled=False, arch=architecture, hparams=hparams)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -292,6 +309,9 @@ def run_audit(
     log: Callable[[str], None] | None = None,
     boxes: PathLike | None = None,
     lesion_options: LesionAuditOptions | None = None,
+    architecture: str | None = None,
+    hparams: dict[str, Any] | None = None,
+    coil_maps: str | None = "full",
 ) -> AuditResult:
     """Audit ``models`` (MRI reconstruction networks or CT denoisers, one modality) and write the report.
 
@@ -308,6 +328,9 @@ def run_audit(
             the lesion section (:func:`blindspot.lesions.audit_lesions`, at the data's own image size and every
             acceleration, whatever ``config.limit``): ``results.json["lesions"]``, ``lesions.csv``.
         lesion_options: its rule, box origin and figures (:class:`blindspot.lesions.LesionAuditOptions`).
+        architecture, hparams: for bare state dicts (e.g. fastMRI's U-Net or VarNet weights).
+        coil_maps: MRI multi-coil data: the coil-sensitivity estimator of the attacks' multi-coil acquisition
+            (``full``, ``lowres``, ``espirit``; see :mod:`blindspot.physics.coils`).
     """
     config = config or AuditConfig()
     config.check()
@@ -320,7 +343,7 @@ def run_audit(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     device = resolve_device(config.device)
-    audited = load_models(models, device)
+    audited = load_models(models, device, architecture, hparams)
     modality = audited[0].modality
     if modality == "ct" and (boxes is not None or config.lesion_phantoms):
         raise BlindspotError(boxes, "the lesion section is for MRI networks")
@@ -338,10 +361,11 @@ def run_audit(
         if crop is None and physics0.get("crop"):
             crop = tuple(int(c) for c in physics0["crop"])
         cfs = list(create_mask_func(mask_type, list(config.accelerations), config.center_fractions).center_fractions)
-        geometry = {k: tuple(v) for k, v in (physics0.get("phantom") or {}).items() if k in ("shape", "recon_size")}
+        geometry = phantom_geometry_of(audited[0])
         settings_json.update(data=str(data) if data is not None else f"built-in knee phantoms, {config.phantom_volumes}"
                              f" volumes x {config.phantom_slices} slices from seed {config.phantom_seed}",
-                             crop=list(crop) if crop else None, mask_type=mask_type, center_fractions=cfs)
+                             crop=list(crop) if crop else None, mask_type=mask_type, center_fractions=cfs,
+                             coil_maps=coil_maps if geometry.get("challenge") == "multicoil" or data else None)
     else:
         n_ct = config.phantom_volumes * config.phantom_slices
         settings_json.update(data=str(data) if data is not None else f"built-in CT phantoms, {n_ct} slices from seed "
@@ -355,12 +379,15 @@ def run_audit(
     settings: dict[float, dict[str, AttackSetting]] = {}  # setting label → model name → its setting
     if modality == "mri":
 
+        wants_kspace = any(m.network.needs_measurements for m in audited) or None
+
         def open_dataset(mask_func) -> Dataset:
             if data is not None:
-                ds = open_mri_dataset(data, mask_func, crop)
+                ds = open_mri_dataset(data, mask_func, crop, coil_maps=coil_maps, kspace=wants_kspace)
             else:
                 ds = open_mri_dataset(None, mask_func, crop, volumes=config.phantom_volumes,
-                                      slices=config.phantom_slices, seed=config.phantom_seed, **geometry)
+                                      slices=config.phantom_slices, seed=config.phantom_seed, coil_maps=coil_maps,
+                                      kspace=wants_kspace, **geometry)
             if config.limit is not None:
                 ds = Subset(ds, range(min(config.limit, len(ds))))
             if len(ds) == 0:
@@ -459,6 +486,31 @@ def run_audit(
         write_csv(out / "transfer.csv", transfer)
     timings["transfer"] = time.perf_counter() - t_tr
 
+    # ---- invariances (CT): what each denoiser ignores ------------------------------------------------------------
+    t_inv = time.perf_counter()
+    invariance_sections: list[str] = []
+    invariance_summary: dict[str, Any] = {}
+    if modality == "ct" and config.invariance_images > 0:
+        say("Invariances: image-domain optimisation on the low-dose inputs")
+        label, per_model = next(iter(settings.items()))
+        truths = [as_truths(b) for b in next(iter(per_model.values())).batch_list]
+        low = torch.cat([t.observed if t.observed is not None else t.image for t in truths])[: config.invariance_images]
+        keys = [k for t in truths for k in t.keys][: config.invariance_images]
+        inv_config = InvarianceConfig(alpha=INVARIANCE_ALPHA, iterations=config.invariance_iterations,
+                                      seed=config.seed, min_iterations=config.invariance_iterations,
+                                      progress=bool(config.progress))
+        for m in audited:
+            physics = per_model[m.name].physics
+            images = CTImageSet.from_tensor(low.cpu(), keys, physics.dose, physics.norm)
+            run = run_invariances(m, out / "invariances" / _safe(m.name), images, inv_config, "mse",
+                                  figures=1 if config.figures else 0, device=device, resume=resume)
+            agg = run.summary["aggregate"]
+            invariance_summary[m.name] = {k: agg[k]["mean"] for k in ("mean_abs_change", "output_mean_abs_change",
+                                                                      "change_ratio") if k in agg}
+            invariance_sections.append((run.out / "section.html").read_text(encoding="utf-8").replace(
+                "<h2>Invariances</h2>", f"<h3>{m.name}</h3>", 1))
+    timings["invariances"] = time.perf_counter() - t_inv
+
     # ---- tables --------------------------------------------------------------------------------------------------
     order = {(m.name, float(a), s): i for i, (m, a, s) in enumerate(
         (m, a, s) for a in settings for m in audited for s in config.searches)}
@@ -498,6 +550,9 @@ def run_audit(
             headline, RATE_FRACTION, SSIM_TOLERANCE, NMSE_TOLERANCE))
     write_csv(out / "table2.csv", t2_rows)
     write_csv(out / "ip_table.csv", ip_rows)
+    if invariance_summary:
+        md_parts.append(f"## Invariances (image domain, MSE, α = {INVARIANCE_ALPHA:g})\n\n"
+                        + invariance_markdown(invariance_summary))
     if lesion_section is not None:
         md_parts.append(lesion_section.markdown)
     md = "\n".join(md_parts)
@@ -522,6 +577,7 @@ def run_audit(
         "ip_table": ip_rows,
         "transfer": transfer,
         "headline": headline,
+        "invariances": invariance_summary,
         "timings_s": timings,
     }
     if lesion_section is not None:
@@ -529,7 +585,8 @@ def run_audit(
         figures = [*figures, *lesion_section.figures]
     write_json(out / "results.json", results)
     report = render_audit_report(out / "report.html", results, md_tables={
-        "table1": t1_md, "table2": md_t2, "ip": md_ip, "transfer": md_tr}, figures=figures)
+        "table1": t1_md, "table2": md_t2, "ip": md_ip, "transfer": md_tr}, figures=figures,
+        sections=invariance_sections)
     return AuditResult(t1_rows, t2_rows, ip_rows, rates_by[primary], transfer, rows, md, report, timings, rates_by,
                        modality)
 

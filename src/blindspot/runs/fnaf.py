@@ -106,6 +106,13 @@ def _limit(ds: Dataset, limit: int | None, what: PathLike | None) -> Dataset:
     return ds
 
 
+def phantom_geometry_of(model: LoadedModel) -> dict[str, Any]:
+    """The built-in phantoms a network was trained on (its checkpoint's ``physics["phantom"]``): ``shape``,
+    ``recon_size``, ``challenge`` and ``num_coils`` — so that a multi-coil network is attacked on multi-coil data."""
+    keep = {"shape": tuple, "recon_size": tuple, "challenge": str, "num_coils": int}
+    return {k: keep[k](v) for k, v in (model.physics.get("phantom") or {}).items() if k in keep and v is not None}
+
+
 def mri_settings(
     data: PathLike | None,
     accelerations: Sequence[float],
@@ -113,17 +120,22 @@ def mri_settings(
     mask_type: str = "random",
     crop: tuple[int, int] | None = None,
     limit: int | None = None,
+    coil_maps: str | None = "full",
+    kspace: bool = False,
     **phantom: Any,
 ) -> list[AttackSetting]:
     """One setting per acceleration on an MRI data source (:func:`blindspot.data.mri.open_mri_dataset`; ``phantom``
-    options — ``volumes``, ``slices``, ``seed``, ``shape``, ``recon_size`` — apply to the built-in phantoms)."""
+    options — ``volumes``, ``slices``, ``seed``, ``shape``, ``recon_size``, ``challenge``, ``num_coils`` — apply to
+    the built-in phantoms). Multi-coil data carry coil maps from the ``coil_maps`` estimator (the attack's multi-coil
+    acquisition); ``kspace`` keeps the masked k-space too (for k-space networks)."""
     if center_fractions is not None and len(center_fractions) != len(accelerations):
         raise BlindspotError(None, "give one centre fraction per acceleration")
     cfs = center_fractions or [None] * len(accelerations)
     out = []
     for acc, cf in zip(accelerations, cfs):
         mask_func = create_mask_func(mask_type, [acc], None if cf is None else [cf])
-        ds = open_mri_dataset(data, mask_func, crop, **(phantom if data is None else {}))
+        ds = open_mri_dataset(data, mask_func, crop, coil_maps=coil_maps, kspace=kspace or None,
+                              **(phantom if data is None else {}))
         out.append(AttackSetting(float(acc), mask_func, _limit(ds, limit, data), collate_mri, "mri"))
     return out
 

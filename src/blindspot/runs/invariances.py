@@ -60,7 +60,7 @@ from blindspot.physics.ct import HUNormalization
 from blindspot.report.invariance_figures import (ct_invariance_figure, invariance_section_html, mri_invariance_figure,
                                                  natural_samples_figure, write_invariance_report)
 from blindspot.runs.folder import RunFolder
-from blindspot.runs.images import CTImageSet, CTItem, DataOptions, ImageBatch, MRIImageSet, as_image_set, open_images
+from blindspot.runs.images import CTImageSet, DataOptions, ImageBatch, MRIImageSet, as_image_set
 __all__ = ["GeneratorTraining", "InvarianceRun", "parse_region", "run_invariances", "run_sample", "run_train_generator"]
 
 #: Per-row metrics of an image-domain invariance (see :meth:`InvarianceResult.metrics`).

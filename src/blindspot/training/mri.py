@@ -1,5 +1,8 @@
 """Supervised MRI reconstruction training on (zero-filled input, target) pairs, built on the generic engine.
 
+* :func:`reconstruct_batch` — any MRI network's normalised reconstruction of an :class:`MRIBatch`: image-domain
+  networks (U-Net, I-RIM) on the normalised zero-filled input, k-space networks (fastMRI's VarNet) on the batch's
+  masked multi-coil k-space and boolean mask, their output centre-cropped to the target and normalised like it.
 * :func:`mri_loss` — L1 (default, as the fastMRI U-Net baseline), MSE or SSIM loss between the model's output and the
   target. L1 and MSE compare normalised images (``N(target)``, clamped ±6 as fastMRI does); SSIM compares images in
   the data's own units with the volume's maximum as data range, i.e. exactly the evaluation metric.
@@ -30,7 +33,7 @@ from blindspot.data.sample import MRIBatch, collate_mri
 from blindspot.errors import BlindspotError, PathLike
 from blindspot.fileio import write_json
 from blindspot.metrics import VolumeMetrics, ssim
-from blindspot.models.adapters import reconstruct
+from blindspot.models.adapters import kspace_forward, network_convention, reconstruct
 from blindspot.physics.mri import Mask, MaskFunc, Seed
 from blindspot.training.distributed import DistContext
 from blindspot.training.engine import CheckpointInfo, FitResult, StepContext, TrainConfig, Trainer
@@ -39,6 +42,30 @@ LOSSES = ("l1", "mse", "ssim")
 
 #: The normalisation every MRI model here is trained with (DESIGN.md §1.1), stored in checkpoints.
 NORMALIZATION = {"kind": "instance", "stats": "zero-filled input", "clamp": 6.0, "eps": 1e-11}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Calling a network on a batch
+# ----------------------------------------------------------------------------------------------------------------
+def reconstruct_batch(model: nn.Module, batch: MRIBatch) -> Tensor:
+    """The normalised reconstruction ``(B, 1, h, w)`` of a batch by any MRI network, in its calling convention.
+
+    * ``image`` / ``image+mask`` networks: :func:`~blindspot.models.adapters.reconstruct` of ``N(input)`` (and the
+      column mask);
+    * ``kspace`` networks (fastMRI's VarNet): ``model(view_as_real(batch.kspace), batch.mask.bool().unsqueeze(-1))``
+      — masked multi-coil k-space ``(B, C, H, W, 2)`` and mask ``(B, 1, 1, W, 1)`` — whose image ``(B, H, W)`` in
+      the data's units is centre-cropped to the target's ``(h, w)`` and normalised with the input's statistics
+      (unclamped), so every network's output compares with ``N(target)`` alike.
+
+    Raises:
+        BlindspotError: a k-space network and a batch without multi-coil k-space (single-coil data, or a data set
+        opened without ``kspace=True``), or an output of the wrong shape.
+    """
+    if network_convention(model) != "kspace":
+        return reconstruct(model, batch.stats.apply(batch.input), batch.mask)
+    name = type(getattr(model, "module", model)).__name__
+    return kspace_forward(model, batch.multicoil_kspace(name), batch.mask, tuple(batch.target.shape[-2:]), batch.stats,
+                          name)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -59,8 +86,8 @@ def mri_loss(kind: str = "l1"):
         raise BlindspotError(None, f"unknown loss {kind!r}; choose from {', '.join(LOSSES)}")
 
     def loss_fn(model: nn.Module, batch: MRIBatch, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
-        x, y = batch.normalized()
-        out = reconstruct(model, x, batch.mask)
+        y = batch.stats.apply(batch.target)
+        out = reconstruct_batch(model, batch)
         l1 = F.l1_loss(out, y)
         if kind == "l1":
             loss = l1
@@ -102,8 +129,7 @@ class MRIValidator:
         with torch.no_grad():
             for batch in loader:
                 batch = batch.to(dist.device)
-                x, _ = batch.normalized()
-                pred = batch.stats.invert(reconstruct(model, x, batch.mask))
+                pred = batch.stats.invert(reconstruct_batch(model, batch))
                 metrics.update(pred, batch.target, batch.fname, batch.slice_num, batch.max_value)
         model.train(was_training)
         rows = dist.all_gather_objects(metrics.slice_rows)
