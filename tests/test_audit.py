@@ -63,7 +63,7 @@ def test_tables_match_records_and_evaluation(audit, checkpoints):
     names = [r["model"] for r in result.table1]
     assert names == ["Zero-filled", "Tiny U-Net", "Tiny I-RIM"]
     from blindspot.data.mri import open_mri_dataset
-    from blindspot.evaluate import evaluate_models, load_eval_models
+    from blindspot.runs.evaluate import evaluate_models, load_eval_models
 
     models = load_eval_models([str(checkpoints[0])], ["Tiny U-Net"], zero_filled=False)
     ev = evaluate_models(models, [4.0], [0.08],

@@ -9,7 +9,8 @@ import torch
 from blindspot.cli import main
 from blindspot.errors import BlindspotError
 from blindspot.models.loading import LoadedModel
-from blindspot.evaluate import evaluate_models, load_eval_models, table_markdown, write_tables
+from blindspot.report.tables import table1_markdown
+from blindspot.runs.evaluate import evaluate_models, load_eval_models, write_tables
 from blindspot.metrics import VolumeMetrics
 from blindspot.models.checkpoint import save_checkpoint
 from blindspot.models.registry import build_model
@@ -60,7 +61,7 @@ def test_markdown_layout_of_the_seed_table():
         {"model": "I-RIM", "acceleration": 4.0, "ssim_mean": 0.75012, "ssim_std": 0.25461, "nmse_mean": 0.034133,
          "nmse_std": 0.058, "psnr_mean": float("nan"), "psnr_std": float("nan")},
     ]
-    md = table_markdown(rows).splitlines()
+    md = table1_markdown(rows).splitlines()
     assert md[0] == "| 4× | SSIM | NMSE | PSNR (dB) |"
     assert md[2] == "| U-Net | 0.7213 ± 0.2621 | 0.03455 ± 0.05011 | 31.46 ± 2.00 |"
     assert md[3] == "| I-RIM | 0.7501 ± 0.2546 | 0.03413 ± 0.05800 | n/a ± n/a |"

@@ -25,7 +25,7 @@ from blindspot.data.lesions import (
     write_annotations,
 )
 from blindspot.errors import BlindspotError
-from blindspot.lesions import PreservationRule, preservation_table, score_lesions
+from blindspot.runs.lesions import PreservationRule, preservation_table, score_lesions
 from blindspot.models.checkpoint import save_checkpoint
 from blindspot.models.registry import build_model
 

@@ -5,7 +5,7 @@ phantoms; with ``--model CKPT [--model CKPT …] [--data PATH]`` it audits yours
 PSNR), Table 2 (RS / FD / gradient attack rates with 95% intervals and mean attack loss), the IP table and the
 transfer rates, and writes ``RUN_DIR/report.html`` with ``results.json`` and CSVs beside it
 (:mod:`blindspot.runs.audit`). With ``--boxes CSV`` (lesion bounding boxes on the ``--data`` fastMRI files) the report
-gains a lesion section: preserved / total per model and label at each acceleration (:mod:`blindspot.lesions`),
+gains a lesion section: preserved / total per model and label at each acceleration (:mod:`blindspot.runs.lesions`),
 ``results.json["lesions"]`` and ``lesions.csv``.
 """
 
@@ -84,7 +84,7 @@ def register(subparsers) -> None:
     )
     add_audit_arguments(p)
     add_arch_arguments(p)
-    g = p.add_argument_group("lesions (blindspot.lesions): a lesion section in the report")
+    g = p.add_argument_group("lesions (blindspot.runs.lesions): a lesion section in the report")
     g.add_argument("--boxes", metavar="CSV", help="lesion bounding boxes (CSV or JSON) on the --data fastMRI files")
     g.add_argument("--lesion-threshold", type=float, default=0.5,
                    help="preserved when the kept contrast fraction is at least this (default 0.5)")
@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         raise BlindspotError(boxes, "--boxes needs --data: the fastMRI volumes the boxes name (or use "
                                     "--lesion-phantoms N for built-in phantoms with planted lesions)")
     if boxes or args.lesion_phantoms:
-        from blindspot.lesions import LesionAuditOptions, PreservationRule
+        from blindspot.runs.lesions import LesionAuditOptions, PreservationRule
 
         figures = getattr(args, "lesion_figures", 3)
         if figures < 0:

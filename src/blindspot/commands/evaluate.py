@@ -49,7 +49,8 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from blindspot.commands.train_mri import arch_hparams, center_fractions, phantom_options
     from blindspot.data.mri import open_mri_dataset
-    from blindspot.evaluate import evaluate_models, load_eval_models, table_markdown, write_tables
+    from blindspot.report.tables import table1_markdown
+    from blindspot.runs.evaluate import evaluate_models, load_eval_models, write_tables
     from blindspot.fileio import write_json
     from blindspot.models.adapters import network_convention
     from blindspot.training.distributed import resolve_device
@@ -96,6 +97,6 @@ def run(args: argparse.Namespace) -> int:
     paths = write_tables(out, result, per_slice=args.per_slice, meta=meta, title=title)
     write_json(out / "run.json", {**meta, "accelerations": args.accelerations, "center_fractions": cfs,
                                   "crop": list(crop) if crop else None, "device": str(device)})
-    print(table_markdown(result.rows, title))
+    print(table1_markdown(result.rows, title))
     print("written: " + ", ".join(str(p) for p in paths.values()))
     return 0

@@ -8,7 +8,7 @@
 Reads the bounding boxes (fastMRI+ style CSV ``file,slice,x,y,width,height,label`` or its JSON equivalent;
 :mod:`blindspot.data.lesions`), checks them against the fastMRI volumes in ``--data``, runs every model (and the
 zero-filled baseline) on the annotated slices under the same seeded masks, and scores every lesion
-(:mod:`blindspot.lesions`): SSIM / NMSE / PSNR in the box and in the box grown by ``--margin`` pixels, the lesion's
+(:mod:`blindspot.runs.lesions`): SSIM / NMSE / PSNR in the box and in the box grown by ``--margin`` pixels, the lesion's
 contrast in truth and reconstruction, the kept contrast fraction and the *preserved* verdict (``kept ≥
 --threshold``). Writes ``lesions.csv``, ``table.md`` (preserved / total per model and label), ``table.json``,
 ``run.json`` and ``figures/*.png`` (crops: zero-filled input, truth, each model) into ``--out``.
@@ -59,9 +59,9 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from blindspot.commands.train_mri import arch_hparams
     from blindspot.data.lesions import read_annotations, volume_key
-    from blindspot.evaluate import load_eval_models
+    from blindspot.runs.evaluate import load_eval_models
     from blindspot.fileio import write_json
-    from blindspot.lesions import PreservationRule, evaluate_lesions, open_annotated, table_markdown, write_results
+    from blindspot.runs.lesions import PreservationRule, evaluate_lesions, open_annotated, table_markdown, write_results
     from blindspot.physics.mri import create_mask_func
     from blindspot.training.distributed import resolve_device
 

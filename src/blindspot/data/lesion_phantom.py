@@ -134,7 +134,7 @@ def _conspicuous(without: Tensor, with_: Tensor, box: tuple[int, int, int, int],
                  level: float) -> bool:
     """Whether a lesion stands out in its box ``(x, y, width, height)`` (``with_``/``without``: ``(h, w)``
     magnitudes with and without it): an image without the lesion would score a kept contrast fraction
-    (``blindspot.lesions``) of at most ``level`` against the truth with it, and the box's contrast pattern against its
+    (``blindspot.runs.lesions``) of at most ``level`` against the truth with it, and the box's contrast pattern against its
     ring holds at least half of the lesion's own energy in the box (a lesion that merely fills a dark structure up to
     the level of its surroundings does not count)."""
     x, y, bw, bh = box
@@ -167,7 +167,7 @@ def plant_lesions(
     Lesion ``i`` is of kind ``kinds[i % len(kinds)]``, on a slice (and at a place) drawn among those where its tissue
     shows inside the reconstruction crop. A placement is kept only if the lesion is *conspicuous*: an image without
     it would score a kept contrast fraction ≤ ``conspicuity`` on its box (ring ``margin`` px; see
-    :mod:`blindspot.lesions`), and the box's contrast against its ring is mostly the lesion's, so that losing the
+    :mod:`blindspot.runs.lesions`), and the box's contrast against its ring is mostly the lesion's, so that losing the
     lesion is what the evaluation measures, not the anatomy in the box. After ``tries`` draws
     without such a place the next kind is tried; a lesion no kind can place is left out, so fewer than ``count``
     lesions may come back (small images, where one pixel spans several millimetres). Boxes are in pixels of the

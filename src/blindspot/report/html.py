@@ -290,7 +290,7 @@ def qualitative_grid(examples: Mapping[str, Mapping[str, Mapping[str, Any]]], mo
 
 def lesion_section_html(lesions: Mapping[str, Any] | None, figures: Sequence[tuple[str, str, Path]] = ()) -> str:
     """The report's "Lesions" section (empty without boxes): the preservation rule, "preserved / total" per model
-    and label at each acceleration (:func:`blindspot.lesions.summary_markdown` of ``results["lesions"]``, the
+    and label at each acceleration (:func:`blindspot.report.tables.lesion_summary_markdown` of ``results["lesions"]``, the
     terminal's tables) and the ``"lesion"`` crop figures."""
     if not lesions:
         return ""

@@ -1,5 +1,5 @@
 """Every Markdown table blindspot prints or writes, rendered in one place from the rows and summaries the run layer
-builds (:mod:`blindspot.attacks.records`, :mod:`blindspot.evaluate`, :mod:`blindspot.lesions`, the audit).
+builds (:mod:`blindspot.attacks.records`, :mod:`blindspot.runs.evaluate`, :mod:`blindspot.runs.lesions`, the audit).
 
 The HTML report turns the same Markdown into HTML tables (:func:`blindspot.report.html.markdown_table_html`), so the
 terminal, ``tables.md`` and ``report.html`` always agree.
@@ -201,7 +201,7 @@ def headline_markdown(headline: Sequence[Mapping[str, Any]], rate_fraction: floa
 # Lesions
 # ----------------------------------------------------------------------------------------------------------------
 def lesion_summary_markdown(summary: Mapping[str, Any], rule_text: str, title: str | None = None) -> str:
-    """The lesion tables (:func:`blindspot.lesions.summarize_rows`' dict): preserved / total per model (rows) and
+    """The lesion tables (:func:`blindspot.runs.lesions.summarize_rows`' dict): preserved / total per model (rows) and
     label (columns), the rule, then mean kept fraction and box / region SSIM and region PSNR per model."""
     table = summary["preserved"]
     labels = list(dict.fromkeys(lab for v in table.values() for lab in v if lab != "all")) + ["all"]

@@ -3,7 +3,7 @@
 For each setting (MRI acceleration, or CT dose) it computes
 
 * **Table 1** — image quality. MRI: SSIM, NMSE (mean ± std over volumes) and PSNR of every network, with the
-  zero-filled baseline (:func:`blindspot.evaluate.evaluate_models`). CT: RMSE in HU and PSNR / SSIM in the abdomen
+  zero-filled baseline (:func:`blindspot.runs.evaluate.evaluate_models`). CT: RMSE in HU and PSNR / SSIM in the abdomen
   and lung windows against the full-dose image, for every denoiser and for the low-dose input itself, on the same
   simulated (or real) low-dose inputs the attacks use;
 * **Table 2** — the FNAF attack rate of every search (RS, FD, gradient) with its 95% Wilson interval and the mean
@@ -50,9 +50,9 @@ from blindspot.attacks.search import SEARCHES, ReplaySearch, example_images
 from blindspot.data.mri import open_mri_dataset
 from blindspot.data.sample import collate_mri
 from blindspot.errors import BlindspotError, PathLike
-from blindspot.evaluate import TABLE_COLUMNS, evaluate_models, load_eval_models
+from blindspot.runs.evaluate import TABLE_COLUMNS, evaluate_models, load_eval_models
 from blindspot.fileio import atomic_write_text, read_jsonl, write_csv, write_json
-from blindspot.lesions import LesionAuditOptions, audit_lesions, open_annotated, write_held_out_lesion_phantoms
+from blindspot.runs.lesions import LesionAuditOptions, audit_lesions, open_annotated, write_held_out_lesion_phantoms
 from blindspot.metrics import mean_std
 from blindspot.models.adapters import eval_mode
 from blindspot.models.loading import DISPLAY_NAMES, LoadedModel, load_model, weights_dir
@@ -124,7 +124,7 @@ class AuditConfig:
             (geometry of the first checkpoint's training phantoms); CT ``phantom_volumes × phantom_slices`` slices.
         limit: attack / evaluate only the first ``limit`` images.
         lesion_phantoms: MRI, without ``boxes``: plant lesions in this many held-out phantom volumes
-            (:func:`blindspot.lesions.write_held_out_lesion_phantoms`, in ``out_dir/lesion_phantoms``) and add the
+            (:func:`blindspot.runs.lesions.write_held_out_lesion_phantoms`, in ``out_dir/lesion_phantoms``) and add the
             lesion section on them; 0 for none.
         invariance_images, invariance_iterations: CT: image-domain invariances (DESIGN.md §1.3, MSE distance,
             α = :data:`INVARIANCE_ALPHA`, as ``blindspot invariances``)
@@ -195,7 +195,7 @@ class AuditResult:
     """What :func:`run_audit` returns (everything is also in ``out_dir``).
 
     Attributes:
-        table1: Table 1 rows (MRI: one per model and acceleration, :data:`blindspot.evaluate.TABLE_COLUMNS`; CT: one
+        table1: Table 1 rows (MRI: one per model and acceleration, :data:`blindspot.runs.evaluate.TABLE_COLUMNS`; CT: one
             per model and the low-dose input, :data:`CT_TABLE_COLUMNS`).
         table2: Table 2 rows (one per model and setting, columns per search).
         ip_table: the IP table's two rows.
@@ -325,9 +325,9 @@ def run_audit(
         resume: reuse the records of an interrupted run in ``out_dir`` (same settings) instead of recomputing them.
         log: where progress lines go (default: nowhere).
         boxes: MRI: lesion bounding boxes (CSV / JSON, :mod:`blindspot.data.lesions`) on the fastMRI ``data``: adds
-            the lesion section (:func:`blindspot.lesions.audit_lesions`, at the data's own image size and every
+            the lesion section (:func:`blindspot.runs.lesions.audit_lesions`, at the data's own image size and every
             acceleration, whatever ``config.limit``): ``results.json["lesions"]``, ``lesions.csv``.
-        lesion_options: its rule, box origin and figures (:class:`blindspot.lesions.LesionAuditOptions`).
+        lesion_options: its rule, box origin and figures (:class:`blindspot.runs.lesions.LesionAuditOptions`).
         architecture, hparams: for bare state dicts (e.g. fastMRI's U-Net or VarNet weights).
         coil_maps: MRI multi-coil data: the coil-sensitivity estimator of the attacks' multi-coil acquisition
             (``full``, ``lowres``, ``espirit``; see :mod:`blindspot.physics.coils`).
@@ -420,7 +420,7 @@ def run_audit(
         write_csv(out / "table1.csv", t1_rows, CT_TABLE_COLUMNS)
     timings["table1"] = time.perf_counter() - t_load
 
-    # ---- lesions (MRI, with boxes): blindspot.lesions on the annotated slices at every acceleration ------------------
+    # ---- lesions (MRI, with boxes): blindspot.runs.lesions on the annotated slices at every acceleration ------------------
     if config.lesion_phantoms:
         say(f"Lesions: planting lesions in {config.lesion_phantoms} held-out phantom volumes")
         data_l, boxes = write_held_out_lesion_phantoms(out / "lesion_phantoms", config.lesion_phantoms,

@@ -52,7 +52,7 @@ from blindspot.data.lesions import LesionAnnotations, LesionBox, boxes_tensor, r
     validate_annotations, volume_key
 from blindspot.data.sample import collate_mri
 from blindspot.errors import BlindspotError, PathLike
-from blindspot.evaluate import ZERO_FILLED, load_eval_models
+from blindspot.runs.evaluate import ZERO_FILLED, load_eval_models
 from blindspot.models.loading import LoadedModel
 from blindspot.fileio import atomic_write_bytes, atomic_write_text, write_csv, write_json
 from blindspot.metrics import ssim_map
@@ -202,7 +202,7 @@ def evaluate_lesions(
     """Run ``models`` on the annotated slices of ``dataset`` and score every lesion (see the module docs).
 
     Args:
-        models: the rows (e.g. from :func:`blindspot.evaluate.load_eval_models`; the zero-filled baseline included).
+        models: the rows (e.g. from :func:`blindspot.runs.evaluate.load_eval_models`; the zero-filled baseline included).
         dataset: the annotated volumes with the under-sampling mask to test.
         boxes: validated boxes (:func:`blindspot.data.lesions.validate_annotations`).
         max_crops: crops kept for figures (the first lesions in file order).

@@ -190,11 +190,6 @@ def evaluate_models(
 # ----------------------------------------------------------------------------------------------------------------
 # Tables
 # ----------------------------------------------------------------------------------------------------------------
-def table_markdown(rows: Sequence[dict[str, Any]], title: str | None = None, per: str = "volume") -> str:
-    """Table 1 as Markdown (:func:`blindspot.report.tables.table1_markdown`)."""
-    return table1_markdown(rows, title, per)
-
-
 def table_json(rows: Sequence[dict[str, Any]], meta: dict[str, Any] | None = None) -> dict[str, Any]:
     """``{"accelerations": {"4x": {"U-Net": {"ssim": {"mean", "std", "slice_mean", "slice_std"}, …}}}, …}``."""
     out: dict[str, Any] = {"table": "Table 1: validation set evaluation with SSIM, NMSE and PSNR",
@@ -225,7 +220,7 @@ def write_tables(out_dir: PathLike, result: EvalResult, per_slice: bool = False,
     """Write ``table.md``, ``table.csv``, ``table.json`` (and ``slices.csv``) atomically; returns their paths."""
     out = Path(out_dir)
     paths = {
-        "markdown": atomic_write_text(out / "table.md", table_markdown(result.rows, title)),
+        "markdown": atomic_write_text(out / "table.md", table1_markdown(result.rows, title)),
         "csv": write_csv(out / "table.csv", result.rows, TABLE_COLUMNS),
         "json": write_json(out / "table.json", table_json(result.rows, meta)),
     }
