@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -421,6 +422,13 @@ class ReplaySearch(Search):
         ev = self.score(model, sub, torch.arange(len(entries), device=dev), values=values, support=support)
         best.update(feats, ev, 1, values, support)  # one candidate per image: it is the result
         return self.result(sub, best, queries=1)
+
+
+def check_searches(names: Sequence[str]) -> None:
+    """A one-line error unless ``names`` is a non-empty list of known searches (:data:`SEARCHES`)."""
+    bad = [s for s in names if s not in SEARCHES]
+    if bad or not names:
+        raise BlindspotError(None, f"unknown search {bad[0] if bad else ''!r}; choose from {', '.join(SEARCHES)}")
 
 
 def build_search(name: str, **kwargs) -> Search:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from blindspot.attacks.features import CENTER_FRACTION, FAMILIES
@@ -18,6 +17,7 @@ from blindspot.attacks.fnaf import CRITERIA
 from blindspot.attacks.search import SEARCHES
 from blindspot.commands.train_mri import add_arch_arguments, add_data_arguments, arch_hparams, phantom_options
 from blindspot.physics.coils import MAP_ESTIMATORS
+from blindspot.data.images import read_mask
 from blindspot.errors import BlindspotError
 from blindspot.models.loading import load_model
 from blindspot.runs.fnaf import FnafConfig, ct_settings, mri_settings, phantom_geometry_of, run_fnaf
@@ -94,16 +94,9 @@ def region_option(spec: str) -> "str | torch.Tensor":
     """``--region``: ``center``, ``foreground`` or a ``.npy`` boolean mask file."""
     if spec in ("center", "foreground"):
         return spec
-    path = Path(spec)
-    if not path.is_file():
-        raise BlindspotError(path, "region must be center, foreground or a .npy mask file")
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as err:
-        raise BlindspotError(path, f"not a readable .npy mask ({err})") from None
-    if arr.ndim != 2 or not arr.any():
-        raise BlindspotError(path, f"region mask must be a non-empty 2-D array, got shape {arr.shape}")
-    return torch.from_numpy(arr != 0)
+    if not Path(spec).is_file():
+        raise BlindspotError(spec, "region must be center, foreground or a .npy mask file")
+    return read_mask(spec)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -114,6 +114,22 @@ def _open_png(path: Path):
     return img
 
 
+def read_mask(path: PathLike, shape: tuple[int, int] | None = None) -> torch.Tensor:
+    """A boolean region mask from a ``.npy`` file: nonzero = inside; bool ``(h, w)``. It must be a non-empty 2-D
+    array (of ``shape`` when given); anything else is a one-line error naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise BlindspotError(path, "no such mask file")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as err:
+        raise BlindspotError(path, f"not a readable .npy mask ({err})") from None
+    if arr.ndim != 2 or not arr.any() or (shape is not None and tuple(arr.shape) != tuple(shape)):
+        want = f"{shape[0]}x{shape[1]}" if shape is not None else "2-D"
+        raise BlindspotError(path, f"region mask must be a non-empty {want} array, got shape {arr.shape}")
+    return torch.from_numpy(arr != 0)
+
+
 def _luminance(rgb: np.ndarray) -> np.ndarray:
     rgb = rgb.astype(np.float64)
     return rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114

@@ -46,7 +46,7 @@ from blindspot.attacks.fnaf import CRITERIA, CRITERION_TEXT, FnafObjective, as_t
 from blindspot.attacks.invariance import InvarianceConfig
 from blindspot.attacks.records import (RECORD_COLUMNS, group_rows, ip_table, load_features, setting_label,
                                        summarize, table2, transfer_rate)
-from blindspot.attacks.search import SEARCHES, ReplaySearch, example_images
+from blindspot.attacks.search import ReplaySearch, check_searches, example_images
 from blindspot.data.mri import open_mri_dataset
 from blindspot.data.sample import collate_mri
 from blindspot.errors import BlindspotError, PathLike
@@ -166,9 +166,7 @@ class AuditConfig:
     progress: bool | None = None
 
     def check(self) -> None:
-        bad = [s for s in self.searches if s not in SEARCHES]
-        if bad or not self.searches:
-            raise BlindspotError(None, f"unknown search {bad[0] if bad else ''!r}; choose from {', '.join(SEARCHES)}")
+        check_searches(self.searches)
         bad = [c for c in self.criteria if c not in CRITERIA]
         if bad or not self.criteria or len(set(self.criteria)) != len(self.criteria):
             raise BlindspotError(None, f"criteria must be distinct names among {', '.join(CRITERIA)}, got "

@@ -37,7 +37,7 @@ from blindspot.attacks.features import CENTER_FRACTION, FAMILIES, FeatureSampler
 from blindspot.attacks.fnaf import CRITERIA, FnafObjective, Truths
 from blindspot.attacks.records import (RECORD_COLUMNS, group_rows, ip_table, load_features, save_features,
                                        summarize, table2, transfer_rate)
-from blindspot.attacks.search import SEARCHES, ReplaySearch, Search, build_search, example_images
+from blindspot.attacks.search import ReplaySearch, Search, build_search, check_searches, example_images
 from blindspot.data.ct_phantom import FOV_MM, PhantomPatient
 from blindspot.data.ldct import LDCTDataset, collate_ct, find_ldct
 from blindspot.data.mri import open_mri_dataset
@@ -278,9 +278,7 @@ class FnafConfig:
     progress: bool | None = None
 
     def check(self) -> None:
-        bad = [s for s in self.searches if s not in SEARCHES]
-        if bad or not self.searches:
-            raise BlindspotError(None, f"unknown search {bad[0] if bad else ''!r}; choose from {', '.join(SEARCHES)}")
+        check_searches(self.searches)
         if self.family is not None and self.family not in FAMILIES:
             raise BlindspotError(None, f"unknown feature family {self.family!r}; choose from {', '.join(FAMILIES)}")
         if self.criterion not in CRITERIA:

@@ -51,6 +51,7 @@ from blindspot.attacks.invariance import (DenoiserTarget, InvarianceAttack, Inva
 from blindspot.attacks.natural import (AcquisitionTarget, ImageTarget, NaturalConfig, NaturalInvarianceTrainer,
                                        NaturalTarget, evaluate_samples, load_generator, realise_samples,
                                        sample_invariances)
+from blindspot.data.images import read_mask
 from blindspot.errors import BlindspotError, PathLike
 from blindspot.fileio import atomic_write_bytes, write_csv, write_json
 from blindspot.metrics import mean_std
@@ -139,16 +140,9 @@ def parse_region(spec: "str | Tensor | None", height: int, width: int) -> Tensor
             return box_mask(height, width, top, left, bh, bw)
     except ValueError:
         raise BlindspotError(None, f"bad --region {spec!r}: use square:SIZE or box:TOP,LEFT,H,W") from None
-    path = Path(spec)
-    if not path.is_file():
-        raise BlindspotError(path, "--region must be square:SIZE, box:TOP,LEFT,H,W or a .npy mask file")
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as err:
-        raise BlindspotError(path, f"not a readable .npy mask ({err})") from None
-    if arr.shape != (height, width) or not arr.any():
-        raise BlindspotError(path, f"region mask must be a non-empty {height}x{width} array, got shape {arr.shape}")
-    return torch.from_numpy(arr != 0)
+    if not Path(spec).is_file():
+        raise BlindspotError(spec, "--region must be square:SIZE, box:TOP,LEFT,H,W or a .npy mask file")
+    return read_mask(spec, (height, width))
 
 
 def _region_setting(region: "str | Tensor | None") -> str | None:
