@@ -13,13 +13,14 @@ Conventions (DESIGN.md §1.4):
   from the full-dose projections): a higher dose's photons are the lower dose's plus independent extra ones
   (Poisson splitting — the same law as binomially thinning the full-dose counts), so each dose's counts are exactly
   ``Poisson(I0 · dose · exp(−p))`` and the lower-dose noise contains the full-dose noise.
-* The projector (:class:`ParallelBeamProjector`) is batched torch code (bilinear ray sampling with
-  ``grid_sample``; ramp-filtered back-projection), differentiable with respect to the image and usable on any
-  device. Its geometry is scikit-image's ``radon``/``iradon`` with ``circle=False``: rotation centre at pixel
-  ``(H // 2, W // 2)``, ``ceil(√2 · max(H, W))`` detector bins of one pixel centred on bin ``n_det // 2``, and the
-  ray of angle ``θ`` through detector offset ``t`` made of the points with ``x cos θ − y sin θ = t`` (``x`` to the
-  right, ``y`` down, in pixels from the centre), so its sinograms match ``skimage.transform.radon`` (transposed to
-  ``(angles, bins)``) — see ``benchmarks/ct_lowdose.py`` for the speed comparison that made it the default.
+* The projector (:class:`ParallelBeamProjector`) is batched torch code (pixel-driven box-footprint projection and
+  linearly interpolating back-projection, both ``grid_sample`` gathers over tiles of views; FFT filtering),
+  differentiable with respect to the image and usable on any device. Its geometry is scikit-image's
+  ``radon``/``iradon`` with ``circle=False``: rotation centre at pixel ``(H // 2, W // 2)``,
+  ``ceil(√2 · max(H, W))`` detector bins of one pixel centred on bin ``n_det // 2``, and the ray of angle ``θ``
+  through detector offset ``t`` made of the points with ``x cos θ − y sin θ = t`` (``x`` to the right, ``y`` down,
+  in pixels from the centre), so its sinograms match ``skimage.transform.radon`` (transposed to
+  ``(angles, bins)``) — see ``benchmarks/ct_lowdose.py`` for its speed against scikit-image.
 * Networks see normalised images ``(HU − mean) / std`` (:class:`HUNormalization`); the statistics travel in the
   checkpoint's ``"normalization"`` field as ``{"kind": "hu-affine", "mean": …, "std": …}``.
 """
@@ -228,6 +229,46 @@ def _ramp_filter_response(n_padded: int, filter_name: str, device: torch.device)
     return (response * window).to(torch.float32)
 
 
+#: Values one tile of the projector writes at once by default: 16 MiB of float32 on the CPU (smaller tiles fit the
+#: cache better but, on a loaded machine, each of their many parallel regions can stall a thread), 64 MiB on other
+#: devices, where large kernels pay.
+_TILE_VALUES_CPU = 1 << 22
+_TILE_VALUES_DEVICE = 1 << 24
+#: Views per back-projection tile: the dimension that ``grid_sample`` spreads over CPU threads there.
+_BACKPROJECT_VIEWS = 32
+#: Views per projection tile; how far (bins) the shadows of the image lines that share one window of bin edges may
+#: be shifted against each other (a window covers ≈ M·|cos θ| + 16 + a few bins instead of the whole detector), and
+#: at most how many lines share one (a projection tile holds whole groups of lines).
+_PROJECT_VIEWS = 4
+_WINDOW_SPREAD = 16.0
+_WINDOW_LINES = 32
+
+
+def _view_runs(along_rows: Tensor) -> list[tuple[int, int, bool]]:
+    """Split views into contiguous runs ``(start, stop, along_rows)`` of equal ``along_rows`` (a boolean per view)."""
+    changes = (torch.nonzero(along_rows[1:] != along_rows[:-1]).flatten() + 1).tolist()
+    bounds = [0, *changes, int(along_rows.numel())]
+    return [(a, b, bool(along_rows[a])) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _prefix_sums(lines: Tensor) -> Tensor:
+    """Cumulative sums along image lines, ``(C, L, M)`` → ``(L, C, 1, M + 1)`` starting at 0 (the mass left of each
+    pixel edge), summed in float64 (where the device has it) so that differences of nearby values keep the input's
+    precision."""
+    cum = torch.cumsum(lines, dim=-1, dtype=lines.dtype if lines.device.type == "mps" else torch.float64)
+    cum = F.pad(cum, (1, 0)).to(lines.dtype)
+    return cum.permute(1, 0, 2).unsqueeze(2).contiguous()
+
+
+def _accumulate(total: Tensor | None, part: Tensor) -> Tensor:
+    """``total + part``, in place unless autograd needs the operands."""
+    if total is None:
+        return part
+    if total.requires_grad or part.requires_grad:
+        return total + part
+    return total.add_(part)
+
+
 class ParallelBeamProjector:
     """Parallel-beam Radon transform and filtered back-projection of images ``(B, 1, H, W)`` (batched, any device).
 
@@ -238,13 +279,31 @@ class ParallelBeamProjector:
         filter_name: FBP filter, one of :data:`FILTERS`.
         method: ``"pixel"`` (default) — pixel-driven projection: every pixel's shadow, a box of width
             ``max(|cos θ|, |sin θ|)`` bins, is split between the (at most two) bins it overlaps (the distance-driven
-            rule; the fastest on CPU). ``"ray"`` — ray-driven: bilinear samples one pixel apart along each ray,
-            identical to ``skimage.transform.radon(circle=False)``.
-        chunk_elements: views are processed in chunks of about this many (view × pixel) elements (bounds memory).
+            rule). ``"ray"`` — ray-driven: bilinear samples one pixel apart along each ray, identical to
+            ``skimage.transform.radon(circle=False)``.
+        tile_values: the work is cut into tiles (a few views × a band of image rows or lines) whose output (the
+            whole batch) and sampling grid each hold at most about this many values; default ``2**22`` on the CPU
+            and ``2**24`` on other devices. This bounds the working memory at any image size.
 
     All lengths are in pixels: :meth:`project` of an image in "per pixel" units gives dimensionless line integrals,
     and :meth:`fbp` inverts it (its back-projection is scikit-image's ``iradon`` to float precision). Everything is
-    differentiable with respect to its input.
+    differentiable with respect to its input; the backward pass recomputes each tile, so it needs no more memory
+    than the forward pass.
+
+    How (every tile is one ``grid_sample`` over the whole batch; no loop over views or bins beyond the tiles):
+
+    * back-projection: view ``θ`` adds the (filtered) projection linearly interpolated at each pixel centre's bin
+      coordinate ``n_det // 2 + x cos θ − y sin θ``, zero outside the detector;
+    * pixel-driven projection: for a view with ``|cos θ| ≥ |sin θ|`` the boxes of one image row tile the detector
+      without gaps (columns for the other views), so the mass of a row left of a bin edge is its cumulative sum
+      linearly interpolated at that edge, and a bin receives the difference between its two edges, summed over
+      rows. That is exactly the box-overlap rule above.
+
+    Kept between calls, per (device, dtype) used (:attr:`cache_nbytes`): the angles, the FBP filter's response,
+    the back-projection's per-view coordinate terms (``n_angles · (H + W)`` values), the projection's per-view
+    windows (≈ ``n_angles · max(H, W)`` values) and one workspace for the sampling grids (at most ``tile_values``
+    values) — at 512×512 in float32 on the CPU 22 MiB (3 + 3 + 16), where a sparse system matrix would take
+    ≥ 1.7 GiB.
     """
 
     METHODS = ("pixel", "ray")
@@ -255,7 +314,7 @@ class ParallelBeamProjector:
         n_angles: int | None = None,
         filter_name: str = "ramp",
         method: str = "pixel",
-        chunk_elements: int = 1 << 21,
+        tile_values: int | None = None,
     ) -> None:
         H, W = int(image_shape[0]), int(image_shape[1])
         if H < 2 or W < 2:
@@ -264,6 +323,8 @@ class ParallelBeamProjector:
             raise BlindspotError(None, f"unknown FBP filter {filter_name!r}; use one of {', '.join(FILTERS)}")
         if method not in self.METHODS:
             raise BlindspotError(None, f"unknown projector {method!r}; use one of {', '.join(self.METHODS)}")
+        if tile_values is not None and int(tile_values) < 1:
+            raise BlindspotError(None, f"tile_values must be positive, got {tile_values}")
         self.image_shape = (H, W)
         self.n_angles = int(n_angles) if n_angles is not None else int(math.ceil(math.pi / 2.0 * max(H, W)))
         if self.n_angles < 1:
@@ -272,8 +333,10 @@ class ParallelBeamProjector:
         self.method = method
         self.n_det = int(math.ceil(math.sqrt(2.0) * max(H, W)))
         self.angles = torch.arange(self.n_angles, dtype=torch.float64) * (math.pi / self.n_angles)  # radians
-        self.chunk_elements = int(chunk_elements)
-        self._cache: dict[tuple[str, str], Tensor] = {}
+        self.tile_values = None if tile_values is None else int(tile_values)
+        self._runs = _view_runs(torch.cos(self.angles).abs() >= torch.sin(self.angles).abs())
+        self._cache: dict[tuple, Tensor] = {}
+        self._plans: dict[tuple, tuple[list[int], int, int, Tensor, Tensor]] = {}
 
     def __repr__(self) -> str:
         H, W = self.image_shape
@@ -282,11 +345,20 @@ class ParallelBeamProjector:
             f"filter={self.filter_name!r}, method={self.method!r})"
         )
 
+    @property
+    def cache_nbytes(self) -> int:
+        """Bytes of tensors kept between calls, all devices and dtypes together (see the class docs)."""
+        kept = [*self._cache.values(), *(t for plan in self._plans.values() for t in plan[3:])]
+        return sum(t.numel() * t.element_size() for t in kept)
+
     # geometry helpers -------------------------------------------------------------------------------------------
-    def _trig(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        key = ("trig", str(device))
+    def _trig(self, device: torch.device, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
+        """``cos θ``, ``sin θ`` of every view, ``(n_angles,)`` each, on ``device`` in ``dtype`` (from float64 on the
+        CPU)."""
+        key = ("trig", str(device), dtype)
         if key not in self._cache:
-            self._cache[key] = torch.stack([torch.cos(self.angles), torch.sin(self.angles)]).to(device, torch.float32)
+            trig = torch.stack([torch.cos(self.angles), torch.sin(self.angles)])
+            self._cache[key] = trig.to(device=device, dtype=dtype)
         trig = self._cache[key]
         return trig[0], trig[1]
 
@@ -298,41 +370,39 @@ class ParallelBeamProjector:
         return self._cache[key], n_padded
 
     def _check(self, x: Tensor, what: str, shape: tuple[int, int]) -> None:
-        if x.ndim != 4 or x.shape[1] != 1 or tuple(x.shape[-2:]) != shape:
-            raise ValueError(f"{what} must be (B, 1, {shape[0]}, {shape[1]}), got {tuple(x.shape)}")
+        if not isinstance(x, Tensor) or x.ndim != 4 or x.shape[1] != 1 or tuple(x.shape[-2:]) != shape:
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise BlindspotError(None, f"CT {what} must be (B, 1, {shape[0]}, {shape[1]}), got {got}")
+        if not x.is_floating_point():
+            raise BlindspotError(None, f"CT {what} must be a floating-point tensor, got {x.dtype}")
 
-    def _angle_chunks(self, per_view: int):
-        step = max(1, self.chunk_elements // max(1, per_view))
-        for a0 in range(0, self.n_angles, step):
-            yield a0, min(step, self.n_angles - a0)
+    def _per_tile(self, device: torch.device, per_item: int, n_items: int) -> int:
+        """How many items (image rows, lines or views, ``n_items`` in all) one tile takes when each writes
+        ``per_item`` values."""
+        tile = self.tile_values or (_TILE_VALUES_CPU if device.type == "cpu" else _TILE_VALUES_DEVICE)
+        return max(1, min(n_items, tile // max(1, per_item)))
 
-    def _bins(self, a0: int, ac: int, device: torch.device, footprint: bool = False) -> tuple[Tensor, Tensor]:
-        """For views ``a0 … a0+ac−1``: the lower of the two bins each pixel touches, as a flat index into a buffer of
-        ``n_det + 2`` bins per view (one spare bin each side), and the share of the upper bin. Shapes ``(ac, H, W)``
-        (int64, float32).
+    def _grid(self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype, reuse: bool) -> Tensor:
+        """A zero ``grid_sample`` grid of ``shape`` (last dimension 2): a view of the workspace kept per (device,
+        dtype) when ``reuse`` (nothing keeps it past the caller's ``grid_sample``: no autograd graph), else new.
+        Callers write only x coordinates, so the workspace's y coordinates stay 0."""
+        numel = math.prod(shape)
+        if not reuse:
+            return torch.zeros(shape, dtype=dtype, device=device)
+        key = ("workspace", str(device), dtype)
+        workspace = self._cache.get(key)
+        if workspace is None or workspace.numel() < numel:
+            workspace = self._cache[key] = torch.zeros(numel, dtype=dtype, device=device)
+        return workspace[:numel].view(shape)
 
-        ``footprint=False``: linear interpolation at the pixel centre's bin coordinate (the back-projector's rule).
-        ``footprint=True``: the pixel's shadow modelled as a box of width ``max(|cos θ|, |sin θ|)`` bins (≤ 1, so it
-        covers at most two bins), split by overlap — the distance-driven rule, which avoids the moiré of projecting
-        pixel centres by linear interpolation.
-        """
-        H, W = self.image_shape
-        D = self.n_det
-        cos, sin = self._trig(device)
-        c = cos[a0 : a0 + ac].view(-1, 1, 1)
-        sn = sin[a0 : a0 + ac].view(-1, 1, 1)
-        ys = (torch.arange(H, device=device, dtype=torch.float32) - H // 2).view(1, -1, 1)
-        xs = (torch.arange(W, device=device, dtype=torch.float32) - W // 2).view(1, 1, -1)
-        t = torch.addcmul((D // 2 + 1) - ys * sn, xs, c)  # bin coordinate + 1 of pixel (y, x) at each view, ≥ 0
-        if footprint:
-            width = torch.maximum(c.abs(), sn.abs())  # (ac, 1, 1), in [1/√2, 1]
-            lower = torch.floor(t - 0.5 * width + 0.5)  # the bin holding the box's left edge
-            weight = ((t + 0.5 * width - (lower + 0.5)) / width).clamp_(0.0, 1.0)
-        else:
-            lower = t.floor()
-            weight = t - lower
-        offsets = (torch.arange(a0, a0 + ac, device=device) * (D + 2)).view(-1, 1, 1)
-        return lower.long().clamp_(0, D) + offsets, weight
+    def _run(self, fn: Any, x: Tensor, *args: Any) -> Tensor:
+        """``fn(x, *args)``; when ``x`` needs a gradient, checkpointed so that the backward pass recomputes the tile
+        instead of keeping its sampling grid."""
+        if torch.is_grad_enabled() and x.requires_grad:
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(fn, x, *args, use_reentrant=False, preserve_rng_state=False)
+        return fn(x, *args)
 
     # forward projection -----------------------------------------------------------------------------------------
     def project(self, image: Tensor) -> Tensor:
@@ -345,55 +415,148 @@ class ParallelBeamProjector:
         """
         H, W = self.image_shape
         self._check(image, "image", (H, W))
-        return self._project_ray(image) if self.method == "ray" else self._project_pixel(image)
+        if self.method == "ray":
+            return self._project_ray(image)
+        return self._project_pixel(image[:, 0]).unsqueeze(1)
 
     def _project_pixel(self, image: Tensor) -> Tensor:
+        """Pixel-driven (box footprint) projection of ``(C, H, W)`` images → ``(C, n_angles, n_det)``."""
+        C = image.shape[0]
+        prefix: dict[bool, Tensor] = {}
+        cos, sin = self._trig(image.device, image.dtype)
+        parts = []
+        for start, stop, along_rows in self._runs:
+            if along_rows not in prefix:
+                prefix[along_rows] = _prefix_sums(image if along_rows else image.transpose(-2, -1))
+            lines = prefix[along_rows]
+            n_lines, length = lines.shape[0], lines.shape[-1] - 1
+            per_line = _PROJECT_VIEWS * (length + 2 * int(_WINDOW_SPREAD)) * max(C, 2)  # output or grid values
+            band = self._per_tile(image.device, per_line, n_lines)
+            step = cos if along_rows else -sin  # bins per pixel along a line; a negative step visits edges leftwards
+            for a0 in range(start, stop, _PROJECT_VIEWS):
+                a1 = min(a0 + _PROJECT_VIEWS, stop)
+                group = self._tile_plan(along_rows, a0, a1, image.device, image.dtype)[2]
+                lines_per_tile = max(group, band // group * group)  # whole groups
+                bins = None
+                for l0 in range(0, n_lines, lines_per_tile):
+                    l1 = min(l0 + lines_per_tile, n_lines)
+                    bins = _accumulate(bins, self._run(self._project_tile, lines, along_rows, a0, a1, l0, l1))
+                parts.append(bins * torch.sign(step[a0:a1, None]))
+        return torch.cat(parts, dim=1)
+
+    def _windows(self, along_rows: bool, a0: int, a1: int) -> tuple[list[int], int, int, Tensor, Tensor]:
+        """Where the lines of views ``a0 … a1−1`` are sampled (geometry only, in float64 on the CPU).
+
+        A line's pixel at offset ``i − M//2`` along it (``M`` pixels) sits at bin coordinate ``τ = D//2 +
+        c'·(i − M//2) − s'·lo``, ``lo`` the line's offset from the centre line, with ``(c', s') = (cos θ, sin θ)``
+        for image rows and ``(−sin θ, −cos θ)`` for columns (the rows of the transposed image). Lines are grouped
+        ``group`` at a time (at most :data:`_WINDOW_LINES`, whose shadows shift by at most :data:`_WINDOW_SPREAD`
+        bins); group ``g`` samples the bin edges ``τ = k − ½`` for ``k = starts[g] … starts[g] + size − 1``, which
+        cover its lines' shadows plus the edge just outside each side.
+
+        Returns:
+            ``(starts, size, group, gx_line, gx_edge)``: the last two sum to the edges' normalised pixel-edge
+            coordinates (``align_corners=False`` over the ``M + 1`` cumulative sums), ``gx_line`` ``(L, n, 1)`` per
+            line and view, ``gx_edge`` ``(1, n, size)`` per view and window position.
+        """
         H, W = self.image_shape
-        B, D, A = image.shape[0], self.n_det, self.n_angles
-        device = image.device
-        cdtype = torch.complex128 if image.dtype == torch.float64 else torch.complex64
-        flat = image.reshape(B, 1, H * W)
-        # (lower-bin share, upper-bin share) of each pixel, added as one complex number at the lower bin
-        buf = torch.zeros(B, A * (D + 2), dtype=cdtype, device=device)
-        for a0, ac in self._angle_chunks(H * W):
-            index, w = self._bins(a0, ac, device, footprint=True)
-            upper = flat * w.reshape(1, ac, H * W).to(image.dtype)  # (B, ac, HW)
-            shares = torch.complex(flat - upper, upper)
-            buf = buf.index_add(1, index.reshape(-1), shares.reshape(B, -1))
-        bins = buf.reshape(B, A, D + 2)
-        lower, upper = bins.real, bins.imag
-        sino = lower[..., 1 : D + 1] + upper[..., 0:D]  # bin k gets lower shares at k and upper shares from k − 1
-        return sino.unsqueeze(1)
+        D = self.n_det
+        n_lines, length = (H, W) if along_rows else (W, H)
+        cos, sin = self._trig(torch.device("cpu"))
+        c, s = cos[a0:a1], sin[a0:a1]
+        cl, sl = (c, s) if along_rows else (-s, -c)
+        lo = torch.arange(n_lines, dtype=torch.float64) - n_lines // 2
+        group = max(1, min(n_lines, _WINDOW_LINES, int(_WINDOW_SPREAD / max(float(sl.abs().max()), 1e-6))))
+        # bin coordinates of each line's outer pixel edges, (lines, views)
+        first = D // 2 + cl[None] * (-(length // 2) - 0.5) - sl[None] * lo[:, None]
+        last = first + cl[None] * length
+        lower = torch.floor(torch.minimum(first, last) + 0.5) - 1  # edge k sits at τ = k − ½
+        upper = torch.ceil(torch.maximum(first, last) + 0.5) + 1
+        groups = -(-n_lines // group)
+        pad = groups * group - n_lines
+        lower = F.pad(lower.T, (0, pad), value=math.inf).reshape(-1, groups, group).amin(dim=(0, 2))
+        upper = F.pad(upper.T, (0, pad), value=-math.inf).reshape(-1, groups, group).amax(dim=(0, 2))
+        starts = lower.clamp(0, D).long()
+        size = int((upper.clamp(0, D).long() - starts).max()) + 1
+        # pixel-edge coordinate of edge k: j = (k − ½ − D//2 + s'·lo) / c' + M//2 + ½, normalised (2j + 1)/(M + 1) − 1
+        scale = 2.0 / (length + 1)
+        k0 = starts.to(torch.float64).repeat_interleave(group)[:n_lines]
+        gx_line = (scale / cl)[None] * k0[:, None] + (scale * sl / cl)[None] * lo[:, None]
+        i = torch.arange(size, dtype=torch.float64)
+        gx_edge = (scale / cl[:, None]) * (i - 0.5 - D // 2) + scale * (length // 2 + 0.5) + 1.0 / (length + 1) - 1.0
+        return starts.tolist(), size, group, gx_line[:, :, None], gx_edge[None]
+
+    def _tile_plan(self, along_rows: bool, a0: int, a1: int, device: torch.device,
+                   dtype: torch.dtype) -> tuple[list[int], int, int, Tensor, Tensor]:
+        """:meth:`_windows` with its coordinates in ``dtype`` on ``device``, kept between calls."""
+        key = ("windows", along_rows, a0, a1, str(device), dtype)
+        if key not in self._plans:
+            starts, size, group, gx_line, gx_edge = self._windows(along_rows, a0, a1)
+            self._plans[key] = (starts, size, group, gx_line.to(device=device, dtype=dtype),
+                                gx_edge.to(device=device, dtype=dtype))
+        return self._plans[key]
+
+    def _project_tile(self, prefix: Tensor, along_rows: bool, a0: int, a1: int, l0: int, l1: int) -> Tensor:
+        """Contributions ``(C, a1 − a0, n_det)`` of lines ``l0 … l1−1`` (whole groups of :meth:`_windows`) to views
+        ``a0 … a1−1`` (before the views' signs), from the lines' cumulative sums ``prefix`` ``(L, C, 1, M + 1)``.
+        The grid ``(l1 − l0, a1 − a0, size, 2)`` holds the pixel-edge coordinates of each line's window of bin edges.
+        """
+        D = self.n_det
+        device, dtype = prefix.device, prefix.dtype
+        starts, size, group, gx_line, gx_edge = self._tile_plan(along_rows, a0, a1, device, dtype)
+        reuse = not (torch.is_grad_enabled() and prefix.requires_grad)
+        grid = self._grid((l1 - l0, a1 - a0, size, 2), device, dtype, reuse)
+        torch.add(gx_line[l0:l1], gx_edge, out=grid[..., 0])
+        edges = F.grid_sample(prefix[l0:l1], grid, mode="bilinear", padding_mode="border", align_corners=False)
+        contrib = torch.diff(edges, dim=-1)  # per line first: cumulative sums are large, bins are not
+        full = (l1 - l0) // group * group
+        sums = [contrib[:full].unflatten(0, (-1, group)).sum(dim=1)] if full else []
+        if full < l1 - l0:
+            sums.append(contrib[full:].sum(dim=0, keepdim=True))
+        group_sums = torch.cat(sums) if len(sums) > 1 else sums[0]  # (groups, C, views, size − 1)
+        out = torch.zeros(prefix.shape[1], a1 - a0, D + size, dtype=dtype, device=device)
+        for g, k in enumerate(starts[l0 // group : -(-l1 // group)]):
+            out[:, :, k : k + size - 1] += group_sums[g]
+        return out[:, :, :D]
 
     def _project_ray(self, image: Tensor) -> Tensor:
         H, W = self.image_shape
         device, dtype = image.device, image.dtype
         B, D = image.shape[0], self.n_det
-        cos, sin = self._trig(device)
+        cos, sin = self._trig(device, torch.float32)
         t = torch.arange(D, device=device, dtype=torch.float32) - D // 2  # detector offsets (pixels)
         s = t  # samples along the ray: the padded square's rows, one pixel apart
         cy, cx = H // 2, W // 2
         src = image.reshape(1, B, H, W)  # batch as channels: one grid serves every image
         out = []
-        for a0, ac in self._angle_chunks(D * D):
-            c = cos[a0 : a0 + ac].view(-1, 1, 1)
-            sn = sin[a0 : a0 + ac].view(-1, 1, 1)
+        step = self._per_tile(device, D * D * B, self.n_angles)
+        for a0 in range(0, self.n_angles, step):
+            a1 = min(a0 + step, self.n_angles)
+            c = cos[a0:a1].view(-1, 1, 1)
+            sn = sin[a0:a1].view(-1, 1, 1)
             x = t.view(1, -1, 1) * c + s.view(1, 1, -1) * sn  # (ac, D, S) column offsets
             y = -t.view(1, -1, 1) * sn + s.view(1, 1, -1) * c  # row offsets
             gx = (x + cx) * (2.0 / (W - 1)) - 1.0
             gy = (y + cy) * (2.0 / (H - 1)) - 1.0
             grid = torch.stack([gx, gy], dim=-1).reshape(1, -1, D, 2).to(dtype)
             samples = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-            out.append(samples.sum(dim=-1).reshape(B, ac, D))
+            out.append(samples.sum(dim=-1).reshape(B, a1 - a0, D))
         return torch.cat(out, dim=1).unsqueeze(1)
 
     # filtered back-projection -----------------------------------------------------------------------------------
     def filter_sinogram(self, sinogram: Tensor) -> Tensor:
-        """Apply the FBP filter along the detector axis (zero-padded FFT). ``(B, 1, A, D)`` → same shape."""
+        """Apply the FBP filter along the detector axis (zero-padded FFT). ``(B, 1, A, D)`` → same shape.
+
+        The batch's views are filtered together, in chunks whose spectra hold about ``tile_values`` values.
+        """
         self._check(sinogram, "sinogram", (self.n_angles, self.n_det))
         response, n_padded = self._filter(sinogram.device)
-        spec = torch.fft.rfft(sinogram, n=n_padded, dim=-1) * response.to(sinogram.dtype)
-        return torch.fft.irfft(spec, n=n_padded, dim=-1)[..., : self.n_det]
+        response = response.to(sinogram.dtype)
+        views = sinogram.reshape(-1, self.n_det)  # (B · A, D)
+        step = self._per_tile(sinogram.device, n_padded, views.shape[0])
+        parts = [torch.fft.irfft(torch.fft.rfft(chunk, n=n_padded, dim=-1) * response, n=n_padded, dim=-1)
+                 [:, : self.n_det] for chunk in views.split(step)]
+        return torch.cat(parts).reshape(sinogram.shape)
 
     def backproject(self, sinogram: Tensor) -> Tensor:
         """Back-projection with linear interpolation between bins, scaled by ``π / (2 · n_angles)``
@@ -406,19 +569,42 @@ class ParallelBeamProjector:
         """
         self._check(sinogram, "sinogram", (self.n_angles, self.n_det))
         H, W = self.image_shape
-        B, D, A = sinogram.shape[0], self.n_det, self.n_angles
-        device = sinogram.device
-        cdtype = torch.complex128 if sinogram.dtype == torch.float64 else torch.complex64
-        padded = F.pad(sinogram.reshape(B, A, D), (1, 2))  # (B, A, D + 3): a zero bin before and two after
-        # (value at bin k, value at k+1 − value at k) as one complex number: one gather per pixel and view
-        pairs = torch.complex(padded[..., :-1], padded[..., 1:] - padded[..., :-1])[..., : D + 2].reshape(B, -1)
-        image = torch.zeros(B, H * W, dtype=sinogram.dtype, device=device)
-        for a0, ac in self._angle_chunks(H * W):
-            index, w = self._bins(a0, ac, device)
-            vals = pairs.index_select(1, index.reshape(-1)).reshape(B, ac, H * W)
-            w = w.reshape(1, ac, H * W).to(sinogram.dtype)
-            image = image + torch.addcmul(vals.real, w, vals.imag).sum(dim=1)
-        return (image * (math.pi / (2.0 * self.n_angles))).reshape(B, 1, H, W)
+        C, A = sinogram.shape[0], self.n_angles
+        src = sinogram[:, 0].transpose(0, 1).unsqueeze(2).contiguous()  # (A, C, 1, D): one input per view
+        band = self._per_tile(sinogram.device, _BACKPROJECT_VIEWS * W * max(C, 2), H)  # output or grid values
+        bands = []
+        for r0 in range(0, H, band):
+            r1 = min(r0 + band, H)
+            rows = None
+            for a0 in range(0, A, _BACKPROJECT_VIEWS):
+                a1 = min(a0 + _BACKPROJECT_VIEWS, A)
+                rows = _accumulate(rows, self._run(self._backproject_tile, src, a0, a1, r0, r1))
+            bands.append(rows)
+        image = torch.cat(bands, dim=1) if len(bands) > 1 else bands[0]
+        return (image * (math.pi / (2.0 * A))).reshape(C, 1, H, W)
+
+    def _backproject_tile(self, src: Tensor, a0: int, a1: int, r0: int, r1: int) -> Tensor:
+        """The sum over views ``a0 … a1−1`` of ``src`` ``(A, C, 1, n_det)`` interpolated at image rows ``r0 … r1−1``:
+        ``(C, r1 − r0, W)``. The grid ``(a1 − a0, r1 − r0, W, 2)`` holds every pixel centre's bin coordinate
+        ``τ = D//2 + x cos θ − y sin θ`` (``x``, ``y`` from the rotation centre), normalised for
+        ``align_corners=False`` over ``D`` bins as ``(2τ + 1) / D − 1``: a per-column plus a per-row term."""
+        H, W = self.image_shape
+        D = self.n_det
+        device, dtype = src.device, src.dtype
+        key = ("backproject", str(device), dtype)
+        if key not in self._cache:  # geometry in float64 on the CPU, kept in the input's dtype on its device
+            cos, sin = self._trig(torch.device("cpu"))
+            xo = torch.arange(W, dtype=torch.float64) - W // 2
+            yo = torch.arange(H, dtype=torch.float64) - H // 2
+            gx_col = (2.0 / D) * cos[:, None] * xo  # (A, W)
+            gx_row = (2.0 * (D // 2 - sin[:, None] * yo) + 1.0) / D - 1.0  # (A, H)
+            self._cache[key] = torch.cat([gx_col, gx_row], dim=1).to(device=device, dtype=dtype)
+        gx = self._cache[key][a0:a1]
+        reuse = not (torch.is_grad_enabled() and src.requires_grad)
+        grid = self._grid((a1 - a0, r1 - r0, W, 2), device, dtype, reuse)
+        torch.add(gx[:, W + r0 : W + r1, None], gx[:, None, :W], out=grid[..., 0])
+        smeared = F.grid_sample(src[a0:a1], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        return smeared.sum(dim=0)
 
     def fbp(self, sinogram: Tensor) -> Tensor:
         """Filtered back-projection: ``(B, 1, n_angles, n_det)`` → ``(B, 1, H, W)``, the inverse of :meth:`project`."""
@@ -547,7 +733,7 @@ class LowDoseCT:
         self,
         hu: Tensor,
         doses: Sequence[float] = (0.25,),
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
         line_integrals: Tensor | None = None,
     ) -> dict[float, Tensor]:
         """Simulate nested acquisitions of the same slices at several doses.
@@ -555,7 +741,9 @@ class LowDoseCT:
         Args:
             hu: true images ``(B, 1, H, W)`` in HU.
             doses: dose fractions (1.0 = full dose, 0.25, 0.10, …), any order.
-            generator: torch generator on ``hu``'s device (same seed → same images).
+            generator: torch generator on ``hu``'s device (same seed → same images), or one per image (``B`` of
+                them): image ``i`` then gets exactly the images ``simulate(hu[i:i+1], doses, generator[i])`` gives,
+                while every dose and image share one batched FBP.
             line_integrals: precomputed ``self.line_integrals(hu)`` (saves the projection when called again).
         Returns:
             ``{dose: FBP image (B, 1, H, W) in HU}``. The lowest dose's counts are Poisson at ``I0 · dose``; each
@@ -565,18 +753,28 @@ class LowDoseCT:
             full-dose projections.
         """
         wanted = self._check_doses(doses)
+        generators = None if generator is None or isinstance(generator, torch.Generator) else list(generator)
+        if generators is not None and len(generators) != hu.shape[0]:
+            raise BlindspotError(None, f"{len(generators)} generators for {hu.shape[0]} CT images")
         with torch.no_grad():
             p = self.line_integrals(hu) if line_integrals is None else line_integrals
             order = sorted(set(wanted))  # ascending: lowest dose first
             transmission = torch.exp(-p.to(torch.float64))
-            out: dict[float, Tensor] = {}
+            measured = []
             counts = torch.zeros_like(transmission)
             prev = 0.0
             for d in order:
                 # Poisson splitting: the photons of dose d are those of the lower dose plus independent new ones
-                counts = counts + torch.poisson((self.i0 * (d - prev)) * transmission, generator=generator)
-                out[d] = self.reconstruct(self.log_counts(counts, d))
+                rate = (self.i0 * (d - prev)) * transmission
+                if generators is None:
+                    extra = torch.poisson(rate, generator=generator)
+                else:
+                    extra = torch.cat([torch.poisson(rate[i : i + 1], generator=g) for i, g in enumerate(generators)])
+                counts = counts + extra
+                measured.append(self.log_counts(counts, d))
                 prev = d
+            images = self.reconstruct(torch.cat(measured)).split(p.shape[0])  # one FBP for every dose
+        out = dict(zip(order, images))
         return {d: out[d] for d in wanted}
 
     def __call__(self, hu: Tensor, dose: float, generator: torch.Generator | None = None) -> Tensor:
