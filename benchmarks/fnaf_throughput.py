@@ -229,17 +229,18 @@ def bench_ct(args, device: torch.device) -> dict:
     from blindspot.attacks.search import RandomSearch
     from blindspot.models.adapters import eval_mode
     from blindspot.models.loading import load_model
-    from blindspot.runs.fnaf import CT_INTENSITY_HU, ct_settings, collate_truths
+    from blindspot.data.ldct import collate_ct
+    from blindspot.runs.fnaf import CT_INTENSITY_HU, ct_settings
 
     model = load_model(args.ct_model, device, warn=False)
     (setting,) = ct_settings(model, phantoms=args.images, size=args.ct_size)
-    batch = collate_truths([setting.dataset[i] for i in range(args.images)])
+    batch = collate_ct([setting.dataset[i] for i in range(args.images)])
     n, B = args.candidates, args.images
     cs = B * n
     rs = RandomSearch(sampler=FeatureSampler("disc", intensity_range=CT_INTENSITY_HU, absolute=True), n_candidates=n,
                       chunk_size=cs)
     net, acq = model.network, setting.physics
-    x_bare = ((batch.observed - acq.norm.mean) / acq.norm.std).to(device).repeat_interleave(n, 0)
+    x_bare = acq.norm.to_network(batch.low).to(device).repeat_interleave(n, 0)
 
     def bare_forward():
         with torch.no_grad():

@@ -41,9 +41,6 @@ CRITERION_TEXT = {
     "recovery": "lost when the reconstruction keeps less than half of the feature's energy",
 }
 
-#: What an attack accepts as its acquisition: an :class:`Acquisition`, or for MRI a mask function (drawn per image,
-#: seeded by file name), an operator or mask tensor, or ``None`` for an MRI batch's own masks.
-Physics = "Acquisition | MaskFunc | CartesianUndersampling | Tensor | None"
 
 
 @dataclass

@@ -18,14 +18,20 @@ Same seed → same image (NumPy ``default_rng`` for the parameters, a seeded ``t
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from torch.utils.data import Dataset
+
+from blindspot.data.ldct import CTSample, ldct_uid, series_folder_name, study_folder_name, write_ct_slice
 from blindspot.errors import BlindspotError
+from blindspot.fileio import read_json, write_json
+from blindspot.physics.ct import DEFAULT_I0, LowDoseCT
 
 #: Side of the square field of view in mm (pixel size = FOV / size; 0.742 mm at 512×512, like the LDCT data).
 FOV_MM = 380.0
@@ -732,9 +738,6 @@ def write_phantom_dataset(
 
     from tqdm.auto import tqdm
 
-    from blindspot.data.ldct import ldct_uid, series_folder_name, study_folder_name, write_ct_slice
-    from blindspot.fileio import read_json, write_json
-    from blindspot.physics.ct import DEFAULT_I0, LowDoseCT
 
     spec.check()
     out = Path(out)
@@ -799,3 +802,48 @@ def write_phantom_dataset(
     manifest["complete"] = True
     write_json(manifest_path, manifest)
     return manifest
+
+
+def scanner_of(physics: Mapping[str, Any], image_shape: tuple[int, int] | None = None) -> LowDoseCT:
+    """The scanner a CT checkpoint records (its ``physics``), at ``image_shape`` with the same field of view; without
+    CT physics, the phantoms' own: a ``FOV_MM`` field of view and the default ``I0``."""
+    if physics.get("modality") == "ct" and physics.get("pixel_size_mm") is not None:
+        return LowDoseCT.from_physics_dict(physics, image_shape)
+    shape = tuple(int(s) for s in (image_shape or (512, 512)))
+    return LowDoseCT(shape, pixel_size_mm=FOV_MM / shape[0])
+
+
+class PhantomPairs(Dataset):
+    """Built-in CT phantom slices as (low-dose, full-dose) pairs in HU, made like ``blindspot data ct-phantoms``: one
+    nested projection-domain simulation of both doses per slice, seeded by ``(seed, i)``.
+
+    Slice ``i`` is a chest (even ``i``) or abdomen (odd) slice of patient ``seed·1000 + i // 2`` (at 55 % / 50 % of
+    its length); items are :class:`~blindspot.data.ldct.CTSample` (batch them with ``collate_ct``), so phantoms and
+    the public LDCT pairs look alike to every consumer.
+
+    Args:
+        n: number of slices.
+        ct: the scanner (geometry, ``I0``; the image size is its matrix).
+        dose: the low dose (the full dose is 1).
+        seed: phantom and noise seed.
+    """
+
+    def __init__(self, n: int, ct: LowDoseCT, dose: float, seed: int = 0) -> None:
+        if n < 1:
+            raise BlindspotError(None, f"need at least 1 phantom slice, got {n}")
+        self.n, self.ct, self.dose, self.seed = int(n), ct, float(dose), int(seed)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> CTSample:
+        kind = ("chest", "abdomen")[i % 2]
+        patient = self.seed * 1000 + i // 2
+        z = 0.5 if kind == "abdomen" else 0.55
+        size = self.ct.image_shape[0]
+        body = PhantomPatient(kind, patient)
+        hu = body.render(z, size=size).reshape(1, 1, size, size).to(torch.float32)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        pair = self.ct.simulate(hu, (1.0, self.dose), generator=g)
+        return CTSample(pair[self.dose][0], pair[1.0][0], f"phantom-{kind}-{patient}", int(round(z * 100)),
+                        z * body.length_mm)

@@ -678,13 +678,18 @@ class LowDoseCT:
 
     @classmethod
     def from_physics_dict(cls, d: Mapping[str, Any], image_shape: tuple[int, int] | None = None) -> "LowDoseCT":
-        """Rebuild the acquisition from :meth:`physics_dict` (``image_shape`` overrides the stored one)."""
-        shape = image_shape or tuple(d.get("image_shape") or (512, 512))
+        """Rebuild the acquisition from :meth:`physics_dict`. With another ``image_shape`` than the stored one the
+        scanner keeps its field of view (the pixel size scales with the matrix) and takes the default number of
+        views for the new size; ``I0``, filter and projector stay."""
+        stored = tuple(int(s) for s in (d.get("image_shape") or (512, 512)))
+        shape = tuple(int(s) for s in (image_shape or stored))
+        pixel_mm = float(d.get("pixel_size_mm", 0.74))
+        same = shape == stored
         return cls(
-            (int(shape[0]), int(shape[1])),
-            pixel_size_mm=float(d.get("pixel_size_mm", 0.74)),
+            shape,
+            pixel_size_mm=pixel_mm if same else pixel_mm * stored[0] / shape[0],
             i0=float(d.get("i0", DEFAULT_I0)),
-            n_angles=d.get("n_angles"),
+            n_angles=d.get("n_angles") if same else None,
             filter_name=str(d.get("filter", "shepp-logan")),
             method=str(d.get("projector", "pixel")),
             mu_water=float(d.get("mu_water_per_mm", MU_WATER_PER_MM)),

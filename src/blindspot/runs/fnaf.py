@@ -34,11 +34,11 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from blindspot.attacks.features import CENTER_FRACTION, FAMILIES, FeatureSampler, Region
-from blindspot.attacks.fnaf import CRITERIA, FnafObjective, Truths
+from blindspot.attacks.fnaf import CRITERIA, FnafObjective
 from blindspot.attacks.records import (RECORD_COLUMNS, group_rows, ip_table, load_features, save_features,
                                        summarize, table2, transfer_rate)
 from blindspot.attacks.search import ReplaySearch, Search, build_search, check_searches, example_images
-from blindspot.data.ct_phantom import FOV_MM, PhantomPatient
+from blindspot.data.ct_phantom import PhantomPairs, PhantomPatient, scanner_of
 from blindspot.data.ldct import LDCTDataset, collate_ct, find_ldct
 from blindspot.data.mri import open_mri_dataset
 from blindspot.data.sample import collate_mri
@@ -47,7 +47,7 @@ from blindspot.fileio import atomic_write_bytes, atomic_write_text, read_jsonl, 
 from blindspot.models.adapters import Network, as_network
 from blindspot.models.loading import LoadedModel
 from blindspot.physics.acquisition import LowDoseCTScan
-from blindspot.physics.ct import HUNormalization, LowDoseCT
+from blindspot.physics.ct import HUNormalization
 from blindspot.physics.mri import create_mask_func
 from blindspot.report.fnaf_figures import example_panels, location_heatmap, loss_vs_ip_scatter
 from blindspot.report.tables import ip_table_markdown, table2_markdown, transfer_list_markdown
@@ -140,45 +140,6 @@ def mri_settings(
     return out
 
 
-class CTPhantomTruths(Dataset):
-    """Built-in CT phantom slices as (full-dose, low-dose) pairs in HU, simulated like the bundled denoisers' training
-    data (``blindspot data ct-phantoms``): alternating chest / abdomen slices of patients ``seed·1000 + i // 2``, both
-    doses from one nested projection-domain simulation seeded by ``(seed, i)``. The truth of an attack is the
-    full-dose image (an FBP image, as in the public LDCT data), the network's input the low-dose one.
-
-    Args:
-        n: number of slices.
-        ct: the scanner (geometry, ``I0``) — the networks'.
-        dose: the low dose.
-        seed: phantom and noise seed.
-    """
-
-    def __init__(self, n: int, ct: LowDoseCT, dose: float, seed: int = 0) -> None:
-        if n < 1:
-            raise BlindspotError(None, f"need at least 1 phantom slice, got {n}")
-        self.n, self.ct, self.dose, self.seed = int(n), ct, float(dose), int(seed)
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> Truths:
-        kind = ("chest", "abdomen")[i % 2]
-        patient = self.seed * 1000 + i // 2
-        z = 0.5 if kind == "abdomen" else 0.55
-        size = self.ct.image_shape[0]
-        hu = PhantomPatient(kind, patient).render(z, size=size).reshape(1, 1, size, size).to(torch.float32)
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
-        pair = self.ct.simulate(hu, (1.0, self.dose), generator=g)
-        return Truths(pair[1.0], [f"phantom-{kind}-{patient}"], [int(round(z * 100))], observed=pair[self.dose])
-
-
-def collate_truths(items: Sequence[Truths]) -> Truths:
-    """Stack single-image :class:`Truths`."""
-    observed = None if items[0].observed is None else torch.cat([t.observed for t in items])
-    return Truths(torch.cat([t.image for t in items]), [f for t in items for f in t.fname],
-                  [s for t in items for s in t.slice_num], observed)
-
-
 def ct_acquisition(model: LoadedModel, dose: float | None = None, image_shape: tuple[int, int] | None = None,
                    sample_hu: torch.Tensor | None = None) -> LowDoseCTScan:
     """The low-dose CT acquisition a CT denoiser was trained for: its checkpoint's physics (``I0``, geometry, pixel
@@ -186,13 +147,7 @@ def ct_acquisition(model: LoadedModel, dose: float | None = None, image_shape: t
     one fitted to ``sample_hu``."""
     phys = dict(model.physics or {})
     dose = float(dose if dose is not None else phys.get("dose", 0.25))
-    stored_shape = tuple(int(s) for s in (phys.get("image_shape") or (512, 512)))
-    shape = tuple(int(s) for s in (image_shape or stored_shape))
-    if phys.get("modality") == "ct" and phys.get("pixel_size_mm") is not None:
-        fov_mm = float(phys["pixel_size_mm"]) * stored_shape[0]  # keep the field of view at another matrix size
-        ct = LowDoseCT.from_physics_dict(dict(phys, pixel_size_mm=fov_mm / shape[0]), image_shape=shape)
-    else:
-        ct = LowDoseCT(shape, pixel_size_mm=FOV_MM / shape[0])
+    ct = scanner_of(phys, image_shape)
     if model.normalization:
         norm = HUNormalization.from_dict(model.normalization, model.source)
     elif sample_hu is not None:
@@ -212,8 +167,8 @@ def ct_settings(
     limit: int | None = None,
 ) -> list[AttackSetting]:
     """The CT setting of a denoiser: the LDCT layout's (full, low-dose) pairs of ``data`` at ``dose`` (real noise),
-    or ``phantoms`` built-in phantom slices (:class:`CTPhantomTruths`) simulated through the network's own scanner
-    model at full and low dose (seeded by ``seed`` and the slice)."""
+    or ``phantoms`` built-in phantom slices (:class:`~blindspot.data.ct_phantom.PhantomPairs`) simulated through the
+    network's own scanner model at full and low dose (seeded by ``seed`` and the slice)."""
     dose = float(dose if dose is not None else (model.physics or {}).get("dose", 0.25))
     if data is not None:
         path = Path(data)
@@ -226,8 +181,8 @@ def ct_settings(
     size = size or int((model.physics.get("image_shape") or [512])[0])
     sample = PhantomPatient("abdomen", seed * 1000).render(0.5, size=size).reshape(1, 1, size, size)
     acq = ct_acquisition(model, dose, (size, size), sample_hu=sample)
-    ds = CTPhantomTruths(phantoms, acq.ct, dose, seed)
-    return [AttackSetting(1.0 / dose, acq, _limit(ds, limit, None), collate_truths, "ct")]
+    ds = PhantomPairs(phantoms, acq.ct, dose, seed)
+    return [AttackSetting(1.0 / dose, acq, _limit(ds, limit, None), collate_ct, "ct")]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -20,13 +20,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from blindspot.data import ldct
-from blindspot.data.ct_phantom import FOV_MM, PhantomPatient
+from blindspot.data.ct_phantom import PhantomPairs, scanner_of
 from blindspot.data.mri import open_mri_dataset
 from blindspot.data.sample import collate_mri
 from blindspot.errors import BlindspotError, PathLike
 from blindspot.models.loading import LoadedModel
 from blindspot.physics.acquisition import CartesianMRI
-from blindspot.physics.ct import HUNormalization, LowDoseCT
+from blindspot.physics.ct import HUNormalization
 from blindspot.physics.mri import create_mask_func, resample_mask
 
 __all__ = ["CTImageSet", "CTItem", "DataOptions", "ImageBatch", "MRIImageSet", "as_image_set", "open_images"]
@@ -292,31 +292,10 @@ def open_ct_images(model: LoadedModel, options: DataOptions) -> CTImageSet:
 
 
 def _phantom_items(n: int, size: int, dose: float, physics: Mapping[str, Any], seed: int) -> list[CTItem]:
-    """Built-in phantom slices (alternating chest / abdomen, patient seeds ``seed·1000 + i``, mid-region slices)
-    passed through the low-dose simulation at ``dose`` with a per-slice noise seed."""
-    cache: dict[str, LowDoseCT] = {}
-
-    def scanner() -> LowDoseCT:
-        if "ct" not in cache:
-            if physics.get("modality") == "ct" and physics.get("pixel_size_mm") is not None:
-                cache["ct"] = LowDoseCT.from_physics_dict(dict(physics, pixel_size_mm=FOV_MM / size), (size, size))
-            else:
-                cache["ct"] = LowDoseCT((size, size), pixel_size_mm=FOV_MM / size)
-        return cache["ct"]
-
-    items = []
-    for i in range(n):
-        kind = ("chest", "abdomen")[i % 2]
-        patient = seed * 1000 + i // 2
-        z = 0.5 if kind == "abdomen" else 0.55
-
-        def load(kind=kind, patient=patient, z=z, i=i) -> Tensor:
-            hu = PhantomPatient(kind, patient).render(z, size=size).reshape(1, 1, size, size)
-            g = torch.Generator().manual_seed(seed * 7919 + i)
-            return scanner().simulate(hu, (dose,), generator=g)[float(dose)][0]
-
-        items.append(CTItem(f"phantom-{kind}-{patient}-z{z:.2f}-{size}px-dose{dose:g}", load))
-    return items
+    """The low-dose images of the built-in phantom pairs (:class:`~blindspot.data.ct_phantom.PhantomPairs`, the same
+    slices and noise the FNAF attack uses) through the checkpoint's scanner at ``size`` (same field of view)."""
+    pairs = PhantomPairs(n, scanner_of(physics, (size, size)), dose, seed)
+    return [CTItem(f"phantom-{i}-{size}px-dose{dose:g}", (lambda i=i: pairs[i].low)) for i in range(n)]
 
 
 def _file_items(path: Path, dose: float | None, dose_given: bool) -> list[CTItem]:
