@@ -6,7 +6,10 @@ one run, each part in its own child process (so that its peak memory is its own)
 * ``skimage``: ``iradon`` (NumPy, single-threaded, ``circle=False``, one image) and, with ``--radon``, ``radon``;
 * ``current``: this checkout's :class:`~blindspot.physics.ct.ParallelBeamProjector` — projection and FBP per image
   at batch 1 and ``--batch``, and the three-dose simulation (one projection, nested Poisson noise, FBP at doses 1,
-  0.25, 0.10) per slice at ``--batch``; plus the noise standard deviation of an abdomen slice at each dose;
+  0.25, 0.10) per slice at ``--batch``; the attacks' clean CT measurement (:meth:`LowDoseCTScan.measure
+  <blindspot.physics.acquisition.LowDoseCTScan.measure>`: the 25 % dose image and its noise realisation, one batched
+  FBP of the noisy and the noise-free sinograms) against the earlier two separate FBPs
+  (``ct_measure_speedup_vs_two_fbps``); plus the noise standard deviation of an abdomen slice at each dose;
 * ``baseline``: the same for ``src/blindspot/physics/ct.py`` at git revision ``--baseline`` (default: the
   index_add/gather projector this benchmark was written to replace), loaded from ``git show`` into a temporary
   module;
@@ -179,9 +182,22 @@ def run_part(part: str, size: int, batch: int, repeats: int, threads: int, basel
         steps[f"project_b{b}"] = lambda b=b: proj.project(mu[:b])
         steps[f"fbp_b{b}"] = lambda b=b: proj.fbp(sino[:b])
     steps[f"simulate_3_doses_b{batch}"] = lambda: lct.simulate(hu, DOSES, generator)
+    if part != "baseline":
+        from blindspot.physics.acquisition import LowDoseCTScan
+
+        scan = LowDoseCTScan(lct, 0.25, ct.HUNormalization(0.0, 500.0))
+
+        def two_fbps() -> Any:  # what LowDoseCTScan.measure did before: the low dose, then the noise-free FBP
+            with torch.no_grad():
+                p = lct.line_integrals(hu)
+                return lct.simulate(hu, (0.25,), generator, line_integrals=p)[0.25] - lct.reconstruct(p)
+
+        steps[f"ct_measure_two_fbps_b{batch}"] = two_fbps
+        steps[f"ct_measure_b{batch}"] = lambda: scan.measure(hu, generator)
     for name, fn in steps.items():
         per = batch if name.endswith(f"_b{batch}") else 1
-        out[f"{name}_s_per_{'slice' if name.startswith('simulate') else 'image'}"] = _best_time(fn, repeats, sync) / per
+        out[f"{name}_s_per_{'image' if name.startswith(('project', 'fbp')) else 'slice'}"] = \
+            _best_time(fn, repeats, sync) / per
     out["peak_rss_mb"] = _peak_rss_mb() if device == "cpu" else None
     # after the timing (it changes how the allocator works); the smaller of two calls: the first may still fill
     # the allocator's pools
@@ -229,6 +245,9 @@ def bench_size(size: int, args: argparse.Namespace, cuda: bool) -> dict:
         out["fbp_b1_speedup_vs_iradon"] = sk["iradon_s"] / cur["fbp_b1_s_per_image"]
     if "radon_s" in sk and "error" not in cur:
         out["project_speedup_vs_radon"] = sk["radon_s"] / cur[f"project_b{b}_s_per_image"]
+    if f"ct_measure_b{b}_s_per_slice" in cur:
+        out["ct_measure_speedup_vs_two_fbps"] = (cur[f"ct_measure_two_fbps_b{b}_s_per_slice"]
+                                                 / cur[f"ct_measure_b{b}_s_per_slice"])
     if base and "error" not in base and "error" not in cur:
         for key in (f"project_b{b}_s_per_image", f"fbp_b{b}_s_per_image", f"simulate_3_doses_b{b}_s_per_slice"):
             out[f"speedup_vs_baseline_{key.split('_s_per')[0]}"] = base[key] / cur[key]

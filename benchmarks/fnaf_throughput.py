@@ -8,10 +8,24 @@ forward + backward, a time breakdown of the non-network stages, and peak memory.
     python benchmarks/fnaf_throughput.py                      # U-Net (chans 32) at 320x320 and 64x64
     python benchmarks/fnaf_throughput.py --model irim --sizes 320 --images 8 --chunk-size 88
     python benchmarks/fnaf_throughput.py --sizes 64 --ct-model redcnn --ct-size 256   # the CT row: RS on a denoiser
+    python benchmarks/fnaf_throughput.py --model varnet --coils 8 --sizes 320       # E2E-VarNet, multi-coil physics
+    python benchmarks/fnaf_throughput.py --audit-like --sizes 320 --ct-size 0       # the audit's searches together
 
 Ratios near 1 mean the attack costs what the network costs. The RS ratio counts candidates only, while each image also
 costs one clean reference reconstruction for the recovery criterion, so with ``n`` candidates it is at most
 ``n / (n + 1)`` (0.917 at the seed's 11); ``query_ratio`` counts that pass and ``ratio_no_reference`` switches it off.
+
+``--model varnet`` (fastMRI's E2E-VarNet, :mod:`blindspot.models.varnet`) attacks through the multi-coil acquisition
+(:class:`blindspot.physics.acquisition.CartesianMRI` with smooth synthetic coil maps, ``--coils``): a feature enters
+every coil's k-space. It reports the same RS ratio against the bare network on the clean measurements, peak memory and
+the multi-coil physics' cost per candidate (perturbing every coil, the zero-filled input, the target and IP).
+
+``--audit-like`` attacks as the audit does: RS, FD and the gradient search under both criteria (six searches) on one
+batch, sharing one clean reference per image (:func:`blindspot.runs.fnaf.attack_setting`), against the same searches
+run one by one (each with its own reference pass, as before they shared it). ``ratio`` is the network time the
+searches' own queries need (forward passes; forward + backward for gradient steps) over the attack's wall time: at
+most ``Q / (Q + 1)`` with the shared reference (``Q`` = queries per image over all searches, 66 with the defaults),
+``Q / (Q + 6)`` without.
 """
 
 from __future__ import annotations
@@ -221,6 +235,173 @@ def bench_size(model, size: int, args, device: torch.device) -> dict:
     }
 
 
+def _coil_maps(coils: int, size: int) -> torch.Tensor:
+    """Smooth synthetic sensitivities ``(1, C, size, size)`` complex64: Gaussian bumps around the image with linear
+    phases, normalised to ``Σ_c |S_c|² = 1``."""
+    r = torch.linspace(-1, 1, size)
+    yy, xx = torch.meshgrid(r, r, indexing="ij")
+    maps = []
+    for c in range(coils):
+        a = 2 * torch.pi * c / coils
+        mag = torch.exp(-((yy - 0.8 * torch.sin(torch.tensor(a))) ** 2 + (xx - 0.8 * torch.cos(torch.tensor(a))) ** 2))
+        maps.append(mag * torch.exp(1j * (a + 0.5 * xx)))
+    s = torch.stack(maps)
+    return (s / s.abs().square().sum(0, keepdim=True).sqrt()).to(torch.complex64)[None]
+
+
+def bench_varnet(model, size: int, args, device: torch.device) -> dict:
+    """RS against E2E-VarNet through the multi-coil acquisition vs. the bare network on the clean measurements."""
+    from blindspot.attacks.features import FeatureSampler, candidate_keys
+    from blindspot.attacks.fnaf import FnafObjective, Truths, eval_mode
+    from blindspot.attacks.search import RandomSearch
+    from blindspot.models.adapters import as_network
+    from blindspot.physics.mri import create_mask_func
+
+    mask_func = create_mask_func("random", [4])
+    B, n, cs = args.images, args.candidates, args.chunk_size
+    target = _phantom_batch(B, size, mask_func).target
+    truths = Truths(target, [f"bench{i}.h5" for i in range(B)], list(range(B)),
+                    sens_maps=_coil_maps(args.coils, size).expand(B, -1, -1, -1).contiguous())
+    net = as_network(model)
+    sampler = FeatureSampler(args.family)
+    rs = RandomSearch(sampler=sampler, n_candidates=n, chunk_size=cs)
+    with eval_mode(model), torch.no_grad():
+        ctx = FnafObjective(fuse_reference=False).prepare(net, truths, mask_func)
+    idx = torch.arange(B, device=ctx.device).repeat_interleave(n)
+
+    def bare_forward():
+        with torch.no_grad():
+            for s in range(0, B * n, cs):
+                i = idx[s : s + cs]
+                net(ctx.acquisition.select(i), ctx.measurement.select(i), ctx.clean_input[i], ctx.stats.index(i))
+
+    feats = sampler.sample(candidate_keys(ctx.image_keys, range(n)), ctx.region, ctx.dynamic_range)
+    rendered = [feats[s : s + cs].render(ctx.shape) for s in range(0, B * n, cs)]
+
+    def physics_only():  # what the attack adds per candidate: perturb every coil, normalise, target, IP
+        with torch.no_grad():
+            for k, s in enumerate(range(0, B * n, cs)):
+                i = idx[s : s + cs]
+                acq, meas, stats = ctx.acquisition.select(i), ctx.measurement.select(i), ctx.stats.index(i)
+                mp = acq.perturb(meas, rendered[k][0])
+                stats.apply(mp.image)
+                acq.target(ctx.target[i] + rendered[k][0], stats)
+                acq.information(meas, mp, stats)
+
+    model.eval()
+    _reset_peak(device)
+    bare_forward()
+    _sync(device)
+    peak_bare = _peak_mb(device)
+    _reset_peak(device)
+    with eval_mode(model):
+        rs(net, truths, mask_func)
+    _sync(device)
+    peak_rs = _peak_mb(device)
+    with eval_mode(model):
+        timed = _timeit_interleaved({"bare": bare_forward, "rs": lambda: rs(net, truths, mask_func)}, device,
+                                    args.repeats, args.warmup)
+    t_phys = _timeit(physics_only, device, args.repeats, args.warmup)
+    cand = B * n
+    return {
+        "size": [size, size], "coils": args.coils, "images": B, "candidates_per_image": n, "chunk_size": cs,
+        "rs_seconds": timed["rs"], "bare_model_images_per_s": cand / timed["bare"],
+        "rs_candidates_per_s": cand / timed["rs"], "ratio": timed["bare"] / timed["rs"],
+        "query_ratio": timed["bare"] * (n + 1) / n / timed["rs"], "max_ratio_with_reference": n / (n + 1),
+        "multicoil_physics_seconds_per_candidate": t_phys / cand,
+        "multicoil_physics_share_of_bare_network": t_phys / timed["bare"],
+        "peak_memory_mb_bare": peak_bare, "peak_memory_mb_rs": peak_rs,
+    }
+
+
+def bench_audit_like(model, size: int, args, device: torch.device) -> dict:
+    """The audit's six searches (RS, FD, gradient × seed, recovery) on one batch: sharing one clean reference per
+    image vs. one search at a time, both against the network time their own queries need.
+
+    The network time is measured at the searches' own batch shapes: every model call of a run is recorded (batch size,
+    and whether it needs the input gradient) and the bare network is timed on the same sequence of calls, in rounds
+    alternating with the attacks; the searches' own share leaves out the clean images that ride along with the first
+    call of each context."""
+    from blindspot.attacks.fnaf import FnafObjective, eval_mode
+    from blindspot.models.adapters import as_network, reconstruct
+    from blindspot.physics.mri import create_mask_func
+    from blindspot.runs.fnaf import AttackSetting, FnafConfig, attack_setting
+
+    mask_func = create_mask_func("random", [4])
+    batch = _phantom_batch(args.images, size, mask_func)
+    B = args.images
+    net = as_network(model)
+    searches = [s for c in ("seed", "recovery") for s in FnafConfig(
+        searches=("rs", "fd", "grad"), family=args.family, criterion=c, candidates=args.candidates,
+        grad_steps=args.grad_steps, grad_init=args.grad_init, chunk_size=args.chunk_size).build("mri", c)]
+    setting = AttackSetting(4.0, mask_func, None, None, "mri", batch_list=[batch])
+
+    def shared():
+        return attack_setting(net, searches, setting, B)
+
+    def one_by_one():
+        return [r for s in searches for r in s(net, batch, mask_func).rows(net.name)]
+
+    def calls_of(fn) -> list[list]:
+        calls: list[list] = []
+        hook = model.register_forward_hook(lambda m, i, o: calls.append([int(i[0].shape[0]), torch.is_grad_enabled()]))
+        out = fn()
+        hook.remove()
+        return calls, out
+
+    calls_shared, rows = calls_of(shared)
+    calls_alone, _ = calls_of(one_by_one)
+    with eval_mode(model), torch.no_grad():
+        x0 = FnafObjective().prepare(net, batch, mask_func)
+    bare: dict[tuple[int, bool], float] = {}
+    bare_call: dict[tuple[int, bool], object] = {}
+    for n, g in {(n, g) for n, g in calls_shared + calls_alone}:
+        x = x0.clean_input[:1].expand(n, -1, -1, -1).contiguous()
+        m = x0.acquisition.mask[:1].expand(n, -1, -1, -1).contiguous()
+
+        def call(x=x, m=m, g=g):
+            if g:
+                v = x.clone().requires_grad_(True)
+                torch.autograd.grad(reconstruct(model, v, m).square().sum(), v)
+            else:
+                with torch.no_grad():
+                    reconstruct(model, x, m)
+
+        bare_call[(n, g)] = call
+        bare[(n, g)] = _timeit(call, device, 1, 0)
+    first_n = calls_shared[0][0]  # the clean references ride along with the first call: count its candidates only
+    own_fraction = (sum(bare[tuple(c)] for c in calls_shared[1:]) + bare[tuple(calls_shared[0])] * (first_n - B)
+                    / first_n) / sum(bare[tuple(c)] for c in calls_shared)
+    _reset_peak(device)
+    shared()
+    _sync(device)
+    peak = _peak_mb(device)
+
+    def network_of(calls):  # the bare network on the same sequence of call shapes
+        return lambda: [bare_call[tuple(c)]() for c in calls]
+
+    # the attacks and the bare network's calls in alternating rounds, so that load drift hits all of them alike
+    timed = _timeit_interleaved({"shared": shared, "one_by_one": one_by_one, "net_shared": network_of(calls_shared),
+                                 "net_alone": network_of(calls_alone)}, device, args.repeats, args.warmup)
+    t_net_shared, t_net_alone = timed["net_shared"], timed["net_alone"]
+    t_own = t_net_shared * own_fraction
+    queries = sum(int(r["queries"]) - 1 for r in rows) / B  # per image, over all searches, without the reference
+    n_s = len(searches)
+    return {
+        "size": [size, size], "images": B, "searches": [f"{s.name}/{s.objective.criterion}" for s in searches],
+        "queries_per_image": queries, "gradient_steps_per_image": sum(int(r["gradients"]) for r in rows) / B,
+        "model_calls_shared": len(calls_shared), "model_calls_one_by_one": len(calls_alone),
+        "shared_seconds": timed["shared"], "one_by_one_seconds": timed["one_by_one"],
+        "network_seconds_own_queries": t_own, "network_seconds_shared": t_net_shared,
+        "network_seconds_one_by_one": t_net_alone,
+        "ratio": t_own / timed["shared"], "ratio_one_by_one": t_own / timed["one_by_one"],
+        "network_share_shared": t_net_shared / timed["shared"],
+        "network_share_one_by_one": t_net_alone / timed["one_by_one"],
+        "max_ratio_shared": queries / (queries + 1), "max_ratio_one_by_one": queries / (queries + n_s),
+        "speedup_from_sharing": timed["one_by_one"] / timed["shared"], "peak_memory_mb": peak,
+    }
+
+
 def bench_ct(args, device: torch.device) -> dict:
     """The CT row: RS against a CT denoiser (``--ct-model``, a bundled name or registered architecture) on phantom
     slices of ``--ct-size`` at its dose, against the bare denoiser on the same batches; also the per-candidate cost of
@@ -288,6 +469,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--ct-model", default="cnn10", help="CT denoiser of the CT row (bundled name or architecture)")
     p.add_argument("--ct-size", type=int, default=128, help="CT row image size (0 skips the CT row)")
+    p.add_argument("--coils", type=int, default=8, help="varnet: receive coils of the multi-coil acquisition")
+    p.add_argument("--audit-like", action="store_true",
+                   help="the audit's six searches on one batch, sharing the clean reference vs. one by one")
     args = p.parse_args(argv)
 
     from blindspot.models.registry import build_model
@@ -312,17 +496,24 @@ def main(argv=None) -> int:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "torch": torch.__version__,
         "family": args.family,
+        "mode": "audit-like" if args.audit_like else ("multi-coil" if args.model == "varnet" else "rs"),
         "sizes": [],
     }
     for size in args.sizes:
-        entry = bench_size(model, size, args, device)
+        if args.audit_like:
+            entry = bench_audit_like(model, size, args, device)
+        elif args.model == "varnet":
+            entry = bench_varnet(model, size, args, device)
+        else:
+            entry = bench_size(model, size, args, device)
         results["sizes"].append(entry)
         print(f"# {size}x{size}: ratio {entry['ratio']:.3f}", file=sys.stderr)
     if args.ct_size:
         results["ct"] = bench_ct(args, device)
         print(f"# CT {args.ct_size}x{args.ct_size}: ratio {results['ct']['ratio']:.3f}", file=sys.stderr)
     results["min_ratio"] = min(e["ratio"] for e in results["sizes"])
-    results["min_query_ratio"] = min(e["query_ratio"] for e in results["sizes"])
+    if not args.audit_like:
+        results["min_query_ratio"] = min(e["query_ratio"] for e in results["sizes"])
     print(json.dumps(results, indent=2))
     return 0
 

@@ -198,3 +198,88 @@ def test_measurement_cat_and_select_round_trip():
     parts = [meas.select(torch.tensor([i])) for i in range(3)]
     back = Measurement.cat(parts)
     assert torch.equal(back.image, meas.image) and torch.equal(back.coil_images, meas.coil_images)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2-D masks through the same acquisition
+# ----------------------------------------------------------------------------------------------------------------
+def _mri2d(n: int = 2, kind: str = "gaussian2d", acc: int = 4, **kwargs) -> CartesianMRI:
+    return CartesianMRI.from_mask_func(create_mask_func(kind, [acc]), S, [f"v{i}.h5" for i in range(n)], height=S,
+                                       **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["gaussian2d", "poisson2d"])
+def test_2d_mask_measure_perturb_and_an_exact_null_space(kind):
+    y = _truth()
+    acq = _mri2d(kind=kind)
+    assert acq.mask.shape == (2, 1, S, S) and acq.two_dimensional and acq.describe()["mask"] == "2-D"
+    assert torch.allclose(acq.accelerations, torch.full((2,), 4.0))
+    meas = acq.measure(y)
+    assert meas.mask.shape == (2, 1, S, S)
+    # the masked k-space is M ⊙ F(y) over both axes, and the zero-filled image its inverse
+    assert torch.allclose(meas.kspace, fft2c(y) * acq.mask, atol=1e-5)
+    assert torch.allclose(meas.image, ifft2c(fft2c(y) * acq.mask).abs(), atol=1e-5)
+    delta = torch.zeros_like(y)
+    delta[:, :, 10:13, 14:16] = 0.7
+    assert torch.allclose(acq.perturb(meas, delta).image, acq.measure(y + delta).image, atol=1e-6)
+    # a feature wholly in unsampled k-space (random coefficients on the mask's zeros) changes no measurement and
+    # fails IP; the null-space projector returns it unchanged and removes every sampled coefficient
+    g = torch.Generator().manual_seed(1)
+    k = torch.complex(torch.randn(2, 1, S, S, generator=g), torch.randn(2, 1, S, S, generator=g)) * (1 - acq.mask)
+    invisible = ifft2c(k)
+    perturbed = acq.perturb(meas, invisible)
+    assert torch.allclose(perturbed.kspace, meas.kspace, atol=1e-5)
+    assert torch.allclose(perturbed.image, meas.image, atol=1e-5)
+    stats = acq.normalization(meas)
+    assert float(acq.information(meas, perturbed, stats).max()) < 1e-9
+    assert torch.allclose(acq.null_space(invisible), invisible, atol=1e-5)
+    assert float((fft2c(acq.null_space(delta.to(torch.complex64))) * acq.mask).abs().max()) < 1e-5
+    assert bool((acq.information(meas, acq.perturb(meas, delta), stats) > acq.ip_threshold).all())
+    # Parseval: the null-space and range parts are orthogonal and add up to the image
+    null = acq.null_space(delta.to(torch.complex64))
+    assert math.isclose(float(null.abs().square().sum() + (delta - null).abs().square().sum()),
+                        float(delta.square().sum()), rel_tol=1e-5)
+
+
+def test_2d_mask_select_crop_and_multi_coil():
+    acq = _mri2d(3, crop=(24, 24), sens_maps=_coil_maps(4))
+    sub = acq.select(torch.tensor([2, 0, 2]))
+    assert sub.mask.shape == (3, 1, S, S) and torch.equal(sub.mask[1], acq.mask[0])
+    assert torch.equal(sub.num_low_frequencies, acq.num_low_frequencies[[2, 0, 2]])
+    one = CartesianMRI(acq.mask[0, 0])  # one 2-D mask for every item
+    assert one.select(torch.tensor([0, 0])).mask.shape == (2, 1, S, S)
+    y = _truth(3)
+    meas = acq.measure(y)
+    assert meas.image.shape == (3, 1, 24, 24) and meas.coil_images.shape == (3, 4, S, S)
+    # every coil is masked by the item's own 2-D mask; Parseval per coil
+    assert torch.allclose(meas.kspace, fft2c(_coil_maps(4) * y) * acq.mask, atol=1e-5)
+    assert torch.allclose(meas.kspace.abs().square().sum((-2, -1)), meas.coil_images.abs().square().sum((-2, -1)),
+                          rtol=1e-4)
+    assert acq.network_mask(12, 12).shape == (3, 1, 12, 12)
+    with pytest.raises(BlindspotError, match="mask is"):
+        acq.measure(torch.rand(3, 1, S + 2, S))
+
+
+def test_kspace_networks_get_the_mask_functions_centre_lines():
+    seen = {}
+
+    class Probe(nn.Module):
+        network_input = "kspace"
+
+        def forward(self, kspace, mask, num_low_frequencies=None):
+            seen["low"], seen["mask"] = num_low_frequencies, mask.shape
+            return torch.view_as_complex(kspace.contiguous()).abs().square().sum(1).sqrt()
+
+    y = _truth(2)
+    for acq, mask_shape in ((_mri(2), (2, 1, 1, S, 1)), (_mri2d(2), (2, 1, S, S, 1))):
+        meas = acq.measure(y)
+        x, stats = acq.network_input(meas)
+        as_network(Probe())(acq, meas, x, stats)
+        assert seen["mask"] == mask_shape
+        # fastMRI's num_low_frequencies: round(W · centre fraction) per item (4x: 0.08 → 3 of 32 columns)
+        assert torch.equal(seen["low"], torch.full((2,), round(S * 0.08)))
+    # a module without the argument is called without it; an acquisition without masks' records passes none
+    as_network(ZeroFilledKspace())(acq, meas, x, stats)
+    bare = CartesianMRI(acq.mask)
+    as_network(Probe())(bare, bare.measure(y), x, stats)
+    assert seen["low"] is None

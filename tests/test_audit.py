@@ -89,6 +89,11 @@ def test_files_and_self_contained_report(audit):
     assert not re.search(r"(src|href)=['\"](https?:|file:|/)", html)  # nothing outside the file
     assert "Tiny I-RIM" in result.markdown and "Acceptance Rate" in result.markdown
     assert "seed criterion" in html and "recovery criterion" in html and "error alone at threshold" in html
+    # it opens with the attack-rate figure and Table 1 (each row's acquisition); the details follow
+    assert html.index("<figure class='summary'>") < html.index("<h2>Table 1") < html.index("<h2>Table 2")
+    assert (out / "figures" / "attack_rates.png").stat().st_size > 0
+    assert html.count("<td>single-coil, zero-filled image</td>") == 3  # zero-filled and both models, at 4x
+    assert "none of these networks is one of the seed" in html  # no seed paper numbers beside tiny nets
     assert set(data["attack_rates_by_criterion"]) == {"seed", "recovery"}
 
 

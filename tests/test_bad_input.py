@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import h5py
@@ -450,3 +451,81 @@ def test_header_with_non_numeric_values(tmp_path):
     path = _good_h5(tmp_path, header=header)
     with pytest.raises(BlindspotError, match="encodedSpace/matrixSize/x is 'sixteen', not a number"):
         FastMRISliceDataset(path)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The validation layer (blindspot.validate): argparse types with physical limits, sizes, output paths.
+# ------------------------------------------------------------------------------------------------------------------
+def test_argument_types_accept_the_range_and_refuse_the_rest():
+    import argparse
+
+    from blindspot import validate as v
+
+    good = {v.acceleration: ["1", "4", "8.5", "32"], v.dose: ["1", "0.25", "1e-3"], v.fraction: ["0.5", "1e-9"],
+            v.unit_fraction: ["1", "0.001"], v.positive_float: ["1e-12", "3"], v.non_negative_int: ["0", "7"],
+            v.image_side: ["16", "4096"], v.positive_int: ["1"]}
+    bad = {v.acceleration: ["0", "0.99", "nan", "inf", "-4", "33", "x"], v.dose: ["0", "-0.5", "1.01", "nan"],
+           v.fraction: ["0", "1", "nan"], v.unit_fraction: ["0", "5", "-1", "inf"],
+           v.positive_float: ["0", "-1", "nan", "-inf"], v.non_negative_int: ["-1", "1.5", "nan"],
+           v.image_side: ["1", "15", "4097", "16.0"], v.positive_int: ["0", "-3"]}
+    for parse, texts in good.items():
+        for text in texts:
+            assert parse(text) == float(text)
+    for parse, texts in bad.items():
+        for text in texts:
+            with pytest.raises(argparse.ArgumentTypeError):
+                parse(text)
+
+
+def test_hparam_values_are_parsed_and_type_checked():
+    import argparse
+
+    from blindspot import validate as v
+    from blindspot.models.registry import model_defaults
+
+    assert v.hparam("chans=16") == ("chans", 16) and v.hparam("dilations=[1,2]") == ("dilations", [1, 2])
+    assert v.hparam("num-pool-layers=3") == ("num_pool_layers", 3) and v.hparam("name=abc") == ("name", "abc")
+    for text in ("chans", "=3", "chans=NaN", "chans=Infinity", "chans=1e400", "dilations=[1, -Infinity]", "1x=2"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            v.hparam(text)
+    defaults = model_defaults("unet")
+    v.check_hparam_types({"chans": 8, "drop_prob": 0}, defaults)  # an int is a fine float
+    for hp, words in (({"chans": "abc"}, "chans must be an integer"), ({"chans": 8.5}, "chans must be an integer"),
+                      ({"chans": True}, "chans must be an integer"), ({"nosuch": 1}, "unknown hyper-parameter")):
+        with pytest.raises(BlindspotError, match=words) as info:
+            v.check_hparam_types(hp, defaults)
+        assert info.value.source == "--hparam"
+
+
+def test_sizes_and_output_paths(tmp_path):
+    from blindspot import validate as v
+
+    assert v.check_array_bytes((8, 640, 368), 8, "--x") == 8 * 640 * 368 * 8
+    with pytest.raises(BlindspotError, match=r"9999x4096x4096 \(.* GiB\), beyond the limit") as info:
+        v.check_array_bytes((9999, 4096, 4096), 8, "--slices/--shape")
+    assert info.value.source == "--slices/--shape"
+    v.check_crop((16, 16), (3, 40, 40), "img.npy")
+    with pytest.raises(BlindspotError, match="64 40 is larger than the 40x40 image of img.npy") as info:
+        v.check_crop((64, 40), (40, 40), "img.npy")
+    assert info.value.source == "--crop"
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.npy").write_bytes(b"x")
+    for out, words in ((data, "is or lies inside the input data"), (data / "sub" / "run", "inside the input data"),
+                       (tmp_path, "holds the input data"), (data / "a.npy", "exists and is not a folder")):
+        with pytest.raises(BlindspotError, match=words):
+            v.check_output_folder(out, inputs=[data])
+    run = tmp_path / "run"
+    assert v.check_output_folder(run, inputs=[data, None]) == run  # absent: fine, nothing created
+    assert not run.exists()
+    run.mkdir()
+    (run / "table.md").write_text("old")
+    with pytest.raises(BlindspotError, match=r"already holds results \(table.md\); pass --overwrite"):
+        v.check_output_folder(run, results=["table.md", "x.csv"])
+    v.check_output_folder(run, results=["table.md"], overwrite=True)
+    with pytest.raises(BlindspotError, match="already exists; pass --overwrite"):
+        v.check_output_file(run / "table.md", "--json")
+    assert v.check_output_file(run / "table.md", "--json", overwrite=True) == run / "table.md"
+    with pytest.raises(BlindspotError, match="is a folder"):
+        v.check_output_file(run, "--json", overwrite=True)
+    assert v.printable(Path(os.fsdecode(b"a\xffb.npy"))) == "a\\xffb.npy"

@@ -242,3 +242,53 @@ def test_bad_input_is_a_one_line_error():
         lowres_maps(bad, mask)
     with pytest.raises(BlindspotError, match="kernel size"):
         espirit_maps(k, mask, kernel_size=1)
+
+
+def test_num_low_frequencies_per_item_and_the_2d_calibration_box():
+    from blindspot.physics.coils import calibration_box
+
+    m = torch.zeros(2, 1, 1, 16)
+    m[..., 6:10] = 1
+    # per-item widths (fastMRI's data transform gives one per slice); 0 means "detect it"
+    start, n = low_frequency_columns(m, torch.tensor([2, 0]))
+    assert start.tolist() == [7, 6] and n.tolist() == [2, 4]
+    start, n = low_frequency_columns(m[:1], torch.tensor([2, 6, 4]))  # one mask for three items
+    assert n.tolist() == [2, 6, 4] and start.tolist() == [7, 5, 6]
+    with pytest.raises(BlindspotError, match="num_low_frequencies"):
+        low_frequency_columns(m, torch.tensor([2, 2, 2]))
+    # a 2-D mask: a 4 × 6 box around DC (rows 6..9, columns 5..10 of 16 × 16) plus scattered samples
+    m2 = torch.zeros(1, 1, 16, 16)
+    m2[..., 6:10, 5:11] = 1
+    m2[..., 0, 3] = m2[..., 12, 14] = m2[..., 8, 1] = 1
+    box = calibration_box(m2)
+    expect = torch.zeros(1, 1, 16, 16, dtype=torch.bool)
+    expect[..., 6:10, 5:11] = True
+    assert torch.equal(box, expect)
+    expect[..., 5:11] = False
+    expect[..., 6:10, 6:10] = True  # the width when known: 4 columns
+    assert torch.equal(calibration_box(m2, 4), expect)
+
+
+def test_lowres_maps_from_the_calibration_box_of_a_2d_mask():
+    """The synthetic case of ``test_acs_estimators_recover_smooth_synthetic_coils`` under a 2-D Gaussian mask with a
+    20 × 20 calibration box (128 × 128, centre fraction 0.16): the box alone makes the maps, and they are about as
+    good as those of 20 ACS columns (same limits)."""
+    from blindspot.physics.coils import calibration_box
+
+    H = 128
+    truth, maps = textured_object(H, H), smooth_coils(H, H)
+    mask = create_mask_func("gaussian2d", [4], [0.16])(H, seed="synthetic", height=H).mask.reshape(1, 1, H, H)
+    inside = (truth > 0.3 * truth.max())[:, 0]
+    k = coil_kspace(truth, maps) * mask
+    # the detected box holds the drawn 20 × 20 box (rows and columns 54..73), plus any fully sampled run next to it
+    assert bool(calibration_box(mask)[..., 54:74, 54:74].all())
+    est = lowres_maps(k, mask)
+    err, _ = map_error(est, maps, inside)
+    assert err < 0.04
+    err, _ = map_error(lowres_maps(k, mask, window=False), maps, inside)
+    assert err < 0.04
+    # only the box reaches the maps: a sampled position outside it changes nothing
+    outside = (mask.bool() & ~calibration_box(mask)).nonzero()[0]
+    k2 = k.clone()
+    k2[:, :, outside[2], outside[3]] *= 5.0
+    assert torch.equal(lowres_maps(k2, mask), est)

@@ -201,7 +201,8 @@ def test_compressed_pixel_data_without_decoder(tmp_path, monkeypatch, capsys):
         LDCTDataset(find_ldct(tmp_path))
     _one_line(info.value, target)
     assert "RLE Lossless" in info.value.problem and "no decoder" in info.value.problem
-    code = main(["train", "ct", "--model", "cnn10", "--data", str(tmp_path), "--out", str(tmp_path / "run"),
+    run = tmp_path.with_name(tmp_path.name + "_run")  # never inside the input data
+    code = main(["train", "ct", "--model", "cnn10", "--data", str(tmp_path), "--out", str(run),
                  "--val-fraction", "0", "--test-fraction", "0", "--patch-size", "8", "--device", "cpu"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and str(target) in err[0]

@@ -15,6 +15,7 @@ from blindspot.data.fastmri import (
     read_volume_info,
 )
 from blindspot.data.mri import detect_kind, open_mri_dataset
+from blindspot.errors import BlindspotError
 from blindspot.data.sample import collate_mri
 from blindspot.physics.mri import CartesianUndersampling, center_crop, create_mask_func, fft2c, ifft2c
 
@@ -105,11 +106,15 @@ def test_crop_rules(tmp_path):
     info = read_volume_info(path)
     assert info.header.recon_size is None and info.crop == (40, 36)
     assert FastMRISliceDataset(path)[0].input.shape == (1, 40, 36)
-    # an explicit crop wins over the header; it is capped to the stored target
+    # an explicit crop wins over the header; one larger than the stored target is an error (what is recorded is
+    # what is used), as is one smaller than any network accepts
     path2 = tmp_path / "header.h5"
     write_singlecoil(path2, size=(32, 32), recon=(24, 24))
     assert FastMRISliceDataset(path2, crop=(16, 12))[0].target.shape == (1, 16, 12)
-    assert FastMRISliceDataset(path2, crop=(30, 30))[0].target.shape == (1, 24, 24)
+    with pytest.raises(BlindspotError, match="header.h5: crop 30x30 is larger than the 24x24 image"):
+        FastMRISliceDataset(path2, crop=(30, 30))
+    with pytest.raises(BlindspotError, match="crop 4x4 is smaller"):
+        FastMRISliceDataset(path2, crop=(4, 4))
 
 
 def test_header_padding_removes_unacquired_columns(tmp_path, mask_func):

@@ -85,31 +85,38 @@ def test_heavy_blur_loses_the_features():
     assert bool(res.evaluation.accepted.all())
     assert float(res.evaluation.recovery.max()) < 0.5
     assert float(res.success.float().mean()) == 1.0
-    # also under the seed's criterion (whole-image MSE on T)
-    res = RandomSearch(n_candidates=3)(Blur(4.0), batch, FULL)
+    # also under the seed's criterion (whole-image MSE on T), for walks large enough that their erased energy reaches
+    # the seed's threshold at this size (a seed-sized 10-pixel walk on these smooth phantoms does not: see
+    # test_seed_scale.py)
+    res = RandomSearch(FeatureSampler("walk", ((60, 100), (0, 0))), n_candidates=3)(Blur(4.0), batch, FULL)
     assert float(res.success.float().mean()) == 1.0
 
 
-def test_zero_model_has_zero_recovery_and_the_loss_is_the_truth_energy_on_T():
+@pytest.mark.parametrize("normalization", ["clean", "perturbed"])
+def test_zero_model_has_zero_recovery_and_the_loss_is_the_truth_energy_on_T(normalization):
     batch = make_batch(phantoms(3), create_mask_func("random", [4]))
-    obj = FnafObjective(dilation=2)
+    obj = FnafObjective(dilation=2, normalization=normalization)
     ctx = obj.prepare(Zero(), batch, create_mask_func("random", [4]))
     f = FeatureSampler("disc").sample(
         torch.tensor([[1], [2], [3]], dtype=torch.int64), ctx.region, ctx.dynamic_range
     )
     values, support = f.render(ctx.shape)
     ev = obj.evaluate(Zero(), ctx, torch.arange(3), values, support)
-    # by hand
+    # by hand: N(y') with the clean input's statistics, or with the perturbed input's own (the seed's)
     y_pert = ctx.target + values
-    ny = ctx.stats.apply(y_pert)
-    T = F.max_pool2d(support.float(), 5, 1, 2)
-    assert torch.allclose(ev.attack_loss, (T * ny).square().mean((1, 2, 3)), rtol=1e-5)
-    assert torch.allclose(ev.recovery, torch.zeros(3), atol=1e-6)
-    # without any feature the zero model's error on T is the clean truth's energy there
-    assert torch.allclose(ev.baseline_loss, (T * ctx.stats.apply(ctx.target)).square().mean((1, 2, 3)), rtol=1e-5)
     x_pert = CartesianUndersampling(ctx.acquisition.mask)(y_pert)
     x0 = CartesianUndersampling(ctx.acquisition.mask)(ctx.target)
     _, stats0 = normalize(x0)
+    _, stats_p = normalize(x_pert)
+    assert not torch.allclose(stats_p.mean, stats0.mean, rtol=1e-3)  # the discs do move the statistics
+    ny = (stats0 if normalization == "clean" else stats_p).apply(y_pert)
+    T = F.max_pool2d(support.float(), 5, 1, 2)
+    assert torch.allclose(ev.attack_loss, (T * ny).square().mean((1, 2, 3)), rtol=1e-5)
+    # a zero output is zero in the perturbed statistics' units; in the clean units it is (μ' − μ)/σ, whose kept
+    # share of the feature is tiny but not exactly zero
+    assert torch.allclose(ev.recovery, torch.zeros(3), atol=1e-6 if normalization == "clean" else 0.05)
+    # without any feature the zero model's error on T is the clean truth's energy there
+    assert torch.allclose(ev.baseline_loss, (T * ctx.stats.apply(ctx.target)).square().mean((1, 2, 3)), rtol=1e-5)
     ip = (stats0.apply(x_pert) - stats0.apply(x0)).square().mean((1, 2, 3))
     assert torch.allclose(ev.ip_loss, ip, rtol=1e-5)
     assert torch.equal(ev.accepted, ip > 1e-4)

@@ -66,16 +66,16 @@ def test_png_grayscale_is_the_target_and_kspace_is_simulated(tmp_path):
 
 def test_png_modes(tmp_path):
     rgb = np.zeros((8, 8, 3), np.uint8)
-    rgb[..., 0], rgb[..., 1], rgb[..., 2] = 100, 200, 50
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = 100 + np.arange(8, dtype=np.uint8)[None, :], 200, 50  # not constant
     Image.fromarray(rgb).save(tmp_path / "rgb.png")
     Image.fromarray(np.concatenate([rgb, np.full((8, 8, 1), 255, np.uint8)], -1)).save(tmp_path / "rgba.png")
     u16 = _u16((8, 8))
     Image.fromarray(u16).save(tmp_path / "u16.png")
     ds = ImageDataset(tmp_path, size=None)
     by_name = {ds[i].fname: ds[i] for i in range(len(ds))}
-    lum = 0.299 * 100 + 0.587 * 200 + 0.114 * 50
-    torch.testing.assert_close(by_name["rgb.png"].target, torch.full((1, 8, 8), lum))
-    torch.testing.assert_close(by_name["rgba.png"].target, torch.full((1, 8, 8), lum))
+    lum = (0.299 * (100 + torch.arange(8.0)) + 0.587 * 200 + 0.114 * 50).expand(1, 8, 8)
+    torch.testing.assert_close(by_name["rgb.png"].target, lum)
+    torch.testing.assert_close(by_name["rgba.png"].target, lum)
     torch.testing.assert_close(by_name["u16.png"].target[0], torch.from_numpy(u16.astype(np.float32)))
 
 

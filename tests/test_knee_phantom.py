@@ -225,15 +225,21 @@ def test_write_resumes_and_overwrites(tmp_path):
     again = write_phantom_volumes(tmp_path, 3, 2, seed=0, shape=SMALL, recon_size=RECON, progress=False)
     assert again[:2] == first and len(again) == 3
     assert [os.stat(p).st_mtime_ns for p in first] == stamps  # kept, not rewritten
-    # A different size is a different phantom: rewritten.
-    write_phantom_volumes(tmp_path, 1, 2, seed=0, shape=(48, 48), recon_size=RECON, progress=False)
+    # A different size is a different phantom: refused without overwrite (nothing touched), rewritten with it.
+    with pytest.raises(BlindspotError, match="pass --overwrite"):
+        write_phantom_volumes(tmp_path, 1, 2, seed=0, shape=(48, 48), recon_size=RECON, progress=False)
+    assert [os.stat(p).st_mtime_ns for p in first] == stamps
+    write_phantom_volumes(tmp_path, 1, 2, seed=0, shape=(48, 48), recon_size=RECON, overwrite=True, progress=False)
     with h5py.File(first[0], "r") as hf:
         assert hf["kspace"].shape == (2, 48, 48)
     write_phantom_volumes(tmp_path, 2, 2, seed=0, shape=SMALL, recon_size=RECON, overwrite=True, progress=False)
     assert os.stat(first[1]).st_ino != inodes[1]  # replaced by rename
-    # A corrupt file is regenerated rather than trusted.
+    # A corrupt file is neither trusted nor silently replaced: an error naming it; --overwrite regenerates it.
     first[1].write_bytes(b"not hdf5")
-    write_phantom_volumes(tmp_path, 2, 2, seed=0, shape=SMALL, recon_size=RECON, progress=False)
+    with pytest.raises(BlindspotError) as info:
+        write_phantom_volumes(tmp_path, 2, 2, seed=0, shape=SMALL, recon_size=RECON, progress=False)
+    assert info.value.source == str(first[1]) and first[1].read_bytes() == b"not hdf5"
+    write_phantom_volumes(tmp_path, 2, 2, seed=0, shape=SMALL, recon_size=RECON, overwrite=True, progress=False)
     with h5py.File(first[1], "r") as hf:
         assert hf["kspace"].shape == (2, *SMALL)
 
@@ -323,12 +329,11 @@ def test_cli_writes_files_and_panel(tmp_path, capsys):
 def test_cli_bad_input_exits_2(tmp_path, capsys):
     assert main(["data", "phantoms", "--out", str(tmp_path), "--volumes", "1", "--slices", "1",
                  "--shape", "8", "8"]) == 2
-    assert "at least 16x16" in capsys.readouterr().err
+    assert "argument --shape: must be an integer in [16, 4096] pixels" in capsys.readouterr().err
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert main(["data", "phantoms", "--out", str(blocker), "--volumes", "1", "--slices", "1",
                  "--shape", "32", "32"]) == 2
     assert "not a folder" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as err:
-        main(["data", "phantoms", "--out", str(tmp_path), "--volumes", "0"])
-    assert err.value.code == 2
+    assert main(["data", "phantoms", "--out", str(tmp_path), "--volumes", "0"]) == 2  # argparse: one line, exit 2
+    assert "argument --volumes: must be an integer >= 1" in capsys.readouterr().err

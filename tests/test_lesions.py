@@ -367,3 +367,110 @@ def test_audit_lesion_section_matches_blindspot_lesions(lesion_data, tmp_path, c
     rc = main(["audit", "--model", str(ckpt), "--boxes", csv_path, "--out", str(tmp_path / "no_data")])
     err = capsys.readouterr().err
     assert rc == 2 and "--boxes needs --data" in err and len(err.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The seed authors' annotation CSV (filename, slice, numBBs, labels, coords on the row-flipped image)
+# ----------------------------------------------------------------------------------------------------------------
+AUTHOR_HEADER = "filename,slice,numBBs,labels,coords\n"
+
+
+def _author_csv(boxes, h: int, label_of=lambda b: "Lat_Men") -> str:
+    """The boxes (rows from the top, 0-based slices) as the authors write them, built here independently of the
+    reader: 1-based slices, ``[xmin xmax ymin ymax]`` with rows counted on the upside-down image, fractional
+    coordinates inside the boxes' pixels (the reader takes every pixel a box overlaps), one row per slice."""
+    per: dict = {}
+    for b in boxes:
+        per.setdefault((b.file.removesuffix(".h5"), b.slice), []).append(b)
+    lines = [AUTHOR_HEADER]
+    for (file, s), group in per.items():
+        coords = np.array([[b.x + 0.25, b.x + b.width - 0.4, h - b.y - b.height + 0.1, h - b.y - 0.3]
+                           for b in group])
+        labels = np.array([label_of(b) for b in group])
+        lines.append(f'{file},{s + 1},{len(group)},{labels},"{coords}"\n')
+    return "".join(lines)
+
+
+def test_author_csv_gives_the_same_preserved_total_as_fastmri_plus(lesion_data, tmp_path):
+    root, paths, boxes = lesion_data
+    to_author = {"cartilage": "CartMedFem", "meniscus": "Lat_Men", "bone marrow": "BML_Med_Tib"}
+    text = _author_csv(boxes, SIZE[0], lambda b: to_author[b.label])
+    assert "\n [" in text  # a slice with two boxes: NumPy prints them on two lines of one quoted field
+    (tmp_path / "authors.csv").write_text(text)
+    ann = read_annotations(tmp_path / "authors.csv")
+    assert ann.layout == "authors" and ann.origin == "bottom"
+    # Oracle for the flip: on the authors' own reading (np.flip(reconstruction_esc, axis=1)), the largest change the
+    # planted lesions make on each slice lies inside one of that slice's boxes, in the file's continuous coordinates.
+    for path in paths:
+        with h5py.File(path, "r") as hf:
+            flipped = np.flip(np.asarray(hf["reconstruction_esc"]), axis=1)
+            seed = int(hf.attrs["phantom_seed"])
+        plain = np.flip(kp.reconstruction_from_kspace(kp.generate_knee_volume(seed, 4, SIZE, SIZE).kspace(),
+                                                      SIZE).numpy(), axis=1)
+        for b in {(a.file, a.slice) for a in ann.boxes if a.file == path.stem}:
+            r, c = divmod(int(np.abs(flipped[b[1]] - plain[b[1]]).argmax()), SIZE[1])
+            on = [a for a in ann.boxes if (a.file, a.slice) == b]
+            assert any(a.y <= r < a.y + a.height and a.x <= c < a.x + a.width for a in on)
+    ds = FastMRISliceDataset(root / "data", progress=False)
+    checked = validate_annotations(ann, {v.fname: (v.num_slices, v.crop) for v in ds.volumes})  # origin ignored
+    key = lambda b: (b.file.removesuffix(".h5"), b.slice, b.x, b.y, b.width, b.height)  # noqa: E731
+    assert sorted(map(key, checked)) == sorted(map(key, boxes))
+    # blindspot lesions on both files: the same preserved / total, label by label (labels renamed 1:1)
+    tables = {}
+    for name, csv_path in (("plus", root / "boxes.csv"), ("authors", tmp_path / "authors.csv")):
+        rc = main(["lesions", "--model", "zero-filled", "--data", str(root / "data"), "--boxes", str(csv_path),
+                   "--out", str(tmp_path / name), "--max-figures", "0", "--no-progress"])
+        assert rc == 0
+        tables[name] = json.loads((tmp_path / name / "table.json").read_text())["preserved"]["Zero-filled"]
+    assert tables["authors"]["all"] == tables["plus"]["all"] and tables["plus"]["all"]["total"] == len(boxes)
+    for label, author_label in to_author.items():
+        if label in tables["plus"]:
+            assert tables["authors"][author_label] == tables["plus"][label]
+    # write_annotations(heights=...) writes the same layout back
+    from blindspot.data.lesions import write_annotations as write
+
+    write(tmp_path / "again.csv", checked, heights={"file_phantom_000000": 64, "file_phantom_000001": 64})
+    again = validate_annotations(read_annotations(tmp_path / "again.csv"),
+                                 {v.fname: (v.num_slices, v.crop) for v in ds.volumes})
+    assert sorted(map(key, again)) == sorted(map(key, boxes))
+
+
+def test_author_csv_known_box_and_pandas_index(tmp_path):
+    # pandas' index column is ignored; one box [10.5 14.2 50 56] on the upside-down 64-row image of slice 3 covers
+    # columns 10..14 and flipped rows 50..55, i.e. blindspot's rows 8..13 of slice index 2
+    path = _csv(tmp_path, ",filename,slice,numBBs,labels,coords\n"
+                          "0,file_a,3,1,['Cyst'],[[10.5  14.2  50.   56.  ]]\n")
+    (box,) = validate_annotations(read_annotations(path), VOLS, origin="top")
+    assert (box.file, box.slice, box.x, box.width, box.y, box.height, box.label) == ("file_a", 2, 10, 5, 8, 6, "Cyst")
+
+
+@pytest.mark.parametrize(
+    "body, problem",
+    [
+        ("file_a,0,1,['Cyst'],[[1 2 3 4]]\n", "row 2: slice must be >= 1"),
+        ("file_a,1,2,['Cyst'],[[1 2 3 4]]\n", "row 2: numBBs is 2 but the row has 1 label(s) and 1 box(es)"),
+        ("file_a,1,1,['Tumour'],[[1 2 3 4]]\n", "row 2: unknown label 'Tumour'"),
+        ("file_a,1,1,['Cyst'],[[1 2 3]]\n", "row 2: coords box [1 2 3] must be four finite numbers"),
+        ("file_a,1,1,['Cyst'],[[1 2 3 x]]\n", "row 2: coords box [1 2 3 x] holds a value that is not a number"),
+        ("file_a,1,1,['Cyst'],1 2 3 4\n", "row 2: coords '1 2 3 4' is not a list"),
+        ("file_a,1,1,['Cyst'],[[5 2 3 4]]\n", "row 2: box [5 2 3 4] is empty"),
+        ("file_a,1,1,['Cyst'],[[-1 2 3 4]]\n", "row 2: box [-1 2 3 4] is outside the image"),
+        ("file_a,1,1,['Cyst'],\n", "row 2: coords is empty"),
+        ('file_a,1,2,[\'Cyst\' \'Med_Men\'],"[[1 2 3 4]\n [5 6 7 8]]"\nfile_a,2,1,[\'Cyst\'],[[1 2 3]]\n',
+         "row 4: coords box"),  # the line the row starts on, after a two-line row
+    ],
+)
+def test_author_csv_malformed_rows_name_the_row(tmp_path, body, problem):
+    path = _csv(tmp_path, AUTHOR_HEADER + body)
+    with pytest.raises(BlindspotError) as err:
+        read_annotations(path)
+    assert problem in str(err.value) and str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_author_csv_box_leaving_the_image_and_cli_error(lesion_data, tmp_path, capsys):
+    root, _, _ = lesion_data
+    path = _csv(tmp_path, AUTHOR_HEADER + "file_phantom_000000,1,1,['Cyst'],[[60.5 66 1 3]]\n")
+    rc = main(["lesions", "--model", "zero-filled", "--data", str(root / "data"), "--boxes", str(path),
+               "--out", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "row 2: box" in err and "leaves the 64x64 image" in err and len(err.strip().splitlines()) == 1

@@ -204,3 +204,84 @@ def test_resample_mask_nearest_frequency():
     out = resample_mask(mask, 320)
     assert out.shape == (1, 320) and float(out.sum()) == 1 and float(out[0, 160]) == 1
     assert torch.equal(resample_mask(mask, 368), mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2-D (variable-density) masks
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["gaussian2d", "poisson2d"])
+@pytest.mark.parametrize("accel,shape", [(4, (48, 40)), (8, (40, 56))])
+def test_2d_masks_sample_one_over_r_with_a_full_centre(kind, accel, shape):
+    H, W = shape
+    fn = create_mask_func(kind, [accel])
+    m = fn(W, seed="file1000.h5", height=H)
+    assert m.mask.shape == (H, W) and m.two_dimensional and set(m.mask.unique().tolist()) <= {0.0, 1.0}
+    # Gaussian: exactly round(HW/R) samples (weighted sampling without replacement); Poisson disc: within its 1 %
+    # tolerance of the bisection on the disc radius (+ one sample)
+    n, target = float(m.mask.sum()), round(H * W / accel)
+    assert abs(n - target) <= (0 if kind == "gaussian2d" else 0.01 * target + 1)
+    ch, cw = m.calibration
+    assert (ch, cw) == (round(H * fn.center_fractions[0]), round(W * fn.center_fractions[0]))
+    top, left = (H - ch + 1) // 2, (W - cw + 1) // 2
+    assert bool((m.mask[top : top + ch, left : left + cw] == 1).all())  # calibration box fully sampled
+    assert m.mask[H // 2, W // 2] == 1 and m.num_low_frequencies == cw
+    # variable density: the inner quarter of k-space is sampled more densely than the rest
+    inner = m.mask[H // 4 : 3 * H // 4, W // 4 : 3 * W // 4]
+    outer_density = (m.mask.sum() - inner.sum()) / (H * W - inner.numel())
+    assert float(inner.mean()) > 1.5 * float(outer_density)
+    # seeding: same seed → same mask (also from a fresh function), another seed → another mask; fastMRI's string
+    # seeding (the file name's character codes)
+    again = create_mask_func(kind, [accel])(W, seed="file1000.h5", height=H)
+    assert torch.equal(again.mask, m.mask)
+    assert not torch.equal(fn(W, seed="file1001.h5", height=H).mask, m.mask)
+    assert torch.equal(fn(W, seed=tuple(map(ord, "file1000.h5")), height=H).mask, m.mask)
+
+
+def test_2d_masks_need_the_height_and_reject_bad_settings():
+    with pytest.raises(BlindspotError, match="height"):
+        create_mask_func("poisson2d", [4])(32, seed=0)
+    with pytest.raises(BlindspotError, match="std"):
+        from blindspot.physics.mri import Gaussian2DMaskFunc
+
+        Gaussian2DMaskFunc([0.08], [4], std=0.0)
+    with pytest.raises(BlindspotError, match="unknown mask type"):
+        create_mask_func("poisson3d", [4])
+
+
+def test_poisson_disc_is_the_sequential_greedy_selection():
+    import math
+
+    from blindspot.physics.mri import normalized_radius, poisson_disc
+
+    H, W = 21, 17
+    radius = 3.0 * normalized_radius(H, W)
+    order = np.random.RandomState(3).permutation(H * W).reshape(H, W)
+    kept, points = np.zeros((H, W), dtype=bool), []
+    for idx in np.argsort(order.ravel()):  # the oracle: visit in order, keep unless a kept one is too close
+        i, j = divmod(int(idx), W)
+        if all(math.hypot(i - a, j - b) >= 0.5 * (radius[i, j] + radius[a, b]) for a, b in points):
+            points.append((i, j))
+            kept[i, j] = True
+    assert np.array_equal(poisson_disc(radius, order), kept)
+    # and the defining property: no two kept positions conflict
+    pts = np.argwhere(kept)
+    d = np.hypot(*(pts[:, None, :] - pts[None, :, :]).transpose(2, 0, 1))
+    r = radius[kept]
+    np.fill_diagonal(d, np.inf)
+    assert bool((d >= 0.5 * (r[:, None] + r[None, :])).all())
+
+
+def test_undersampling_with_a_2d_mask_is_the_2d_formula():
+    from blindspot.physics.mri import masked_image, zero_filled
+
+    H, W = 24, 20
+    m = create_mask_func("gaussian2d", [4])(W, seed=5, height=H).mask
+    x = _complex((2, 3, H, W), seed=1)
+    expect = ifft2c(fft2c(x) * m)
+    assert torch.allclose(masked_image(x, m), expect, atol=1e-5)
+    assert torch.allclose(zero_filled(x, m), expect.abs(), atol=1e-5)
+    op = CartesianUndersampling(m)
+    assert torch.allclose(op(x[:, :1]), expect[:, :1].abs(), atol=1e-5)
+    # resampling a 2-D mask onto another grid by nearest frequency keeps DC and the calibration box
+    small = resample_mask(m, 10, 12)
+    assert small.shape == (12, 10) and small[6, 5] == 1

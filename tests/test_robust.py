@@ -5,6 +5,7 @@ processes both ranks stay in sync."""
 import json
 import os
 import socket
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -20,6 +21,7 @@ from blindspot.models.registry import build_model
 from blindspot.training.distributed import DistContext
 from blindspot.training.engine import seed_everything
 from blindspot.training.mri import mri_loss
+from blindspot.physics.mri import CartesianUndersampling, NormStats, normalize, resample_mask
 from blindspot.training.robust import RobustConfig, fnaf_robust_loss, make_examples
 
 TINY_UNET = {"chans": 4, "num_pool_layers": 2}
@@ -65,7 +67,8 @@ def test_examples_follow_the_attack_and_rs_keeps_the_worst():
     # the kept feature is the worst of the 5 candidates the attack's sampler draws for that image
     ctx = ex.ctx
     keys = candidate_keys(ctx.image_keys, torch.arange(5))
-    feats = FeatureSampler("walk").sample(keys, ctx.region, ctx.dynamic_range)
+    feats = FeatureSampler("walk", ((10, 99), (0, 0))).sample(keys, ctx.region, ctx.dynamic_range)  # the seed's
+    assert torch.equal(feats.size, cfg.sampler("walk").sample(keys, ctx.region, ctx.dynamic_range).size)
     v, s = feats.render(ctx.shape)
     with torch.no_grad():
         ev = objective.evaluate(model, ctx, torch.arange(2).repeat_interleave(5), v, s)
@@ -94,7 +97,7 @@ def test_gradient_search_increases_the_attack_loss():
 
 
 @pytest.mark.parametrize("arch", ["unet", "irim"])
-def test_loss_is_usual_plus_weighted_attack_loss(arch):
+def test_loss_is_usual_on_the_replaced_batch_plus_weighted_attack_loss(arch):
     batch, model = _batch(), _model(arch)
     usual = mri_loss("l1")
     ctx = _ctx(step=5)
@@ -103,18 +106,61 @@ def test_loss_is_usual_plus_weighted_attack_loss(arch):
     torch.testing.assert_close(zero, plain)
     w1, ex1 = fnaf_robust_loss(usual, RobustConfig(fraction=0.5, weight=1.0))(model, batch, _ctx(step=5))
     w3, ex3 = fnaf_robust_loss(usual, RobustConfig(fraction=0.5, weight=3.0))(model, batch, _ctx(step=5))
-    torch.testing.assert_close(ex1["base_loss"], plain.detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(w1, plain + ex1["fnaf_loss"], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(w3, plain + 3.0 * ex3["fnaf_loss"], rtol=1e-5, atol=1e-6)
-    # the attack loss is the attack's L_atk of the examples, recomputed independently
+    torch.testing.assert_close(w1, ex1["base_loss"] + ex1["fnaf_loss"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w3, ex3["base_loss"] + 3.0 * ex3["fnaf_loss"], rtol=1e-5, atol=1e-6)
+    # the usual loss is that of the batch whose chosen rows are the perturbed pairs, built here by hand: the zero-filled
+    # image of y + δ' under the image's own mask, normalised with its own statistics (the seed's normalisation)
     objective = FnafObjective(reference=False, fuse_reference=False)
     ex = make_examples(model, batch, RobustConfig(fraction=0.5), objective, _ctx(step=5).generator,
                        (0 * 1_000_003 + 5) & 0x7FFFFFFF)
+    inputs, targets = batch.input.clone(), batch.target.clone()
+    means, stds = batch.stats.mean.clone(), batch.stats.std.clone()
+    for k, row in enumerate(ex.chosen.tolist()):
+        y_p = batch.target[row : row + 1] + ex.feature[k : k + 1]
+        x_p = CartesianUndersampling(resample_mask(batch.mask[row], 32).reshape(32))(y_p)
+        _, st = normalize(x_p)
+        inputs[row], targets[row], means[row], stds[row] = x_p[0], y_p[0], st.mean[0], st.std[0]
+    assert not torch.equal(inputs, batch.input)
+    by_hand = replace(batch, input=inputs, target=targets, stats=NormStats(means, stds, batch.stats.clamp))
     with torch.no_grad():
+        expected, _ = usual(model, by_hand, ctx)
         direct = objective.evaluate(model, ex.ctx, ex.image_idx, ex.feature, ex.support).attack_loss.mean()
+    torch.testing.assert_close(ex1["base_loss"], expected, rtol=1e-4, atol=1e-6)
+    # the attack loss is the attack's L_atk of the examples, recomputed independently
     torch.testing.assert_close(ex1["fnaf_loss"], direct, rtol=1e-4, atol=1e-6)
     w1.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def _counting(model):
+    calls = []
+    model.register_forward_hook(lambda m, i, o: calls.append((i[0].shape[0], torch.is_grad_enabled())))
+    return calls
+
+
+def test_a_robust_step_runs_the_network_once_on_the_usual_batch():
+    """No forward pass beyond a standard step's: ``draw`` calls the network once, on B images; ``rs`` adds only its
+    gradient-free scoring of the candidates."""
+    batch, model = _batch(), _model()
+    calls = _counting(model)
+    loss, _ = fnaf_robust_loss(mri_loss("l1"), RobustConfig(fraction=0.5, search="draw"))(model, batch, _ctx(step=1))
+    assert calls == [(4, True)]
+    calls.clear()
+    fnaf_robust_loss(mri_loss("l1"), RobustConfig(fraction=0.5, search="rs", candidates=3))(model, batch, _ctx(step=1))
+    assert [c for c in calls if c[1]] == [(4, True)]
+    assert sum(n for n, grad in calls if not grad) == 2 * 3  # 2 chosen images × 3 candidates, without gradients
+
+
+def test_alternate_mixing_is_a_clean_step_then_a_feature_step():
+    batch, model = _batch(), _model()
+    usual = mri_loss("l1")
+    loss_fn = fnaf_robust_loss(usual, RobustConfig(fraction=1.0, search="draw", mixing="alternate"))
+    for step in (0, 2):
+        torch.testing.assert_close(loss_fn(model, batch, _ctx(step=step))[0], usual(model, batch, _ctx(step=step))[0])
+    loss, extras = loss_fn(model, batch, _ctx(step=1))
+    assert "fnaf_loss" in extras and float(extras["fnaf_loss"]) > 0
+    with pytest.raises(BlindspotError):
+        RobustConfig(mixing="sometimes")
 
 
 def test_training_on_the_attack_loss_lowers_it():

@@ -267,3 +267,30 @@ def test_fnaf_random_search_attacks_varnet_through_a_multicoil_acquisition():
     assert bool(ev.accepted.all())  # bright discs are in the multi-coil measurements
     again = search()(Network(model, "kspace", name="varnet", modality="mri"), truths, acq)
     assert torch.equal(again.evaluation.attack_loss, ev.attack_loss)
+
+
+def test_a_2d_mask_the_sensitivity_network_keeps_only_the_calibration_box():
+    torch.manual_seed(0)
+    k, _ = _complex_case()
+    mask2d = create_mask_func("gaussian2d", [4])(32, seed="v.h5", height=32).mask.bool().reshape(1, 1, 32, 32)
+    k = k * mask2d
+    sens = VarNet(**TINY).sens_net
+    with torch.no_grad():
+        maps = sens(k, mask2d)
+        assert torch.allclose(rss(maps, dim=1), torch.ones(2, 1, 32, 32), atol=1e-5)
+        # a sampled position outside the central 3 × 3 box (4x: round(32 · 0.08)) does not reach the maps
+        outer = k.clone()
+        outer[..., 2, :] *= 3.0
+        assert torch.equal(sens(outer, mask2d), maps)
+        inner = k.clone()
+        inner[..., 16, 16] *= 3.0
+        assert not torch.allclose(sens(inner, mask2d), maps)
+    # the whole network: zero regularisers give the zero-filled RSS, as with column masks
+    net = VarNet(**TINY)
+    for cascade in net.cascades:
+        cascade.model = Zero()
+    with torch.no_grad():
+        out = net(torch.view_as_real(k), mask2d.unsqueeze(-1).expand(2, 1, 32, 32, 1))
+    assert torch.allclose(out, rss(ifft2c(k), dim=1)[:, 0], atol=1e-4 * float(out.abs().max()))
+    with pytest.raises(BlindspotError, match="2-D mask"):
+        net(torch.view_as_real(k), torch.ones(2, 1, 5, 32, 1, dtype=torch.bool))

@@ -2,18 +2,22 @@
 
 Each sub-command lives in a module of :mod:`blindspot.commands` that exposes ``register(subparsers)``; registering
 adds an ``argparse`` parser whose ``func(args) -> int`` runs it. A user's bad input raises
-:class:`~blindspot.errors.BlindspotError`, printed here as one line with exit code 2.
+:class:`~blindspot.errors.BlindspotError`, printed here as one line with exit code 2. Every parser (sub-commands
+included) is a :class:`OneLineParser`: a malformed command line is one line too (``blindspot fnaf: error: argument
+--accelerations: …; see blindspot fnaf --help``), exit code 2, without the usage dump.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import sys
 from typing import Sequence
 
 from blindspot import __version__
 from blindspot.errors import BlindspotError
+from blindspot.validate import printable
 
 # Order is the order of `blindspot --help`.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -25,12 +29,43 @@ COMMAND_MODULES: tuple[str, ...] = (
     "blindspot.commands.audit",
     "blindspot.commands.invariances",
     "blindspot.commands.lesions",
+    "blindspot.commands.beyond",
 )
 
 
+class UsageError(Exception):
+    """A malformed command line: ``prog`` (e.g. ``blindspot fnaf``) and argparse's one-line ``message``."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        self.prog, self.message = prog, " ".join(str(message).split())
+        super().__init__(f"{prog}: error: {self.message}")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line naming the (sub-)command, with no usage dump.
+
+    ``add_subparsers`` gives sub-commands the parent's class, so one override covers every parser. Arguments a
+    sub-command does not know are reported by that sub-command (``blindspot fnaf: error: unrecognized arguments``),
+    not by the top-level parser.
+    """
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(self.prog, message)
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras and self.prog != TOP_PROG:  # a sub-command: its own unknown arguments are its error
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+
+TOP_PROG = "blindspot"
+OUT_OF_MEMORY = "out of memory; results written so far are kept (try a smaller --batch-size or --chunk-size)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="blindspot",
+    parser = OneLineParser(
+        prog=TOP_PROG,
         description="Find what medical-image reconstruction and denoising networks cannot see, and help fix it.",
     )
     parser.add_argument("--version", action="version", version=f"blindspot {__version__}")
@@ -46,24 +81,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _printable_streams() -> None:
+    """Let stdout and stderr print any text, file names that are not UTF-8 included (as ``\\xNN`` escapes)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
+        except (AttributeError, ValueError, io.UnsupportedOperation):
+            pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _printable_streams()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as err:
+        print(f"{printable(err.prog)}: error: {printable(err.message)}; see {err.prog} --help", file=sys.stderr)
+        return 2
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 0
     try:
         return int(args.func(args) or 0)
     except BlindspotError as err:
-        print(f"blindspot: error: {err.message}", file=sys.stderr)
+        print(f"blindspot: error: {printable(err.message)}", file=sys.stderr)
         return err.exit_code
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as err:
-        where = err.filename if err.filename is not None else ""
-        print(f"blindspot: error: {where}: {err.strerror or err}", file=sys.stderr)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, FileExistsError) as err:
+        where = f"{printable(err.filename)}: " if err.filename is not None else ""
+        print(f"blindspot: error: {where}{err.strerror or err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("blindspot: interrupted; results written so far are kept", file=sys.stderr)
         return 130
+    except MemoryError:
+        print(f"blindspot: error: {OUT_OF_MEMORY}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:  # PyTorch's allocators: OutOfMemoryError (CUDA) or a plain RuntimeError (CPU)
+        if type(err).__name__ != "OutOfMemoryError" and "can't allocate memory" not in str(err):
+            raise
+        print(f"blindspot: error: {OUT_OF_MEMORY}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

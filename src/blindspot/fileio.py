@@ -1,8 +1,9 @@
 """Atomic, incremental result files (JSON, JSON lines, CSV) so long runs can stop and resume without losing work.
 
 Every whole-file write goes to a temporary file in the same folder and is renamed over the target, so a reader (or
-a crash) never sees half a file. Row files (JSON lines, CSV) are appended one flushed line at a time; a partial last
-line left by a crash is ignored when read back.
+a crash) never sees half a file. Only regular files are written: a folder, device or FIFO in the way is a one-line
+error (:func:`blindspot.validate.check_writable_target`). Row files (JSON lines, CSV) are appended one flushed line
+at a time; a partial last line left by a crash is ignored when read back.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from blindspot.errors import BlindspotError, PathLike
+from blindspot.validate import check_writable_target
 
 
 def _file_mode() -> int:
@@ -28,17 +30,27 @@ def _file_mode() -> int:
 
 def temporary_sibling(path: Path) -> tuple[int, str]:
     """A new temporary file beside ``path`` (same folder, so a rename over ``path`` is atomic), with the permissions
-    a plainly created file would have: ``(fd, name)``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    a plainly created file would have: ``(fd, name)``. ``path`` must be absent or a regular file, and the folder
+    writable (:class:`~blindspot.errors.BlindspotError` naming ``path``, never the temporary file)."""
+    path = check_writable_target(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise BlindspotError(path, f"cannot be written ({err.strerror or err})") from None
     if hasattr(os, "fchmod"):
         os.fchmod(fd, _file_mode())
     return fd, tmp
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temporary file + rename); creates parent folders."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``data`` to ``path`` atomically (temporary file + rename); creates parent folders.
+
+    Only a regular file is ever replaced: a folder, device, FIFO or socket at ``path`` is a
+    :class:`~blindspot.errors.BlindspotError` (the rename would otherwise put a regular file in its place); a link is
+    followed, so the link stays and its target is rewritten. Errors name ``path``, never the temporary file.
+    """
+    path = check_writable_target(path)
     fd, tmp = temporary_sibling(path)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -46,14 +58,17 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise BlindspotError(path, f"cannot be written ({err.strerror or err})") from None
         raise
     return path
 
 
 def atomic_write_text(path: PathLike, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
+    """:func:`atomic_write_bytes` of UTF-8 text (file names that are not UTF-8 are written as ``\\udcNN`` escapes)."""
+    return atomic_write_bytes(path, text.encode("utf-8", "backslashreplace"))
 
 
 def _jsonable(value: Any) -> Any:
@@ -81,11 +96,13 @@ def read_json(path: PathLike) -> Any:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise BlindspotError(path, f"not valid JSON ({err.msg} at line {err.lineno})") from None
+    except UnicodeDecodeError:
+        raise BlindspotError(path, "not valid JSON (not UTF-8 text)") from None
 
 
 def append_jsonl(path: PathLike, rows: Iterable[Mapping[str, Any]]) -> None:
     """Append rows as JSON lines, each flushed and synced before returning."""
-    path = Path(path)
+    path = check_writable_target(path)  # opening a FIFO to append would block; a device would swallow the rows
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as fh:
         for row in rows:
@@ -99,7 +116,10 @@ def read_jsonl(path: PathLike) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.exists():
         return []
-    lines = path.read_text(encoding="utf-8").split("\n")
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError:
+        raise BlindspotError(path, "not a JSON-lines file (not UTF-8 text)") from None
     rows = []
     for i, line in enumerate(lines):
         if not line.strip():

@@ -18,13 +18,31 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from blindspot.errors import BlindspotError
+
 
 #: The seed's Table 1 metrics, in column order (fastMRI's definitions).
 TABLE1_METRICS: tuple[str, ...] = ("ssim", "nmse", "psnr")
 
 def _as_batch_range(data_range: Tensor | float, like: Tensor) -> Tensor:
     r = torch.as_tensor(data_range, dtype=like.dtype, device=like.device)
+    check_data_range(r)
     return r.reshape(-1, 1, 1, 1) if r.ndim > 0 else r.reshape(1, 1, 1, 1)
+
+
+def check_data_range(data_range: Tensor | float, source: str | None = None) -> None:
+    """Raise :class:`BlindspotError` when a data range is not finite and positive: SSIM and PSNR of an all-zero
+    image (range 0) are undefined, not 1.0 and hundreds of dB. One device sync."""
+    r = torch.as_tensor(data_range)
+    if not bool((torch.isfinite(r) & (r > 0)).all()):
+        raise BlindspotError(source, f"image data range {r.min().item() if r.numel() else r} is not positive and "
+                             "finite (an all-zero or constant image?): SSIM and PSNR are undefined")
+
+
+def _valid_windows(mask: Tensor, win_size: int) -> Tensor:
+    """``(B, 1, H−w+1, W−w+1)`` float: 1 where the ``win_size`` window lies wholly inside ``mask`` ``(B, 1, H, W)``."""
+    m = F.avg_pool2d(mask.to(torch.float32), win_size, 1)
+    return (m > 1 - 0.5 / (win_size * win_size)).to(torch.float32)
 
 
 def ssim_map(
@@ -69,23 +87,64 @@ def ssim(
     win_size: int = 7,
     k1: float = 0.01,
     k2: float = 0.03,
+    mask: Tensor | None = None,
 ) -> Tensor:
-    """Mean SSIM per image, ``(B,)``; see :func:`ssim_map`. Differentiable, so ``1 − ssim`` is a loss."""
-    return ssim_map(pred, target, data_range, win_size, k1, k2).mean(dim=(1, 2, 3))
+    """Mean SSIM per image, ``(B,)``; see :func:`ssim_map`. Differentiable, so ``1 − ssim`` is a loss.
+
+    ``mask`` (bool ``(B, 1, H, W)``, e.g. a CT field of view) restricts the mean to windows wholly inside it; an
+    image with no such window is a :class:`BlindspotError`. A data range that is not positive is one too.
+    """
+    smap = ssim_map(pred, target, data_range, win_size, k1, k2)
+    if mask is None:
+        return smap.mean(dim=(1, 2, 3))
+    valid = _valid_windows(mask.to(pred.device), win_size)
+    count = valid.sum(dim=(1, 2, 3))
+    if not bool((count > 0).all()):
+        raise BlindspotError(None, f"no {win_size}x{win_size} SSIM window lies wholly inside the field of view")
+    return (smap * valid).sum(dim=(1, 2, 3)) / (count * smap.shape[1])
 
 
-def nmse(pred: Tensor, target: Tensor) -> Tensor:
-    """Normalised MSE per image ``‖target − pred‖² / ‖target‖²``, ``(B,)`` for ``(B, ...)`` inputs."""
-    dims = tuple(range(1, pred.ndim))
-    return ((target - pred) ** 2).sum(dims) / (target**2).sum(dims)
+def _masked_sum(v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    dims = tuple(range(1, v.ndim))
+    if mask is None:
+        return v.sum(dims), torch.full((v.shape[0],), v[0].numel(), dtype=v.dtype, device=v.device)
+    m = mask.to(v.dtype).expand_as(v)
+    return (v * m).sum(dims), m.sum(dims)
 
 
-def psnr(pred: Tensor, target: Tensor, data_range: Tensor | float) -> Tensor:
-    """PSNR in dB per image, ``10 log10(R² / MSE)``, ``(B,)``."""
-    dims = tuple(range(1, pred.ndim))
-    mse = ((target - pred) ** 2).mean(dims)
+def nmse(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Normalised MSE per image ``‖target − pred‖² / ‖target‖²``, ``(B,)`` for ``(B, ...)`` inputs (over ``mask``'s
+    pixels when given). An all-zero target has no NMSE: :class:`BlindspotError`."""
+    err, _ = _masked_sum((target - pred) ** 2, mask)
+    energy, _ = _masked_sum(target**2, mask)
+    if not bool((energy > 0).all()):
+        raise BlindspotError(None, "the target image is all zero: its NMSE is undefined")
+    return err / energy
+
+
+def psnr(pred: Tensor, target: Tensor, data_range: Tensor | float, mask: Tensor | None = None) -> Tensor:
+    """PSNR in dB per image, ``10 log10(R² / MSE)``, ``(B,)`` (MSE over ``mask``'s pixels when given); ``+inf`` for
+    a perfect prediction. A data range that is not positive is a :class:`BlindspotError`."""
+    err, n = _masked_sum((target - pred) ** 2, mask)
+    mse = err / n.clamp_min(1)
     r = torch.as_tensor(data_range, dtype=pred.dtype, device=pred.device).reshape(-1)
+    check_data_range(r)
     return 10 * torch.log10(r**2 / mse)
+
+
+def ct_slice_metrics(pred_hu: Tensor, full_hu: Tensor, window, field: Tensor | None = None) -> dict[str, Tensor]:
+    """CT Table 1 per image: RMSE (HU) and PSNR / SSIM of the display-windowed images (data range 1), each ``(B,)``.
+
+    Args:
+        pred_hu, full_hu: ``(B, 1, H, W)`` HU.
+        window: a display window with ``apply(hu) -> [0, 1]`` (:class:`blindspot.physics.ct.Window`).
+        field: the field of view, bool ``(B, 1, H, W)`` (``True`` = image) or ``None``; pixels outside it (scanner
+            padding) are left out of all three figures (SSIM: windows wholly inside it).
+    """
+    err, n = _masked_sum((pred_hu - full_hu) ** 2, field)
+    rmse = (err / n.clamp_min(1)).sqrt()
+    a, b = window.apply(pred_hu), window.apply(full_hu)
+    return {"rmse_hu": rmse, "psnr": psnr(a, b, 1.0, mask=field), "ssim": ssim(a, b, 1.0, mask=field)}
 
 
 @dataclass
@@ -113,10 +172,15 @@ class VolumeMetrics:
         """Args: pred, target ``(B, 1, H, W)`` in the same (un-normalised) units; max_values ``(B,)``."""
         pred, target = pred.detach().float(), target.detach().float()
         max_values = torch.as_tensor(max_values, dtype=torch.float32, device=pred.device).reshape(-1)
-        s = ssim(pred, target, max_values)
         dims = tuple(range(1, pred.ndim))
         sse = ((target - pred) ** 2).sum(dims)
         energy = (target**2).sum(dims)
+        ok = torch.isfinite(max_values) & (max_values > 0) & (energy > 0)
+        if not bool(ok.all()):  # an all-zero target: SSIM / NMSE / PSNR undefined, never 1.0 / 0 / 256 dB
+            i = int((~ok).nonzero()[0, 0]) if ok.numel() > 1 else 0
+            raise BlindspotError(str(fnames[i]), f"slice {int(slice_nums[i])}: the target image is all zero (volume "
+                                 f"maximum {float(max_values[i % max_values.numel()]):g}); its metrics are undefined")
+        s = ssim(pred, target, max_values)
         pixels = pred[0].numel()
         for i, (f, n) in enumerate(zip(fnames, slice_nums)):
             self.slice_rows.append(

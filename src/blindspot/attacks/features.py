@@ -39,9 +39,26 @@ from blindspot.errors import BlindspotError
 
 FAMILIES: tuple[str, ...] = ("walk", "disc", "ellipse", "line", "blob")
 
+#: The seed's evaluation walk: exactly 10 one-pixel steps (a 10-pixel feature in a 320×320 image).
+SEED_WALK_STEPS: int = 10
+#: The seed's robust-training walks: 10–99 steps.
+SEED_TRAINING_WALK_STEPS: tuple[int, int] = (10, 99)
+
 #: Default (size range of dimension 0, size range of dimension 1) per family, in pixels.
+#:
+#: **Scale rule.** Features are sized in *pixels*, the same at every image size: the walk is the seed's evaluation
+#: walk (:data:`SEED_WALK_STEPS` pixels); the other families (which the seed did not have; the CT audit's
+#: low-contrast discs) keep their lesion-like sizes in pixels (a disc of radius 1.5–4 covers 7–50 pixels). The
+#: seed's ``L_atk`` threshold (1e-3 at 320×320, a whole-image mean) is then scaled with the image area by
+#: :meth:`blindspot.attacks.fnaf.FnafObjective.effective_loss_threshold`, so a feature counts as lost at every size
+#: exactly when the same summed squared error inside ``T`` would reach the seed's threshold at 320×320; at 320×320
+#: both the feature and the threshold are the seed's. The alternative — a feature scaled with the image area and the
+#: unscaled 1e-3 — was rejected: at 128×128 the seed's feature would cover 1.6 pixels and at 64×64 less than one, so
+#: the walk would stop being a walk and the network's response to a one-pixel dot (its smallest detail, where
+#: reconstruction networks differ most from their behaviour on lesion-sized structures) would decide every rate.
+#: Sizes in pixels also keep the feature's relation to the network's receptive field, which is set in pixels.
 DEFAULT_SIZES: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {
-    "walk": ((10.0, 100.0), (0.0, 0.0)),  # the seed: 10–100 pixels
+    "walk": ((float(SEED_WALK_STEPS), float(SEED_WALK_STEPS)), (0.0, 0.0)),
     "disc": ((1.5, 4.0), (0.0, 0.0)),  # dimension 1 copies dimension 0
     "ellipse": ((2.0, 6.0), (1.0, 2.5)),
     "line": ((8.0, 24.0), (1.0, 2.0)),
@@ -50,7 +67,8 @@ DEFAULT_SIZES: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {
 
 #: Default peak-intensity range per family, as fractions of the truth's dynamic range ``max(y) − min(y)``.
 DEFAULT_INTENSITY: dict[str, tuple[float, float]] = {
-    "walk": (1.0, 1.0),  # per-pixel values are then U(0, range), as in the seed
+    "walk": (1.0, 1.0),  # per-pixel values are then U(0, max − min): the seed's U(min, max) for images whose minimum
+    # is 0 (MRI magnitudes; the phantoms' background), shifted by −min otherwise (the feature is added to the image)
     "disc": (0.5, 1.0),
     "ellipse": (0.5, 1.0),
     "line": (0.5, 1.0),
@@ -107,7 +125,7 @@ def counter_uniform(keys: Tensor, stream: int, n: int) -> Tensor:
 def string_key(*parts: object) -> int:
     """A stable 32-bit key from any printable parts (run seed, image identity, acceleration, …)."""
     text = "\x1f".join(str(p) for p in parts)
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=4).digest(), "little")
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=4).digest(), "little")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 Notation (DESIGN.md §1.2): ``y`` the truth ``(B, 1, h, w)``, ``δ'`` a feature, ``y' = y + δ'``, ``A`` the
 acquisition (:class:`~blindspot.physics.acquisition.Acquisition`: MRI under-sampling with masks seeded by the file
-name, or low-dose CT), ``N`` the normalisation with the statistics of the *clean* input ``A(y)``, ``f`` the network
+name, or low-dose CT), ``N`` the normalisation — by default with the statistics of the *perturbed* input ``A(y')``, as
+the seed and as a deployed network sees a scan (``normalization="clean"``: those of the clean input ``A(y)``; see
+:class:`FnafObjective`) — ``f`` the network
 (called through its adapter, :class:`~blindspot.models.adapters.Network`: image, image + mask or k-space), ``T`` the
 neighbourhood of the feature.
 
@@ -31,10 +33,12 @@ from blindspot.models.adapters import Network, as_network, eval_mode, model_devi
 from blindspot.physics.acquisition import Acquisition, CartesianMRI, LowDoseCTScan, Measurement
 from blindspot.physics.mri import CartesianUndersampling, MaskFunc, NormStats, resample_mask
 
-__all__ = ["CRITERIA", "CRITERION_TEXT", "AttackContext", "Evaluation", "FnafObjective", "Truths", "as_truths",
-           "attack_acquisition", "eval_mode", "model_device", "subset_batch"]
+__all__ = ["CRITERIA", "CRITERION_TEXT", "NORMALIZATIONS", "AttackContext", "Evaluation", "FnafObjective", "Truths",
+           "as_truths", "attack_acquisition", "eval_mode", "model_device", "subset_batch"]
 
 CRITERIA: tuple[str, ...] = ("seed", "recovery")
+#: Whose statistics normalise an attacked input: the perturbed input's own (the seed's) or the clean input's.
+NORMALIZATIONS: tuple[str, ...] = ("perturbed", "clean")
 #: What each FNAF criterion calls a lost feature (report and terminal headings).
 CRITERION_TEXT = {
     "seed": "lost when the attack loss L_atk reaches the seed's 1e-3 (at 320×320, scaled to the image size)",
@@ -149,7 +153,8 @@ class AttackContext:
         target: truths ``y`` ``(B, 1, h, w)`` on the network's device.
         acquisition: the acquisition, one set of parameters per image (MRI masks).
         measurement: the clean measurement ``A(y)`` (CT: with its noise realisation, shared by every candidate).
-        stats: normalisation statistics of the clean input, ``(B, 1, 1, 1)`` each.
+        stats: normalisation statistics of the clean input, ``(B, 1, 1, 1)`` each (those of every candidate under
+            ``normalization="clean"``; the units of ``clean_output`` and of the recovery criterion in both modes).
         clean_input: ``N(A(y))`` ``(B, 1, h, w)``.
         clean_output: ``f(N(A(y)))`` ``(B, 1, h, w)``, or ``None`` when the recovery criterion is off or until the
             first :meth:`FnafObjective.evaluate` of the batch computes it (``needs_reference``).
@@ -297,6 +302,22 @@ class FnafObjective:
         fuse_reference: compute ``f(N(A(y)))`` inside the batch's first candidate call (the clean inputs ride along
             with the first chunk) rather than in a call of its own: the same work, one model launch fewer per batch,
             which matters for small images on a GPU where calls are launch-bound.
+        normalization: whose statistics normalise an attacked input and its truth ``y'``:
+
+            * ``"perturbed"`` (default) — the perturbed input's own, ``N'(x) = (x − μ(x'))/σ(x')``, as the seed's code
+              does and as a deployed network normalises whatever scan it is given: the feature also shifts the
+              normalisation, which is part of what the network does to it. ``L_atk`` compares ``f(N'(x'))`` with
+              ``N'(y')``; the recovery criterion maps the output back to the clean statistics' units,
+              ``(σ'·f(N'(x')) + μ' − μ)/σ``, before comparing it with ``f(N(A(y)))``, so that a pure shift of the
+              statistics is not counted as a change of the reconstruction.
+            * ``"clean"`` — the clean input's statistics for every candidate (blindspot's earlier behaviour): the
+              network's input then depends linearly on the feature, which isolates the network's own response.
+
+            For seed-sized features the two differ little (a 10-pixel walk moves ``μ`` and ``σ`` by about 1e-3 of
+            their values at 128×128); the default follows the seed because the attack should measure the pipeline
+            a scan goes through. The IP statistic compares both inputs under the clean statistics in either mode
+            (it measures the feature's trace in the measurements, not the normalisation's shift). CT's
+            normalisation is a fixed HU scaling, so both modes coincide there.
     """
 
     criterion: str = "seed"
@@ -308,10 +329,13 @@ class FnafObjective:
     reference: bool = True
     clamp: float | None = 6.0
     fuse_reference: bool = True
+    normalization: str = "perturbed"
 
     def __post_init__(self) -> None:
         if self.criterion not in CRITERIA:
             raise BlindspotError(None, f"unknown criterion {self.criterion!r}; choose seed or recovery")
+        if self.normalization not in NORMALIZATIONS:
+            raise BlindspotError(None, f"unknown normalisation {self.normalization!r}; choose perturbed or clean")
         if self.dilation < 0:
             raise BlindspotError(None, f"dilation must be >= 0, got {self.dilation}")
 
@@ -401,6 +425,15 @@ class FnafObjective:
         """The IP threshold in force: the objective's, else the acquisition's (MRI 1e-4, CT d' ≥ 5)."""
         return float(acquisition.ip_threshold if self.ip_threshold is None else self.ip_threshold)
 
+    def perturbed_input(self, acquisition: Acquisition, clean: Measurement, clean_stats: NormStats,
+                        feature: Tensor) -> tuple[Measurement, NormStats, Tensor]:
+        """The attacked input of features ``δ'`` ``(C, 1, h, w)`` (data units) on clean measurements of the same
+        ``C`` items: ``(A(y + δ'), its statistics under this objective's normalisation, the normalised input
+        (C, 1, h, w))``. Differentiable with respect to ``feature``."""
+        meas_p = acquisition.perturb(clean, feature)
+        stats = acquisition.normalization(meas_p) if self.normalization == "perturbed" else clean_stats
+        return meas_p, stats, stats.apply(meas_p.image)
+
     # ------------------------------------------------------------------------------------------------------------
     def evaluate(
         self,
@@ -429,19 +462,18 @@ class FnafObjective:
         acq = ctx.acquisition.select(idx)
         meas = ctx.measurement.select(idx)
         stats = ctx.stats.index(idx)
-        meas_p = acq.perturb(meas, feature)
-        nx = stats.apply(meas_p.image)
-        ny = acq.target(y + feature, stats)
+        meas_p, stats_p, nx = self.perturbed_input(acq, meas, stats, feature)
+        ny = acq.target(y + feature, stats_p)
         if ctx.needs_reference and ctx.clean_output is None:
             B = len(ctx)
             all_idx = torch.cat([torch.arange(B, device=ctx.device), idx])
             both = net(ctx.acquisition.select(all_idx), Measurement.cat([ctx.measurement, meas_p]),
-                       torch.cat([ctx.clean_input, nx]), ctx.stats.index(all_idx))
+                       torch.cat([ctx.clean_input, nx]), _cat_stats(ctx.stats, stats_p))
             ctx.clean_output = both[:B].detach()
             ctx.needs_reference = False
             out = both[B:]
         else:
-            out = net(acq, meas_p, nx, stats)
+            out = net(acq, meas_p, nx, stats_p)
         T = acq.crop_image(neighbourhood(support, self.dilation))
         dims = (1, 2, 3)
         attack_loss = (T * (out - ny)).square().mean(dims)
@@ -451,7 +483,8 @@ class FnafObjective:
             baseline_loss = (T * (clean_out - acq.target(y, stats))).square().mean(dims).detach()  # N(y) is clamped
             nd = stats.scale(acq.crop_image(feature))
             den = (T * nd).square().sum(dims)
-            num = (T * (out - clean_out - nd)).square().sum(dims)
+            out_c = out if stats_p is stats else stats.apply(stats_p.invert(out), clamp=False)
+            num = (T * (out_c - clean_out - nd)).square().sum(dims)
             recovery = torch.where(den > 0, 1.0 - num / den.clamp_min(1e-30), torch.ones_like(den))
             lost_recovery = recovery.detach() < self.recovery_threshold
         else:
@@ -477,3 +510,8 @@ class FnafObjective:
     def success(self, ev: Evaluation) -> Tensor:
         """Bool ``(C,)``: accepted and lost under this objective's criterion."""
         return ev.success_seed if self.criterion == "seed" else ev.success_recovery
+
+
+def _cat_stats(a: NormStats, b: NormStats) -> NormStats:
+    """The statistics of two batches stacked (``a``'s items first)."""
+    return NormStats(torch.cat([a.mean, b.mean]), torch.cat([a.std, b.std]), a.clamp)

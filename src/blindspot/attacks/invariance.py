@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from blindspot.attacks.distances import Distance
 from blindspot.errors import BlindspotError
-from blindspot.models.adapters import Network, as_network
+from blindspot.models.adapters import Network, as_network, check_finite_output
 from blindspot.physics.acquisition import CartesianMRI
 from blindspot.physics.mri import NormStats, resample_mask
 
@@ -69,6 +69,7 @@ class DenoiserTarget(nn.Module):
             raise BlindspotError(net.name, f"takes the {net.convention} convention; optimise its invariances "
                                            "through the acquisition with MRITarget")
         self.model = net.module
+        self.name = net.name
 
     def forward(self, x: Tensor, items: Tensor | None = None) -> Tensor:
         return self.model(x)
@@ -118,6 +119,7 @@ class MRITarget(nn.Module):
         self.network = as_network(model)
         self.network.check(acquisition)
         self.model = self.network.module  # a sub-module, so that the attack freezes its parameters
+        self.name = self.network.name
         self.acquisition = acquisition
         self.renormalize = bool(renormalize)
         self._selected: tuple[Tensor, CartesianMRI] | None = None
@@ -247,6 +249,7 @@ class InvarianceResult:
         objective: ``fidelity − α·distance`` ``(B, R)``.
         iterations: Adam iterations each row ran ``(B, R)``.
         converged: whether the row stopped by the early-stop rule ``(B, R)``.
+        field: the field of view the attack was given, bool ``(B, 1, H, W)`` (``True`` = image), or ``None``.
     """
 
     x: Tensor
@@ -258,6 +261,7 @@ class InvarianceResult:
     objective: Tensor
     iterations: Tensor
     converged: Tensor
+    field: Tensor | None = None
 
     @property
     def delta(self) -> Tensor:
@@ -280,15 +284,27 @@ class InvarianceResult:
 
         Keys: ``mean_abs_change`` (mean |x_inv − x|), ``max_abs_change``, ``rms_change``, ``output_mean_abs_change``
         (mean |f(x_inv) − f(x)|), ``output_rms_change``, ``distance``, ``fidelity``, ``objective``,
-        ``change_ratio`` (RMS output change / RMS input change: ≪ 1 for an invariance).
+        ``change_ratio`` (RMS output change / RMS input change: ≪ 1 for an invariance). With a :attr:`field`, means
+        and maxima are over the pixels inside it only (when the output has the input's size).
         """
         d, od = self.delta.flatten(2), self.output_delta.flatten(2)
-        rms_in, rms_out = d.square().mean(-1).sqrt(), od.square().mean(-1).sqrt()
+        w_in = w_out = None
+        if self.field is not None:
+            w_in = self.field.to(d.dtype).flatten(1).unsqueeze(1).expand(-1, d.shape[1], -1)  # (B, R, C·H·W)
+            if d.shape[-1] != w_in.shape[-1]:
+                w_in = w_in.repeat(1, 1, d.shape[-1] // w_in.shape[-1])
+            if od.shape[-1] == d.shape[-1]:
+                w_out = w_in
+
+        def mean(v: Tensor, w: Tensor | None) -> Tensor:
+            return v.mean(-1) if w is None else (v * w).sum(-1) / w.sum(-1).clamp_min(1)
+
+        rms_in, rms_out = mean(d.square(), w_in).sqrt(), mean(od.square(), w_out).sqrt()
         return {
-            "mean_abs_change": d.abs().mean(-1) * scale,
-            "max_abs_change": d.abs().amax(-1) * scale,
+            "mean_abs_change": mean(d.abs(), w_in) * scale,
+            "max_abs_change": (d.abs() if w_in is None else d.abs() * w_in).amax(-1) * scale,
             "rms_change": rms_in * scale,
-            "output_mean_abs_change": od.abs().mean(-1) * scale,
+            "output_mean_abs_change": mean(od.abs(), w_out) * scale,
             "output_rms_change": rms_out * scale,
             "change_ratio": rms_out / rms_in.clamp_min(1e-12),
             "distance": self.distance,
@@ -323,6 +339,14 @@ class InvarianceAttack:
         region: optional mask of the pixels the invariance may change, ``(H, W)``, ``(1, 1, H, W)`` or
             ``(B, 1, H, W)`` (non-zero = free); the rest of ``x_inv`` equals ``x`` exactly.
         item_ids: global indices of the images (seed the start noise); default ``0 … B−1``.
+        field: optional field of view (CT: the reconstructed circle), bool ``(B, 1, H, W)``, ``True`` = image.
+            Pixels outside it are not image: the invariance never changes them (the region is cut to the field),
+            the fidelity ignores the output there (it is compared as if unchanged), and the result's metrics leave
+            them out. The field must fit ``x``; the output must have ``x``'s size for the output part.
+
+    The network's outputs are checked once per call (clean) and once at the end (invariances): a non-finite output
+    is a :class:`BlindspotError` naming the network; per-iteration outputs are not checked (that would cost a
+    device sync per step), but a non-finite objective ends in the same error.
     """
 
     def __init__(self, distance: Distance, fidelity: Distance | None = None, config: InvarianceConfig | None = None):
@@ -336,6 +360,7 @@ class InvarianceAttack:
         x: Tensor,
         region: Tensor | None = None,
         item_ids: Sequence[int] | None = None,
+        field: Tensor | None = None,
     ) -> InvarianceResult:
         cfg = self.config
         if x.ndim != 4:
@@ -348,7 +373,17 @@ class InvarianceAttack:
         if len(item_ids) != B:
             raise ValueError(f"{len(item_ids)} item ids for {B} images")
         x = x.detach()
+        if field is not None:
+            field = torch.as_tensor(field, device=device)
+            if tuple(field.shape) != (B, 1, *x.shape[-2:]):
+                raise BlindspotError(None, f"field of view {tuple(field.shape)} does not fit images {tuple(x.shape)}")
+            field = field != 0
+            if bool(field.all()):
+                field = None
+        if field is not None:
+            region = field if region is None else _region_rows(region, x, 1).bool() & field
         free = None if region is None else _region_rows(region, x, R)
+        name = getattr(target, "name", None) or type(getattr(target, "model", target)).__name__
         module = target if isinstance(target, nn.Module) else nn.Module()
         with _frozen(module), contextlib.ExitStack() as stack:
             stack.enter_context(_frozen(self.distance))
@@ -357,14 +392,19 @@ class InvarianceAttack:
             items_all = torch.arange(B, device=device).repeat_interleave(R)
             with torch.no_grad():
                 f_x = target(x, torch.arange(B, device=device))
+            check_finite_output(f_x, name, "the clean images")
             x_rep = x.repeat_interleave(R, dim=0)
             f_rep = f_x.repeat_interleave(R, dim=0)
+            out_field = None
+            if field is not None and f_x.shape[-2:] == x.shape[-2:]:
+                out_field = field.repeat_interleave(R, dim=0).to(x.dtype)
             noise = start_noise(x.shape[1:], R, item_ids, cfg.init_std, cfg.seed).to(device=device, dtype=x.dtype)
-            final_delta, iters, converged = self._optimise(target, x_rep, f_rep, items_all, free, noise)
+            final_delta, iters, converged = self._optimise(target, x_rep, f_rep, items_all, free, noise, out_field)
             with torch.no_grad():
                 x_inv = x_rep + (final_delta if free is None else free * final_delta)
                 f_inv = target(x_inv, items_all)
-                fid = self.fidelity(f_inv, f_rep)
+                check_finite_output(f_inv, name, "the invariances")
+                fid = self.fidelity(_in_field(f_inv, f_rep, out_field), f_rep)
                 dist = self.distance(x_inv, x_rep)
         shape = lambda t: t.reshape(B, R, *t.shape[1:]).cpu()  # noqa: E731
         return InvarianceResult(
@@ -377,14 +417,17 @@ class InvarianceAttack:
             objective=shape(fid - cfg.alpha * dist),
             iterations=shape(iters),
             converged=shape(converged),
+            field=None if field is None else field.cpu(),
         )
 
-    def _objective(self, target, x_inv: Tensor, x_ref: Tensor, f_ref: Tensor, items: Tensor) -> Tensor:
-        out = target(x_inv, items)
+    def _objective(self, target, x_inv: Tensor, x_ref: Tensor, f_ref: Tensor, items: Tensor,
+                   out_field: Tensor | None = None) -> Tensor:
+        out = _in_field(target(x_inv, items), f_ref, out_field)
         return self.fidelity(out, f_ref) - self.config.alpha * self.distance(x_inv, x_ref)
 
     def _optimise(
-        self, target, x_rep: Tensor, f_rep: Tensor, items_all: Tensor, free: Tensor | None, noise: Tensor
+        self, target, x_rep: Tensor, f_rep: Tensor, items_all: Tensor, free: Tensor | None, noise: Tensor,
+        out_field: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Adam on the change ``δ`` (``x_inv = x + free ⊙ δ``) of every row; converged rows leave the batch."""
         cfg = self.config
@@ -394,7 +437,7 @@ class InvarianceAttack:
         iters = torch.full((rows,), cfg.iterations, dtype=torch.long)
         converged = torch.zeros(rows, dtype=torch.bool)
         active = torch.arange(rows, device=device)
-        xa, fa, ia, ma = x_rep, f_rep, items_all, free
+        xa, fa, ia, ma, oa = x_rep, f_rep, items_all, free, out_field
         delta = noise.clone().requires_grad_(True)
         opt = torch.optim.Adam([delta], lr=cfg.lr)
         if cfg.bounds is not None:
@@ -405,7 +448,7 @@ class InvarianceAttack:
         try:
             for t in range(cfg.iterations):
                 x_inv = xa + (delta if ma is None else ma * delta)
-                obj = self._objective(target, x_inv, xa, fa, ia)
+                obj = self._objective(target, x_inv, xa, fa, ia, oa)
                 opt.zero_grad(set_to_none=True)
                 obj.sum().backward()
                 opt.step()
@@ -416,6 +459,10 @@ class InvarianceAttack:
                 if (t + 1) % cfg.window:
                     continue
                 cur = obj.detach()
+                if not bool(torch.isfinite(cur).all()):  # one check per window, with the convergence test's sync
+                    raise BlindspotError(getattr(target, "name", None) or type(getattr(target, "model", target)).__name__,
+                                         f"the objective became NaN or Inf at iteration {t + 1} (non-finite network "
+                                         "output or gradient)")
                 bar.set_postfix(objective=f"{float(cur.mean()):.4g}", active=int(active.numel()))
                 if prev is None or t + 1 < cfg.min_iterations:
                     prev = cur
@@ -433,6 +480,7 @@ class InvarianceAttack:
                     active = active[keep]
                     xa, fa, ia = xa[keep], fa[keep], ia[keep]
                     ma = None if ma is None else ma[keep]
+                    oa = None if oa is None else oa[keep]
                     delta, opt = _compact_adam(delta, opt, keep)
                     cur = cur[keep]
                 prev = cur
@@ -446,6 +494,11 @@ class InvarianceAttack:
         lo, hi = self.config.bounds  # type: ignore[misc]
         moved = (x + delta).clamp(lo, hi) - x
         return moved if free is None else torch.where(free > 0, moved, delta)
+
+
+def _in_field(out: Tensor, ref: Tensor, out_field: Tensor | None) -> Tensor:
+    """``out`` inside the field of view and ``ref`` outside it (so out-of-field output changes count for nothing)."""
+    return out if out_field is None else ref + out_field * (out - ref)
 
 
 def _compact_adam(delta: Tensor, opt: torch.optim.Adam, keep: Tensor) -> tuple[Tensor, torch.optim.Adam]:
@@ -506,14 +559,15 @@ def local_mean(d: Tensor, window: int = 5) -> Tensor:
 
 
 def square_contrast(
-    delta: Tensor, square: int = 30, margin: int = 3, window: int = 5
+    delta: Tensor, square: int = 30, margin: int = 3, window: int = 5, field: Tensor | None = None
 ) -> dict[str, Tensor]:
     """How much an invariance concentrates inside the central square (the Gaussian + RI known answer).
 
     The structure of ``delta`` (``(..., H, W)``, e.g. ``x_inv − x``) is its ``window``×``window`` local mean; its
     mean absolute value is taken over windows lying wholly inside the square shrunk by ``margin`` px, and over
     windows lying wholly outside the square grown by ``margin`` px. Returns ``inside``, ``outside`` and their
-    ``ratio`` (each ``delta.shape[:-2]``).
+    ``ratio`` (each ``delta.shape[:-2]``). With a field of view ``field`` (bool, ``(H, W)`` or
+    ``(B, 1, H, W)`` for ``delta`` of ``(B, R, H, W)``), only windows wholly inside the field count.
     """
     H, W = delta.shape[-2:]
     lm = local_mean(delta, window).abs()
@@ -523,9 +577,15 @@ def square_contrast(
     ones = torch.ones(1, 1, window, window)
     fully_in = F.conv2d(inner.reshape(1, 1, H, W), ones)[0, 0] >= window * window - 0.5
     fully_out = F.conv2d(outer.reshape(1, 1, H, W), ones)[0, 0] >= window * window - 0.5
-    fully_in, fully_out = fully_in.to(lm.device), fully_out.to(lm.device)
-    inside = (lm * fully_in).sum((-2, -1)) / fully_in.sum().clamp_min(1)
-    outside = (lm * fully_out).sum((-2, -1)) / fully_out.sum().clamp_min(1)
+    fully_in, fully_out = fully_in.to(lm.device).float(), fully_out.to(lm.device).float()
+    if field is not None:
+        f = field.to(lm.device).float().reshape(-1, 1, H, W)
+        in_field = (F.conv2d(f, ones.to(lm.device)) >= window * window - 0.5).float()  # (B or 1, 1, h, w)
+        in_field = in_field.reshape(*([in_field.shape[0]] + [1] * (lm.ndim - 3)), *in_field.shape[-2:]) \
+            if lm.ndim >= 3 else in_field[0, 0]
+        fully_in, fully_out = fully_in * in_field, fully_out * in_field
+    inside = (lm * fully_in).sum((-2, -1)) / fully_in.sum((-2, -1)).clamp_min(1)
+    outside = (lm * fully_out).sum((-2, -1)) / fully_out.sum((-2, -1)).clamp_min(1)
     return {"inside": inside, "outside": outside, "ratio": inside / outside.clamp_min(1e-12)}
 
 

@@ -103,8 +103,21 @@ class Search:
         """
         net = as_network(model)
         with eval_mode(net.module):
-            ctx = self.objective.prepare(net, batch, physics, self.region, self.seed)
-            return self.run(net, ctx)
+            return self.run(net, self.prepare(net, batch, physics))
+
+    def prepare(self, model: "nn.Module | Network", batch, physics=None) -> AttackContext:
+        """The batch's :class:`~blindspot.attacks.fnaf.AttackContext` for this search (``batch`` and ``physics`` as
+        in ``__call__``). Searches with equal :meth:`context_key` may share one context, and with it the clean
+        reference ``f(N(A(y)))`` that the first of them computes."""
+        return self.objective.prepare(as_network(model), batch, physics, self.region, self.seed)
+
+    def context_key(self) -> tuple:
+        """What :meth:`prepare` depends on besides the batch and the acquisition: equal keys, equal contexts. The
+        criterion does not enter a context (only whether it needs the clean reference), so searches under both
+        criteria share one."""
+        o, r = self.objective, self.region
+        return (replace(o, criterion="seed", reference=o.uses_reference), r.kind, r.fraction, r.threshold, id(r.mask),
+                self.seed)
 
     def run(self, model: nn.Module, ctx: AttackContext) -> FnafResult:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -393,21 +406,14 @@ class ReplaySearch(Search):
                                        f"(saved: {', '.join(searches)})")
         self.name = f"replay-{self.source_search}"
 
-    def run(self, model: nn.Module, ctx: AttackContext) -> FnafResult:
+    def entries(self, ctx: AttackContext) -> tuple[list[int], Features | None, Tensor | None, Tensor | None]:
+        """The saved features of the images of ``ctx``: ``(kept image indices, parameters, values, support)``, the
+        last three ``None`` when no image has one; values ``(n, 1, h, w)`` and support on the context's device."""
         found = [self.saved.get(k, a, self.source_search) for k, a in zip(ctx.keys, ctx.acceleration.tolist())]
         keep = [i for i, e in enumerate(found) if e is not None]
         entries = [found[i] for i in keep]
-        sub = ctx.subset(keep)
-        dev = ctx.device
-        best = _Best(len(entries), dev)
         if not entries:
-            best.features = Features("walk", *(torch.zeros(0, 2, device=dev),) * 2, torch.zeros(0, device=dev),
-                                     torch.zeros(0, device=dev), torch.zeros(0, dtype=torch.int64, device=dev))
-            best.ev = Evaluation(**{k: torch.zeros(0, device=dev, dtype=torch.bool if k in _BOOL_FIELDS else None)
-                                    for k in EVALUATION_FIELDS})
-            best.values = torch.zeros(0, 1, *ctx.shape, device=dev)
-            best.support = best.values.bool()
-            return self.result(sub, best, queries=1)
+            return keep, None, None, None
         families = {e.family for e in entries}
         if len(families) != 1:
             raise BlindspotError(None, f"saved features mix families {sorted(families)}")
@@ -415,13 +421,68 @@ class ReplaySearch(Search):
             if tuple(e.feature.shape[-2:]) != ctx.shape:
                 raise BlindspotError(e.key, f"saved feature is {tuple(e.feature.shape[-2:])} but the image is "
                                             f"{ctx.shape}")
+        dev = ctx.device
         values = torch.stack([e.feature for e in entries]).to(dev)
         support = torch.stack([e.support for e in entries]).to(dev)
         p = {name: torch.stack([e.params[name] for e in entries]).to(dev) for name in entries[0].params}
         feats = Features(entries[0].family, p["center"], p["size"], p["angle"], p["intensity"], p["seed"])
-        ev = self.score(model, sub, torch.arange(len(entries), device=dev), values=values, support=support)
+        return keep, feats, values, support
+
+    def finish(self, ctx: AttackContext, keep: list[int], feats: Features | None, values: Tensor | None,
+               support: Tensor | None, ev: Evaluation | None) -> FnafResult:
+        """The result of the replayed features (:meth:`entries`) scored as ``ev`` (one candidate per kept image)."""
+        sub = ctx.subset(keep)
+        dev = ctx.device
+        best = _Best(len(keep), dev)
+        if feats is None:
+            best.features = Features("walk", *(torch.zeros(0, 2, device=dev),) * 2, torch.zeros(0, device=dev),
+                                     torch.zeros(0, device=dev), torch.zeros(0, dtype=torch.int64, device=dev))
+            best.ev = Evaluation(**{k: torch.zeros(0, device=dev, dtype=torch.bool if k in _BOOL_FIELDS else None)
+                                    for k in EVALUATION_FIELDS})
+            best.values = torch.zeros(0, 1, *ctx.shape, device=dev)
+            best.support = best.values.bool()
+            return self.result(sub, best, queries=1)
         best.update(feats, ev, 1, values, support)  # one candidate per image: it is the result
         return self.result(sub, best, queries=1)
+
+    def run(self, model: nn.Module, ctx: AttackContext) -> FnafResult:
+        keep, feats, values, support = self.entries(ctx)
+        ev = None
+        if feats is not None:
+            ev = self.score(model, ctx, torch.tensor(keep, dtype=torch.long, device=ctx.device), values=values,
+                            support=support)
+        return self.finish(ctx, keep, feats, values, support, ev)
+
+
+def replay_together(model: "nn.Module | Network", ctx: AttackContext,
+                    replays: Sequence[ReplaySearch]) -> list[FnafResult]:
+    """Several replays on one batch (e.g. the features of every source network, search and criterion of an audit)
+    scored in shared model calls of at most the first replay's ``chunk_size`` candidates: what each
+    ``replay.run(model, ctx)`` returns, up to floating-point batching. Replays whose objectives differ in more than the
+    criterion are scored separately (the criterion only changes the ``score`` each evaluation carries)."""
+    net = as_network(model)
+    found = [r.entries(ctx) for r in replays]
+    groups: dict[FnafObjective, list[int]] = {}
+    for j, r in enumerate(replays):
+        if found[j][1] is not None:
+            o = r.objective
+            groups.setdefault(replace(o, criterion="seed", reference=o.uses_reference), []).append(j)
+    evs: dict[int, Evaluation] = {}
+    for objective, js in groups.items():
+        first = replays[js[0]]
+        idx = torch.cat([torch.tensor(found[j][0], dtype=torch.long) for j in js]).to(ctx.device)
+        values = torch.cat([found[j][2] for j in js])
+        support = torch.cat([found[j][3] for j in js])
+        ev = replace(first, objective=objective).score(net, ctx, idx, values=values, support=support)
+        start = 0
+        for j in js:
+            n = len(found[j][0])
+            e = ev.index(slice(start, start + n))
+            start += n
+            if replays[j].objective.criterion != "seed":
+                e = replace(e, score=1.0 - e.recovery)
+            evs[j] = e
+    return [r.finish(ctx, *found[j], evs.get(j)) for j, r in enumerate(replays)]
 
 
 def check_searches(names: Sequence[str]) -> None:

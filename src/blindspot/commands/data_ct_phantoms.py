@@ -12,7 +12,11 @@ C −600 W 1500, abdomen C 50 W 400) of the first slices of the first patients.
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
+
+from blindspot.validate import (check_array_bytes, check_output_file, check_output_folder, fraction, image_side,
+                                non_negative_int, positive_float, positive_int)
 
 
 def register(subparsers) -> None:
@@ -23,18 +27,20 @@ def register(subparsers) -> None:
         "simulations, written as DICOM series in the public LDCT-and-Projection-data layout.",
     )
     p.add_argument("--out", required=True, type=Path, metavar="DIR")
-    p.add_argument("--patients", type=int, default=6, help="synthetic patients (kinds alternate; default 6)")
-    p.add_argument("--min-slices", type=int, default=3, help="fewest slices per patient (default 3)")
-    p.add_argument("--max-slices", type=int, default=8, help="most slices per patient (default 8)")
-    p.add_argument("--size", type=int, default=512, help="image size in pixels (default 512; FOV 380 mm)")
-    p.add_argument("--doses", type=float, nargs="+", default=[0.25, 0.10], help="low-dose fractions (default 0.25 0.10)")
+    p.add_argument("--patients", type=positive_int, default=6, help="synthetic patients (kinds alternate; default 6)")
+    p.add_argument("--min-slices", type=positive_int, default=3, help="fewest slices per patient (default 3)")
+    p.add_argument("--max-slices", type=positive_int, default=8, help="most slices per patient (default 8)")
+    p.add_argument("--size", type=image_side, default=512, help="image size in pixels (default 512; FOV 380 mm)")
+    p.add_argument("--doses", type=fraction, nargs="+", default=[0.25, 0.10],
+                   help="low-dose fractions (default 0.25 0.10)")
     p.add_argument("--kinds", nargs="+", default=["chest", "abdomen"], help="phantom kinds cycled over patients")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--i0", type=float, help="full-dose photons per detector bin and view (default 2e6)")
-    p.add_argument("--angles", type=int, help="projection views over 180° (default ceil(π/2·size))")
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--i0", type=positive_float, help="full-dose photons per detector bin and view (default 2e6)")
+    p.add_argument("--angles", type=positive_int, help="projection views over 180° (default ceil(π/2·size))")
     p.add_argument("--filter", default="shepp-logan", help="FBP filter: ramp, shepp-logan, cosine, hamming, hann")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (simulation device; output is the same)")
     p.add_argument("--panel", type=Path, metavar="PNG", help="also draw a windowed panel of some slices")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --panel file")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: on a terminal)")
     p.set_defaults(func=run)
@@ -47,6 +53,12 @@ def run(args: argparse.Namespace) -> int:
     from blindspot.physics.ct import FILTERS
     from blindspot.errors import BlindspotError
 
+    check_output_folder(args.out, "--out")
+    if args.out.is_dir() and any(args.out.iterdir()) and not (args.out / "phantoms.json").is_file():
+        raise BlindspotError(args.out, "holds other files and no phantoms.json; choose a new or empty --out")
+    check_output_file(args.panel, "--panel", overwrite=args.overwrite)
+    angles = args.angles or math.ceil(math.pi / 2 * args.size)
+    check_array_bytes((angles, math.ceil(math.sqrt(2) * args.size)), 4, "--angles/--size")  # one sinogram
     if args.filter not in FILTERS:
         raise BlindspotError(None, f"unknown --filter {args.filter!r}; choose from {', '.join(FILTERS)}")
     spec = PhantomDatasetSpec(

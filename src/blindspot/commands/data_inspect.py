@@ -14,7 +14,9 @@ from typing import Any
 from blindspot.data.fastmri import CHALLENGES
 from blindspot.data.images import RESIZE_MODES
 from blindspot.data.mri import open_mri_dataset
+from blindspot.errors import BlindspotError
 from blindspot.fileio import write_json
+from blindspot.validate import check_output_file, image_side, same_or_inside
 
 
 def register(subparsers) -> None:
@@ -26,9 +28,11 @@ def register(subparsers) -> None:
     )
     parser.add_argument("path", type=Path, help="an .h5 / DICOM / .png / .npy file, or a folder of them")
     parser.add_argument("--challenge", choices=CHALLENGES, help="fastMRI: require this challenge (default: detect)")
-    parser.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), help="crop (fastMRI) or working size (images)")
+    parser.add_argument("--crop", type=image_side, nargs=2, metavar=("H", "W"),
+                        help="crop (fastMRI) or working size (images)")
     parser.add_argument("--resize", choices=RESIZE_MODES, help="images: how to reach the working size (default crop)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the summary to this JSON file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     parser.set_defaults(func=run)
 
 
@@ -61,6 +65,9 @@ def _format(summary: dict[str, Any]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_file(args.json, "--json", overwrite=args.overwrite)
+    if args.json is not None and args.path.is_dir() and same_or_inside(args.json, args.path):
+        raise BlindspotError(args.json, f"lies inside the data folder {args.path}; choose another --json")
     crop = tuple(args.crop) if args.crop else None
     dataset = open_mri_dataset(args.path, None, crop, challenge=args.challenge, resize=args.resize)
     summary = dataset.summary()

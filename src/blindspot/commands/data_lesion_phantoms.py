@@ -9,19 +9,25 @@ boxes as ``--boxes`` (CSV ``file,slice,x,y,width,height,label``, or JSON; outsid
 from __future__ import annotations
 
 import argparse
+import sys
 from collections import Counter
 from pathlib import Path
 
-from blindspot.commands.data_phantoms import add_volume_arguments, non_negative_int
+from blindspot.commands.data_phantoms import add_volume_arguments, check_volume_arguments
+from blindspot.validate import check_output_file, check_output_folder, non_negative_int
 
 
 def run(args: argparse.Namespace) -> int:
     from blindspot.data.lesion_phantom import write_lesion_phantoms
 
+    check_volume_arguments(args)
+    existing = sorted(p.name for p in args.out.glob("*.h5")) if args.out.is_dir() else []
+    check_output_folder(args.out, "--out", results=existing[:3], overwrite=args.overwrite)
+    check_output_file(args.boxes, "--boxes", overwrite=args.overwrite)
     paths, boxes = write_lesion_phantoms(
         args.out, args.boxes, args.volumes, args.slices, args.lesions, seed=args.seed, lesion_seed=args.lesion_seed,
         shape=tuple(args.shape), recon_size=tuple(args.recon_size), challenge=args.challenge, num_coils=args.coils,
-        kinds=args.kinds, progress=True,
+        kinds=args.kinds, progress=sys.stderr.isatty(),
     )
     counts = ", ".join(f"{n} {k}" for k, n in Counter(b.label for b in boxes).items()) or "none"
     asked = args.lesions * args.volumes
@@ -48,4 +54,6 @@ def register(subparsers) -> None:
                         help="lesion kinds, cycled through (default: all)")
     parser.add_argument("--lesion-seed", type=non_negative_int, default=0, help="seed of the lesions (default 0)")
     add_volume_arguments(parser)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace volumes (.h5) already in --out and an existing --boxes file")
     parser.set_defaults(func=run)

@@ -2,13 +2,15 @@
 
 Volume ``v`` gets seed ``--seed + v`` and the file name ``file_phantom_{seed:06d}.h5`` (the name also seeds its
 under-sampling mask, as fastMRI's file names do). Files that already hold the same phantom are kept, so an
-interrupted run resumes. ``--panel`` also renders a PNG panel of a few slices read back from the written files.
+interrupted run resumes; a file of that name holding anything else is a one-line error unless ``--overwrite``.
+``--panel`` also renders a PNG panel of a few slices read back from the written files.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -20,6 +22,8 @@ from blindspot.data.knee_files import write_phantom_volumes
 from blindspot.data.knee_phantom import FASTMRI_KNEE_SHAPE, FASTMRI_RECON_SIZE
 from blindspot.errors import BlindspotError
 from blindspot.fileio import atomic_write_bytes
+from blindspot.validate import (check_array_bytes, check_crop, check_output_file, check_output_folder,
+                                image_side, non_negative_int, positive_int)
 
 
 def save_panel(images: Sequence[tuple[np.ndarray, str]], path: str | Path, cols: int = 4, dpi: int = 100) -> Path:
@@ -64,11 +68,23 @@ def panel_from_files(paths: Sequence[str | Path], out: str | Path, max_volumes: 
     return save_panel(images, out, cols=min(4, len(images)))
 
 
+def check_volume_arguments(args: argparse.Namespace) -> None:
+    """What :func:`add_volume_arguments` asked for fits in memory: one volume's complex64 k-space."""
+    coils = 1 if args.challenge == "singlecoil" else args.coils
+    check_array_bytes((args.slices, coils, *args.shape), 8, "--slices/--coils/--shape")
+    check_crop(args.recon_size, args.shape, "--shape", "--recon-size")  # only when given: the default is clipped
+    if args.recon_size is None:
+        args.recon_size = list(FASTMRI_RECON_SIZE)
+
+
 def run(args: argparse.Namespace) -> int:
+    check_volume_arguments(args)
+    check_output_folder(args.out, "--out")
+    check_output_file(args.panel, "--panel", overwrite=args.overwrite)
     shape = tuple(args.shape)
     paths = write_phantom_volumes(
         args.out, args.volumes, args.slices, seed=args.seed, shape=shape, challenge=args.challenge,
-        num_coils=args.coils, recon_size=tuple(args.recon_size), overwrite=args.overwrite, progress=True,
+        num_coils=args.coils, recon_size=tuple(args.recon_size), overwrite=args.overwrite, progress=sys.stderr.isatty(),
     )
     kind = "single-coil" if args.challenge == "singlecoil" else f"multi-coil ({args.coils} coils)"
     print(f"wrote {len(paths)} {kind} fastMRI volumes of {args.slices} slices, k-space {shape[0]}x{shape[1]}, "
@@ -80,31 +96,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def positive_int(text: str) -> int:
-    """``argparse`` type: an integer of at least 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    """``argparse`` type: an integer of at least 0."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be non-negative, got {value}")
-    return value
-
-
 def add_volume_arguments(parser: argparse.ArgumentParser) -> None:
     """What every phantom writer asks for: ``--volumes --slices --seed --shape --recon-size --challenge --coils``."""
     parser.add_argument("--volumes", type=positive_int, default=4, help="number of volumes (default 4)")
     parser.add_argument("--slices", type=positive_int, default=35, help="slices per volume (default 35)")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the first volume (default 0)")
-    parser.add_argument("--shape", type=positive_int, nargs=2, metavar=("H", "W"), default=list(FASTMRI_KNEE_SHAPE),
+    parser.add_argument("--shape", type=image_side, nargs=2, metavar=("H", "W"), default=list(FASTMRI_KNEE_SHAPE),
                         help="k-space size, rows (readout) and columns (phase encode); default 640 368")
-    parser.add_argument("--recon-size", type=positive_int, nargs=2, metavar=("h", "w"),
-                        default=list(FASTMRI_RECON_SIZE), help="reconstruction crop (default 320 320)")
+    parser.add_argument("--recon-size", type=image_side, nargs=2, metavar=("h", "w"),
+                        help="reconstruction crop, at most --shape (default 320 320, clipped to --shape)")
     parser.add_argument("--challenge", choices=CHALLENGES, default="singlecoil")
     parser.add_argument("--coils", type=positive_int, default=8, help="coils of multi-coil volumes (default 8)")
 
@@ -117,6 +117,7 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     add_volume_arguments(parser)
-    parser.add_argument("--overwrite", action="store_true", help="rewrite files that already exist")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="rewrite files that already exist (without it, only the same phantoms are kept)")
     parser.add_argument("--panel", type=Path, default=None, metavar="PNG", help="also save a PNG panel of slices")
     parser.set_defaults(func=run)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from blindspot.errors import BlindspotError
+from blindspot.validate import check_output_folder, non_negative_int, positive_int
 
 
 def register(subparsers) -> None:
@@ -35,9 +36,9 @@ def register(subparsers) -> None:
     add_arch_arguments(p)
     p.add_argument("--data", help="validation data: fastMRI HDF5, DICOM, PNG or NumPy file/folder (default: phantoms)")
     g = add_data_arguments(p)
-    g.add_argument("--phantom-volumes", type=int, default=4, help="validation phantom volumes (default 4)")
-    g.add_argument("--phantom-seed", type=int, default=0, help="first validation phantom seed (default 0)")
-    p.add_argument("--batch-size", type=int, default=4)
+    g.add_argument("--phantom-volumes", type=positive_int, default=4, help="validation phantom volumes (default 4)")
+    g.add_argument("--phantom-seed", type=non_negative_int, default=0, help="first validation phantom seed (default 0)")
+    p.add_argument("--batch-size", type=positive_int, default=4)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--per-slice", action="store_true", help="also write slices.csv (one row per model and slice)")
@@ -55,8 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from blindspot.models.adapters import network_convention
     from blindspot.training.distributed import resolve_device
 
-    if args.batch_size < 1:
-        raise BlindspotError(None, "--batch-size must be >= 1")
+    check_output_folder(args.out, "--out", inputs=[args.data])
     device = resolve_device(args.device, None)
     hparams = arch_hparams(args)
     models = load_eval_models(args.checkpoints, args.names, device, zero_filled=not args.no_zero_filled,

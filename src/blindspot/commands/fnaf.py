@@ -22,6 +22,8 @@ from blindspot.errors import BlindspotError
 from blindspot.models.loading import load_model
 from blindspot.runs.fnaf import FnafConfig, ct_settings, mri_settings, phantom_geometry_of, run_fnaf
 from blindspot.training.distributed import resolve_device
+from blindspot.validate import (check_output_folder, dose, finite_float, image_side, non_negative_int,
+                                positive_float, positive_int, unit_fraction)
 
 
 def register(subparsers) -> None:
@@ -42,47 +44,51 @@ def register(subparsers) -> None:
                    help="replay the features found by another run on this model (transferability) instead of searching")
     add_arch_arguments(p)  # --arch, --hparam: bare state dicts
     g = add_data_arguments(p)  # --accelerations, --center-fractions, --mask-type, --crop, phantom geometry
-    g.add_argument("--phantom-volumes", type=int, default=4,
+    g.add_argument("--phantom-volumes", type=positive_int, default=4,
                    help="phantom volumes (MRI) or phantom slices (CT) to attack (default 4)")
-    g.add_argument("--phantom-seed", type=int, default=0, help="first phantom seed (default 0: the validation "
+    g.add_argument("--phantom-seed", type=non_negative_int, default=0,
+                   help="first phantom seed (default 0: the validation "
                    "phantoms of train/evaluate)")
     p.add_argument("--coil-maps", choices=sorted(MAP_ESTIMATORS), default="full",
                    help="multi-coil data: coil-sensitivity estimator of the attack's acquisition (default full: from "
                    "the fully sampled coil images; lowres / espirit: from the auto-calibration columns only)")
-    p.add_argument("--dose", type=float, help="CT: dose fraction of the network's input (default: its checkpoint's)")
-    p.add_argument("--size", type=int, help="CT phantoms: image size (default: the network's training size)")
+    p.add_argument("--dose", type=dose, help="CT: dose fraction of the network's input (default: its checkpoint's)")
+    p.add_argument("--size", type=image_side, help="CT phantoms: image size (default: the network's training size)")
     p.add_argument("--out", required=True, metavar="RUN_DIR")
     p.add_argument("--family", choices=FAMILIES, help="feature family (default: the seed's walk for MRI, disc for CT)")
-    p.add_argument("--intensity", nargs=2, type=float, metavar=("LO", "HI"),
+    p.add_argument("--intensity", nargs=2, type=finite_float, metavar=("LO", "HI"),
                    help="feature intensities: MRI fractions of each image's range (family default), CT HU "
                    "(default 30 100)")
     p.add_argument("--criterion", choices=CRITERIA, default="seed",
                    help="what is maximised and counted: seed (L_atk >= threshold) or recovery (kept energy < 0.5)")
     p.add_argument("--region", default="center",
                    help="where features go: center (the central crop), foreground, or a .npy boolean mask file")
-    p.add_argument("--region-fraction", type=float, default=CENTER_FRACTION,
+    p.add_argument("--region-fraction", type=unit_fraction, default=CENTER_FRACTION,
                    help="side of the central crop as a fraction of the image (default 120/320)")
-    p.add_argument("--candidates", type=int, default=11, help="RS candidates per image (default 11, as the seed)")
-    p.add_argument("--fd-iterations", type=int, default=2)
-    p.add_argument("--fd-restarts", type=int, default=1)
-    p.add_argument("--grad-steps", type=int, default=6)
-    p.add_argument("--grad-step-size", type=float, default=0.2,
+    p.add_argument("--candidates", type=positive_int, default=11,
+                   help="RS candidates per image (default 11, as the seed)")
+    p.add_argument("--fd-iterations", type=positive_int, default=2)
+    p.add_argument("--fd-restarts", type=positive_int, default=1)
+    p.add_argument("--grad-steps", type=positive_int, default=6)
+    p.add_argument("--grad-step-size", type=positive_float, default=0.2,
                    help="signed step as a fraction of the allowed maximum intensity")
-    p.add_argument("--grad-init", type=int, default=4, help="random features the gradient search picks its start "
+    p.add_argument("--grad-init", type=positive_int, default=4,
+                   help="random features the gradient search picks its start "
                    "from (default 4: with 6 steps, the same 11 queries as RS)")
-    p.add_argument("--dilation", type=int, default=3, help="pixels by which the support is dilated into T")
-    p.add_argument("--loss-threshold", type=float, default=1e-3,
+    p.add_argument("--dilation", type=non_negative_int, default=3, help="pixels by which the support is dilated into T")
+    p.add_argument("--loss-threshold", type=unit_fraction, default=1e-3,
                    help="the seed's threshold on L_atk (whole-image MSE) for 320x320 images")
-    p.add_argument("--threshold-pixels", type=int, default=320 * 320,
+    p.add_argument("--threshold-pixels", type=non_negative_int, default=320 * 320,
                    help="image size in pixels at which --loss-threshold applies; other sizes scale it by "
                    "threshold-pixels/(h*w) so the same lost energy counts alike (0: no scaling)")
-    p.add_argument("--recovery-threshold", type=float, default=0.5)
-    p.add_argument("--ip-threshold", type=float,
+    p.add_argument("--recovery-threshold", type=unit_fraction, default=0.5,
+                   help="recovery criterion: lost when the kept share of the feature's energy is below this (0.5)")
+    p.add_argument("--ip-threshold", type=positive_float,
                    help="IP threshold (default: MRI the seed's 1e-4 on the IP loss; CT detectability d' of 5)")
-    p.add_argument("--batch-size", type=int, default=4, help="images per batch")
-    p.add_argument("--chunk-size", type=int, default=64, help="most candidates per model call (bounds memory)")
-    p.add_argument("--limit", type=int, help="attack only the first N images")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=positive_int, default=4, help="images per batch")
+    p.add_argument("--chunk-size", type=positive_int, default=64, help="most candidates per model call (bounds memory)")
+    p.add_argument("--limit", type=positive_int, help="attack only the first N images")
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, …")
     p.add_argument("--resume", action="store_true", help="continue RUN_DIR, skipping images already recorded")
     p.add_argument("--overwrite", action="store_true", help="replace the records already in RUN_DIR")
@@ -100,8 +106,9 @@ def region_option(spec: str) -> "str | torch.Tensor":
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.limit is not None and args.limit < 1:
-        raise BlindspotError(None, "--limit must be >= 1")
+    check_output_folder(args.out, "--out", inputs=[args.data, args.replay])
+    if args.intensity and args.intensity[0] > args.intensity[1]:
+        raise BlindspotError(None, f"--intensity {args.intensity[0]:g} {args.intensity[1]:g}: LO is above HI")
     config = FnafConfig(
         searches=tuple(args.search or ["rs"]), family=args.family,
         intensity_range=tuple(args.intensity) if args.intensity else None, criterion=args.criterion,

@@ -23,16 +23,9 @@ from blindspot.models.loading import load_model
 from blindspot.runs import invariances as runs
 from blindspot.runs.images import DataOptions
 from blindspot.training.distributed import resolve_device
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
-    return v
+from blindspot.validate import (acceleration, check_array_bytes, check_output_folder, dose, image_side, integer,
+                                non_negative_float, non_negative_int, positive_float, positive_int, unit_fraction,
+                                width)
 
 
 def _add_common(p: argparse.ArgumentParser, model_required: bool = False) -> None:
@@ -44,18 +37,20 @@ def _add_common(p: argparse.ArgumentParser, model_required: bool = False) -> Non
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, …")
     p.add_argument("--data", help="CT: DICOM series / LDCT folder / .npy or .png in HU; MRI: fastMRI HDF5 or images "
                                   "(default: built-in phantoms)")
-    p.add_argument("--phantoms", type=_positive_int, default=4,
+    p.add_argument("--phantoms", type=positive_int, default=4,
                    help="built-in phantoms: CT slices, MRI volumes of 8 slices (default 4)")
-    p.add_argument("--size", type=_positive_int, help="phantom side in pixels (CT default: the checkpoint's training "
+    p.add_argument("--size", type=image_side, help="phantom side in pixels (CT default: the checkpoint's training "
                                                       "size, else 512; MRI: its phantom geometry, else fastMRI's)")
-    p.add_argument("--dose", type=float, help="CT: dose of the network input (default: the checkpoint's, else 0.25)")
+    p.add_argument("--dose", type=dose, help="CT: dose of the network input (default: the checkpoint's, else 0.25)")
     p.add_argument("--mask-type", choices=["random", "equispaced"], help="MRI mask (default: the checkpoint's)")
-    p.add_argument("--acceleration", type=float, help="MRI acceleration (default: checkpoint's first, else 4)")
-    p.add_argument("--center-fraction", type=float, help="MRI centre fraction (default: standard for the acceleration)")
-    p.add_argument("--crop", nargs=2, type=int, metavar=("H", "W"), help="MRI image size (default: the checkpoint's)")
-    p.add_argument("--limit", type=_positive_int, help="use only the first N images")
-    p.add_argument("--batch-size", type=_positive_int, default=4, help="images per batch (default 4)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--acceleration", type=acceleration, help="MRI acceleration (default: checkpoint's first, else 4)")
+    p.add_argument("--center-fraction", type=unit_fraction,
+                   help="MRI centre fraction (default: standard for the acceleration)")
+    p.add_argument("--crop", nargs=2, type=image_side, metavar=("H", "W"),
+                   help="MRI image size (default: the checkpoint's)")
+    p.add_argument("--limit", type=positive_int, help="use only the first N images")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="images per batch (default 4)")
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--vgg-weights", help="torchvision-format VGG16 ImageNet weights (.pth) for --distance vgg")
 
 
@@ -71,19 +66,21 @@ def register(subparsers) -> None:
                         "(bounded un-squared norm) (default mse)")
     p.add_argument("--fidelity", choices=("same",) + DISTANCES, default="same",
                    help="‖·‖ on the outputs (default: the same as --distance, as the source document)")
-    p.add_argument("--alpha", type=float, default=0.01, help="weight of the distance reward (default 0.01)")
-    p.add_argument("--iterations", type=_positive_int, default=3000, help="most Adam iterations (default 3000)")
-    p.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (default 0.01)")
-    p.add_argument("--restarts", type=_positive_int, default=3, help="invariances per image (default 3)")
-    p.add_argument("--init-std", type=float, default=0.1,
+    p.add_argument("--alpha", type=positive_float, default=0.01, help="weight of the distance reward (default 0.01)")
+    p.add_argument("--iterations", type=positive_int, default=3000, help="most Adam iterations (default 3000)")
+    p.add_argument("--lr", type=positive_float, default=1e-2, help="Adam learning rate (default 0.01)")
+    p.add_argument("--restarts", type=positive_int, default=3, help="invariances per image (default 3)")
+    p.add_argument("--init-std", type=non_negative_float, default=0.1,
                    help="std of the start noise in normalised units (default 0.1: variance 10⁻²)")
-    p.add_argument("--tol", type=float, default=1e-4, help="early stop: relative objective change per window")
-    p.add_argument("--window", type=_positive_int, default=100, help="early stop: iterations per check (default 100)")
-    p.add_argument("--min-iterations", type=int, default=300, help="no early stop before this (default 300)")
+    p.add_argument("--tol", type=non_negative_float, default=1e-4,
+                   help="early stop: relative objective change per window")
+    p.add_argument("--window", type=positive_int, default=100, help="early stop: iterations per check (default 100)")
+    p.add_argument("--min-iterations", type=non_negative_int, default=300,
+                   help="no early stop before this (default 300)")
     p.add_argument("--region", help="where x may change: square:SIZE (central), box:TOP,LEFT,H,W, or a .npy mask")
     p.add_argument("--bounds-hu", default="-1024,3071",
                    help="CT: keep x_inv within LOW,HIGH HU ('none' for no bounds; default -1024,3071)")
-    p.add_argument("--figures", type=int, default=8, help="figures for the first N images (default 8)")
+    p.add_argument("--figures", type=non_negative_int, default=8, help="figures for the first N images (default 8)")
     p.add_argument("--out", metavar="RUN_DIR", help="run folder (required)")
     p.add_argument("--resume", action="store_true", help="continue RUN_DIR, skipping images already recorded")
     p.add_argument("--overwrite", action="store_true", help="replace the records already in RUN_DIR")
@@ -98,23 +95,23 @@ def register(subparsers) -> None:
     _add_common(t, model_required=True)
     t.add_argument("--out", required=True, metavar="DIR")
     t.add_argument("--resume", action="store_true", help="continue from DIR/generator.pt")
-    t.add_argument("--steps", type=_positive_int, default=2000, help="generator steps in total (default 2000)")
-    t.add_argument("--alpha", type=float, default=0.01, help="weight of the distance reward (default 0.01)")
-    t.add_argument("--beta", type=float, default=1e-3, help="weight of the critic term (default 0.001)")
+    t.add_argument("--steps", type=positive_int, default=2000, help="generator steps in total (default 2000)")
+    t.add_argument("--alpha", type=positive_float, default=0.01, help="weight of the distance reward (default 0.01)")
+    t.add_argument("--beta", type=non_negative_float, default=1e-3, help="weight of the critic term (default 0.001)")
     t.add_argument("--distance", choices=DISTANCES, default="rms",
                    help="D (default rms: the bounded un-squared norm, whose gradient does not vanish at g = x)")
     t.add_argument("--fidelity", choices=DISTANCES, default="mse")
-    t.add_argument("--patch", type=_positive_int, default=80)
-    t.add_argument("--train-batch", type=_positive_int, default=16, help="patches per step (default 16)")
-    t.add_argument("--n-critic", type=_positive_int, default=5)
-    t.add_argument("--gp-weight", type=float, default=10.0)
-    t.add_argument("--lr", type=float, default=1e-4)
-    t.add_argument("--scales", type=_positive_int, default=3)
-    t.add_argument("--channels", type=_positive_int, default=32)
-    t.add_argument("--z-channels", type=_positive_int, default=4)
-    t.add_argument("--critic-channels", type=_positive_int, default=32)
-    t.add_argument("--checkpoint-every", type=_positive_int, default=200)
-    t.add_argument("--log-every", type=_positive_int, default=10)
+    t.add_argument("--patch", type=image_side, default=80)
+    t.add_argument("--train-batch", type=positive_int, default=16, help="patches per step (default 16)")
+    t.add_argument("--n-critic", type=positive_int, default=5)
+    t.add_argument("--gp-weight", type=non_negative_float, default=10.0)
+    t.add_argument("--lr", type=positive_float, default=1e-4)
+    t.add_argument("--scales", type=integer(1, 8), default=3)
+    t.add_argument("--channels", type=width, default=32)
+    t.add_argument("--z-channels", type=width, default=4)
+    t.add_argument("--critic-channels", type=width, default=32)
+    t.add_argument("--checkpoint-every", type=positive_int, default=200)
+    t.add_argument("--log-every", type=positive_int, default=10)
     t.set_defaults(func=run_train_generator)
 
     s = inner.add_parser(
@@ -123,8 +120,8 @@ def register(subparsers) -> None:
                     "network input, the change of f and the critic's scores against real inputs.")
     s.add_argument("--generator", required=True, help="generator checkpoint, or the folder holding generator.pt")
     _add_common(s)
-    s.add_argument("--samples", type=_positive_int, default=8, help="invariances per image (default 8)")
-    s.add_argument("--figures", type=int, default=8)
+    s.add_argument("--samples", type=positive_int, default=8, help="invariances per image (default 8)")
+    s.add_argument("--figures", type=non_negative_int, default=8)
     s.add_argument("--out", required=True, metavar="RUN_DIR")
     s.add_argument("--resume", action="store_true")
     s.add_argument("--overwrite", action="store_true")
@@ -132,7 +129,8 @@ def register(subparsers) -> None:
 
 
 def _setup(args: argparse.Namespace):
-    """The device, the model (``None`` without ``--model``) and the data options."""
+    """The device, the model (``None`` without ``--model``) and the data options (after the output checks)."""
+    check_output_folder(args.out, "--out", inputs=[args.data, getattr(args, "generator", None)])
     device = resolve_device(args.device)
     model = load_model(args.model, device, args.arch, modality=args.modality) if args.model else None
     data = DataOptions(args.data, args.phantoms, args.size, args.dose, args.mask_type, args.acceleration,
@@ -171,6 +169,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_train_generator(args: argparse.Namespace) -> int:
+    check_array_bytes((args.train_batch, args.channels, args.patch, args.patch), 4,
+                      "--train-batch/--channels/--patch")  # one activation of the generator's widest layer
     device, model, data = _setup(args)
     config = NaturalConfig(
         alpha=args.alpha, beta=args.beta, distance=args.distance, fidelity=args.fidelity, patch=args.patch,

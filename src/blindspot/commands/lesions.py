@@ -19,7 +19,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from blindspot.errors import BlindspotError
+from blindspot.validate import (acceleration, check_output_folder, non_negative_int, positive_int,
+                                unit_fraction)
+
+#: What a finished ``lesions`` run leaves in its folder: never replaced without ``--overwrite``.
+LESION_RESULTS = ("run.json", "lesions.csv", "table.md", "table.json")
 
 
 def register(subparsers) -> None:
@@ -41,17 +45,18 @@ def register(subparsers) -> None:
     p.add_argument("--origin", choices=["top", "bottom"], default="top",
                    help="rows of y counted from the image's top (default) or bottom (fastMRI+ draws on the "
                    "flipped image)")
-    p.add_argument("--acceleration", type=float, default=4.0, help="default 4")
-    p.add_argument("--center-fraction", type=float, help="default: 4x → 0.08, 8x → 0.04")
+    p.add_argument("--acceleration", type=acceleration, default=4.0, help="default 4")
+    p.add_argument("--center-fraction", type=unit_fraction, help="default: 4x → 0.08, 8x → 0.04")
     p.add_argument("--mask-type", choices=["random", "equispaced"], default=None,
                    help="default: the first checkpoint's, else random")
-    p.add_argument("--threshold", type=float, default=0.5,
+    p.add_argument("--threshold", type=unit_fraction, default=0.5,
                    help="preserved when the kept contrast fraction is at least this (default 0.5)")
-    p.add_argument("--margin", type=int, default=4, help="ring around each box, pixels (default 4)")
-    p.add_argument("--max-figures", type=int, default=12, help="lesion crop figures to draw (default 12)")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--margin", type=non_negative_int, default=4, help="ring around each box, pixels (default 4)")
+    p.add_argument("--max-figures", type=non_negative_int, default=12, help="lesion crop figures to draw (default 12)")
+    p.add_argument("--batch-size", type=positive_int, default=4)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--out", required=True, metavar="RUN_DIR")
+    p.add_argument("--overwrite", action="store_true", help="replace the results already in RUN_DIR")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
     p.set_defaults(func=run)
 
@@ -65,10 +70,7 @@ def run(args: argparse.Namespace) -> int:
     from blindspot.physics.mri import create_mask_func
     from blindspot.training.distributed import resolve_device
 
-    if args.batch_size < 1:
-        raise BlindspotError(None, "--batch-size must be >= 1")
-    if args.max_figures < 0:
-        raise BlindspotError(None, "--max-figures must be >= 0")
+    check_output_folder(args.out, "--out", inputs=[args.data], results=LESION_RESULTS, overwrite=args.overwrite)
     hparams = arch_hparams(args)
     rule = PreservationRule(args.threshold, args.margin)
     annotations = read_annotations(args.boxes)  # malformed rows fail before any model is loaded
@@ -84,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate_lesions(models, dataset, boxes, rule, batch_size=args.batch_size, device=device,
                               max_crops=args.max_figures, progress=args.progress)
     meta = {
-        "data": str(args.data), "boxes": str(args.boxes), "origin": args.origin, "lesions": len(boxes),
+        "data": str(args.data), "boxes": str(args.boxes), "origin": annotations.origin or args.origin,
+        "lesions": len(boxes),
         "study_level_rows_skipped": annotations.study_level,
         "slices": len({b.key for b in boxes}), "volumes": len({volume_key(b.file) for b in boxes}),
         "acceleration": args.acceleration, "center_fraction": mask_func.center_fractions[0], "mask_type": mask_type,

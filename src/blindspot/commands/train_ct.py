@@ -23,6 +23,8 @@ import sys
 from pathlib import Path
 
 from blindspot.commands.train import add_optimisation_arguments
+from blindspot.validate import (check_output_folder, dose, hparam, non_negative_float, non_negative_int,
+                                number, positive_float, positive_int, side, width)
 
 
 def register(subparsers) -> None:
@@ -35,31 +37,35 @@ def register(subparsers) -> None:
     p.add_argument("--model", required=True, choices=["cnn10", "redcnn", "wganvgg"])
     p.add_argument("--data", required=True, type=Path, help="LDCT-layout folder (real data or ct-phantoms output)")
     p.add_argument("--out", required=True, type=Path, metavar="RUN_DIR")
-    p.add_argument("--dose", type=float, help="low-dose series to train on (e.g. 0.25; needed when a study has several)")
-    p.add_argument("--hparam", action="append", metavar="KEY=VALUE",
+    p.add_argument("--dose", type=dose, help="low-dose series to train on (e.g. 0.25; needed when a study has several)")
+    p.add_argument("--hparam", action="append", metavar="KEY=VALUE", type=hparam,
                    help="model hyper-parameter, repeatable (e.g. --hparam chans=48); values are JSON")
     d = p.add_argument_group("data")
-    d.add_argument("--patch-size", type=int, default=64, help="training patch size in pixels (default 64)")
-    d.add_argument("--samples-per-epoch", type=int, default=2048, help="patches per epoch (default 2048)")
-    d.add_argument("--val-fraction", type=float, default=0.2, help="share of patients for validation (default 0.2)")
-    d.add_argument("--test-fraction", type=float, default=0.2, help="share of patients held out for testing")
-    d.add_argument("--split-seed", type=int, help="seed of the patient split (default --seed)")
+    d.add_argument("--patch-size", type=side(8), default=64, help="training patch size in pixels (default 64)")
+    d.add_argument("--samples-per-epoch", type=positive_int, default=2048, help="patches per epoch (default 2048)")
+    d.add_argument("--val-fraction", type=number(0, 1, hi_open=True), default=0.2,
+                   help="share of patients for validation (default 0.2)")
+    d.add_argument("--test-fraction", type=number(0, 1, hi_open=True), default=0.2,
+                   help="share of patients held out for testing")
+    d.add_argument("--split-seed", type=non_negative_int, help="seed of the patient split (default --seed)")
     d.add_argument("--eval-window", default="abdomen", help="window of PSNR/SSIM: lung, abdomen or C,W (default abdomen)")
-    d.add_argument("--val-batch-size", type=int, default=1, help="slices per validation forward pass")
+    d.add_argument("--val-batch-size", type=positive_int, default=1, help="slices per validation forward pass")
     add_optimisation_arguments(p, batch_size=16, lr=1e-4, lr_gamma=0.5, seed_help="weights, patches and split",
                                batch_help="global batch of patches (split over processes)")
     w = p.add_argument_group("WGAN-VGG")
     w.add_argument("--vgg-weights", type=Path, help="torchvision-format VGG16 weights (default: torch hub cache file)")
     w.add_argument("--vgg-layers", nargs="+", default=["relu5_3"], help="perceptual-loss layers (default relu5_3)")
     w.add_argument("--vgg-window", default="0,2000", help="HU window mapped to the VGG's [0, 1] input (default 0,2000)")
-    w.add_argument("--lambda-vgg", type=float, default=0.1, help="perceptual-loss weight (default 0.1; 0: none)")
-    w.add_argument("--lambda-adv", type=float, default=1.0, help="adversarial-loss weight (default 1)")
-    w.add_argument("--lambda-mse", type=float, default=0.0, help="extra MSE weight (default 0)")
-    w.add_argument("--n-critic", type=int, default=4, help="critic updates per generator step (default 4)")
-    w.add_argument("--gp-weight", type=float, default=10.0, help="gradient-penalty weight (default 10)")
-    w.add_argument("--critic-lr", type=float, default=1e-4, help="critic Adam learning rate (default 1e-4)")
-    w.add_argument("--critic-hidden", type=int, default=1024, help="critic's fully connected width (default 1024)")
-    w.add_argument("--critic-widths", type=int, nargs=3, default=[64, 128, 256], help="critic conv widths")
+    w.add_argument("--lambda-vgg", type=non_negative_float, default=0.1,
+                   help="perceptual-loss weight (default 0.1; 0: none)")
+    w.add_argument("--lambda-adv", type=non_negative_float, default=1.0, help="adversarial-loss weight (default 1)")
+    w.add_argument("--lambda-mse", type=non_negative_float, default=0.0, help="extra MSE weight (default 0)")
+    w.add_argument("--n-critic", type=positive_int, default=4, help="critic updates per generator step (default 4)")
+    w.add_argument("--gp-weight", type=non_negative_float, default=10.0, help="gradient-penalty weight (default 10)")
+    w.add_argument("--critic-lr", type=positive_float, default=1e-4, help="critic Adam learning rate (default 1e-4)")
+    w.add_argument("--critic-hidden", type=width, default=1024,
+                   help="critic's fully connected width (default 1024)")
+    w.add_argument("--critic-widths", type=width, nargs=3, default=[64, 128, 256], help="critic conv widths")
     p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its last.pt")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars (default: on a terminal)")
@@ -67,18 +73,17 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from blindspot.commands.train_mri import parse_hparams
-    from blindspot.errors import BlindspotError
+    from blindspot.commands.train_mri import check_hparams, parse_hparams
     from blindspot.models.vgg import load_vgg16
     from blindspot.physics.ct import parse_window
     from blindspot.training.ct import CTTrainSettings, train_ct
     from blindspot.training.distributed import DistContext
     from blindspot.training.engine import TrainConfig
 
+    check_output_folder(args.out, "--out", inputs=[args.data])
+    check_hparams(args.model, parse_hparams(args.hparam))
     parse_window(args.eval_window)
     parse_window(args.vgg_window)
-    if args.patch_size < 8:
-        raise BlindspotError(None, f"--patch-size must be >= 8, got {args.patch_size}")
     settings = CTTrainSettings(
         model=args.model, hparams=parse_hparams(args.hparam), dose=args.dose, patch_size=args.patch_size,
         samples_per_epoch=args.samples_per_epoch, val_fraction=args.val_fraction, test_fraction=args.test_fraction,

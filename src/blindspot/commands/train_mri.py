@@ -23,34 +23,42 @@ The run folder gets ``last.pt`` (resumable with ``--resume``), ``best.pt`` (best
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
 from blindspot.commands.train import add_optimisation_arguments
 from blindspot.errors import BlindspotError
 from blindspot.runs.train import PHANTOM_TRAIN_SEED, PHANTOM_VAL_SEED
+from blindspot.validate import (acceleration, check_array_bytes, check_crop, check_hparam_types, check_output_folder,
+                                fraction, hparam, hparam_dict, image_side, non_negative_int, positive_float,
+                                positive_int, unit_fraction)
 
 
-def parse_hparams(items: list[str] | None) -> dict[str, Any]:
-    """``["chans=16", "dilations=[1,2]"]`` → ``{"chans": 16, "dilations": [1, 2]}`` (values parsed as JSON)."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise BlindspotError(None, f"--hparam expects KEY=VALUE, got {item!r}")
-        try:
-            out[key.replace("-", "_")] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.replace("-", "_")] = value
-    return out
+def parse_hparams(items: list[Any] | None) -> dict[str, Any]:
+    """``["chans=16", "dilations=[1,2]"]`` (or the pairs :func:`blindspot.validate.hparam` parsed) →
+    ``{"chans": 16, "dilations": [1, 2]}`` (values parsed as JSON)."""
+    return hparam_dict(items)
+
+
+def check_hparams(architecture: str, hparams: dict[str, Any]) -> None:
+    """``--hparam`` values against ``architecture``: known names, the constructor's types, and a network of sane
+    size (built on the meta device, nothing allocated); one line naming ``--hparam``."""
+    from blindspot.models.checkpoint import check_network_size
+    from blindspot.models.registry import model_defaults
+
+    if not hparams:
+        return
+    defaults = model_defaults(architecture)
+    if defaults is not None:
+        check_hparam_types(hparams, defaults)
+    check_network_size(architecture, hparams, "--hparam")
 
 
 def add_arch_arguments(p: argparse.ArgumentParser) -> None:
     """``--arch`` and ``--hparam`` for bare state dicts (``evaluate``, ``lesions``, ``audit``)."""
     p.add_argument("--arch", help="architecture of bare state-dict checkpoints (e.g. unet or varnet for fastMRI's "
                    "weights); hyper-parameters are read off the weights where possible")
-    p.add_argument("--hparam", action="append", metavar="KEY=VALUE",
+    p.add_argument("--hparam", action="append", metavar="KEY=VALUE", type=hparam,
                    help="hyper-parameter for --arch, repeatable (overrides what the weights say); values are JSON")
 
 
@@ -58,23 +66,27 @@ def arch_hparams(args: argparse.Namespace) -> dict[str, Any] | None:
     """The ``--hparam`` values for ``--arch`` (``None`` without ``--hparam``); ``--hparam`` alone is an error."""
     if args.hparam and not args.arch:
         raise BlindspotError(None, "--hparam needs --arch (hyper-parameters of a bare state dict)")
-    return parse_hparams(args.hparam) if args.hparam else None
+    if not args.hparam:
+        return None
+    hparams = parse_hparams(args.hparam)
+    check_hparams(args.arch, hparams)
+    return hparams
 
 
 def add_data_arguments(p: argparse.ArgumentParser):
     """Options shared by ``train mri`` and ``evaluate``: physics and the phantom geometry; returns the phantom group."""
-    p.add_argument("--accelerations", nargs="+", type=float, default=[4.0, 8.0], help="default 4 8")
-    p.add_argument("--center-fractions", nargs="+", type=float,
+    p.add_argument("--accelerations", nargs="+", type=acceleration, default=[4.0, 8.0], help="default 4 8")
+    p.add_argument("--center-fractions", nargs="+", type=unit_fraction,
                    help="one per acceleration (default: 4x → 0.08, 8x → 0.04)")
     p.add_argument("--mask-type", choices=["random", "equispaced"], default=None, help="default random")
-    p.add_argument("--crop", nargs=2, type=int, metavar=("H", "W"), help="image size (default: the data's)")
+    p.add_argument("--crop", nargs=2, type=image_side, metavar=("H", "W"), help="image size (default: the data's)")
     g = p.add_argument_group("built-in phantoms (without --data)")
-    g.add_argument("--phantom-shape", nargs=2, type=int, metavar=("H", "W"),
+    g.add_argument("--phantom-shape", nargs=2, type=image_side, metavar=("H", "W"),
                    help="k-space size of the phantoms (default fastMRI's 640 368)")
-    g.add_argument("--phantom-recon-size", nargs=2, type=int, metavar=("H", "W"),
+    g.add_argument("--phantom-recon-size", nargs=2, type=image_side, metavar=("H", "W"),
                    help="reconstruction (target) size of the phantoms (default 320 320)")
-    g.add_argument("--phantom-slices", type=int, help="slices per phantom volume (default 8)")
-    g.add_argument("--phantom-coils", type=int, metavar="C",
+    g.add_argument("--phantom-slices", type=positive_int, help="slices per phantom volume (default 8)")
+    g.add_argument("--phantom-coils", type=positive_int, metavar="C",
                    help="multi-coil phantoms with C coils (default: single-coil; 8 coils for k-space networks)")
     return g
 
@@ -88,33 +100,42 @@ def register(subparsers) -> None:
     )
     p.add_argument("--data", help="training data: fastMRI HDF5, DICOM, PNG or NumPy file/folder (default: phantoms)")
     p.add_argument("--val-data", help="validation data (default: --val-fraction of --data's volumes, or phantoms)")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="held-out share of volumes without --val-data")
+    p.add_argument("--val-fraction", type=fraction, default=0.2, help="held-out share of volumes without --val-data")
     p.add_argument("--model", default="unet", help="registered architecture: unet, irim or varnet (default unet)")
     p.add_argument("--preset", help="named hyper-parameters (irim: small or paper)")
-    p.add_argument("--hparam", action="append", metavar="KEY=VALUE",
+    p.add_argument("--hparam", action="append", metavar="KEY=VALUE", type=hparam,
                    help="model hyper-parameter, repeatable (e.g. --hparam chans=16); values are JSON")
     g = add_data_arguments(p)
-    g.add_argument("--phantom-volumes", type=int, default=16, help="training volumes (default 16)")
-    g.add_argument("--phantom-val-volumes", type=int, default=4, help="validation volumes (default 4)")
-    g.add_argument("--phantom-seed", type=int, default=PHANTOM_TRAIN_SEED, help="first training volume seed")
-    g.add_argument("--phantom-val-seed", type=int, default=PHANTOM_VAL_SEED, help="first validation volume seed")
+    g.add_argument("--phantom-volumes", type=positive_int, default=16, help="training volumes (default 16)")
+    g.add_argument("--phantom-val-volumes", type=positive_int, default=4, help="validation volumes (default 4)")
+    g.add_argument("--phantom-seed", type=non_negative_int, default=PHANTOM_TRAIN_SEED,
+                   help="first training volume seed")
+    g.add_argument("--phantom-val-seed", type=non_negative_int, default=PHANTOM_VAL_SEED,
+                   help="first validation volume seed")
     o = add_optimisation_arguments(p, batch_size=4, lr=1e-3, lr_gamma=0.1, seed_help="weights, shuffling and "
                                    "training masks", batch_help="global batch (split over processes)")
     o.add_argument("--loss", default="l1", choices=["l1", "mse", "ssim"])
     r = p.add_argument_group("FNAF-robust training (blindspot.training.robust)")
     r.add_argument("--robust", action="store_true", help="add the FNAF attack loss of on-the-fly features to the loss")
-    r.add_argument("--robust-fraction", type=float, default=0.5, help="share of each batch given an FNAF (0.5)")
+    r.add_argument("--robust-fraction", type=unit_fraction, default=0.5,
+                   help="share of each batch given an FNAF (0.5)")
     r.add_argument("--robust-families", nargs="+", default=["walk"], help="feature families (default walk)")
-    r.add_argument("--robust-weight", type=float, default=1.0, help="weight of the attack loss (default 1)")
+    r.add_argument("--robust-weight", type=positive_float, default=1.0, help="weight of the attack loss (default 1)")
     r.add_argument("--robust-search", choices=["draw", "rs", "grad"], default="rs",
                    help="draw: one random feature; rs: worst of --robust-candidates; grad: rs then gradient steps")
-    r.add_argument("--robust-candidates", type=int, default=4)
-    r.add_argument("--robust-grad-steps", type=int, default=2)
-    r.add_argument("--robust-grad-step-size", type=float, default=0.2)
-    r.add_argument("--robust-dilation", type=int, default=3)
+    r.add_argument("--robust-candidates", type=positive_int, default=4)
+    r.add_argument("--robust-grad-steps", type=non_negative_int, default=2)
+    r.add_argument("--robust-grad-step-size", type=positive_float, default=0.2)
+    r.add_argument("--robust-dilation", type=non_negative_int, default=3)
+    r.add_argument("--robust-walk-steps", nargs=2, type=positive_int, default=[10, 99], metavar=("MIN", "MAX"),
+                   help="pixels of a walk feature (default the seed's robust training: 10 99)")
+    r.add_argument("--robust-mixing", choices=["batch", "alternate"], default="batch",
+                   help="batch: every step replaces --robust-fraction of the batch by FNAF examples; alternate: the "
+                        "seed's mixing, a clean step then a feature step")
     lw = p.add_argument_group("lesion-weighted training (blindspot.training.lesion_weighted)")
     lw.add_argument("--boxes", metavar="CSV", help="lesion boxes (CSV or JSON) on the --data files")
-    lw.add_argument("--box-weight", type=float, default=10.0, help="loss weight inside the boxes (default 10)")
+    lw.add_argument("--box-weight", type=positive_float, default=10.0,
+                    help="loss weight inside the boxes (default 10)")
     p.add_argument("--out", required=True, metavar="RUN_DIR")
     p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its last.pt")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -142,9 +163,17 @@ def phantom_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.phantom_slices is not None:
         opts["slices"] = args.phantom_slices
     if getattr(args, "phantom_coils", None) is not None:
-        if args.phantom_coils < 1:
-            raise BlindspotError(None, f"--phantom-coils must be >= 1, got {args.phantom_coils}")
         opts.update(challenge="multicoil", num_coils=args.phantom_coils)
+    if "shape" in opts or "slices" in opts or "num_coils" in opts:  # one volume's complex64 k-space
+        from blindspot.data.knee_phantom import FASTMRI_KNEE_SHAPE
+
+        shape = opts.get("shape", FASTMRI_KNEE_SHAPE)
+        check_array_bytes((opts.get("slices", 8), opts.get("num_coils", 1), *shape), 8,
+                          "--phantom-slices/--phantom-coils/--phantom-shape")
+    if "recon_size" in opts:
+        from blindspot.data.knee_phantom import FASTMRI_KNEE_SHAPE
+
+        check_crop(opts["recon_size"], opts.get("shape", FASTMRI_KNEE_SHAPE), "--phantom-shape", "--phantom-recon-size")
     return opts
 
 
@@ -152,6 +181,9 @@ def run(args: argparse.Namespace) -> int:
     from blindspot.runs.train import MRITrainData, run_train_mri
     from blindspot.training.engine import TrainConfig
     from blindspot.training.robust import RobustConfig
+
+    check_output_folder(args.out, "--out", inputs=[args.data, args.val_data])
+    check_hparams(args.model, parse_hparams(args.hparam))
 
     config = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
@@ -172,7 +204,8 @@ def run(args: argparse.Namespace) -> int:
         robust = RobustConfig(fraction=args.robust_fraction, families=tuple(args.robust_families),
                               weight=args.robust_weight, search=args.robust_search, candidates=args.robust_candidates,
                               grad_steps=args.robust_grad_steps, grad_step_size=args.robust_grad_step_size,
-                              dilation=args.robust_dilation)
+                              dilation=args.robust_dilation, walk_steps=tuple(args.robust_walk_steps),
+                              mixing=args.robust_mixing)
     run_train_mri(args.model, args.out, spec, config, preset=args.preset, hparams=parse_hparams(args.hparam),
                   loss=args.loss, robust=robust, boxes=getattr(args, "boxes", None), box_weight=args.box_weight,
                   resume=args.resume, device=args.device, log=lambda line: print(line, file=sys.stdout, flush=True))

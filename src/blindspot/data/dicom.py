@@ -20,7 +20,10 @@ Pixel values are returned as ``float32`` after the *modality* transform: ``value
 when either tag is present (CT Hounsfield units), or the Modality LUT Sequence when that is present instead. No VOI
 (window) transform is applied. Colour images (``SamplesPerPixel == 3``) are converted to RGB by pydicom and then to
 luminance ``0.299 R + 0.587 G + 0.114 B`` (ITU-R BT.601); ``MONOCHROME1`` images are returned as stored (their
-``photometric`` field tells the caller that low values display bright).
+``photometric`` field tells the caller that low values display bright). :func:`pixel_padding_mask` says which pixels
+are the file's ``PixelPaddingValue`` (``PixelPaddingRangeLimit``) padding — the outside of a CT scanner's circular
+field of view. Headers are checked before pixels are decoded or allocated (:func:`check_declared_size`: rows ×
+columns × frames × samples at most :data:`~blindspot.data.sample.MAX_SLICE_ELEMENTS`).
 
 Example::
 
@@ -243,6 +246,27 @@ def check_pixel_data(ds, path: PathLike, single_frame: bool = True) -> None:
         )
     if single_frame and _frames(ds) > 1:
         raise BlindspotError(path, f"multi-frame image ({_frames(ds)} frames) where a single 2-D image is expected")
+    check_declared_size(ds, path)
+
+
+def check_declared_size(ds, path: PathLike) -> None:
+    """Raise :class:`BlindspotError` naming ``path`` when the header declares an empty image or more than
+    :data:`~blindspot.data.sample.MAX_SLICE_ELEMENTS` values (rows × columns × frames × samples per pixel),
+    before any pixel data is decoded or allocated."""
+    from blindspot.data.sample import MAX_SLICE_ELEMENTS
+
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
+    except (TypeError, ValueError, AttributeError):
+        raise BlindspotError(path, "Rows / Columns / SamplesPerPixel are not integers (corrupt header?)") from None
+    frames = _frames(ds)
+    if min(rows, cols, frames, samples) < 1:
+        raise BlindspotError(path, f"header declares an empty image ({rows} rows x {cols} columns, {frames} frames)")
+    total = rows * cols * frames * samples
+    if total > MAX_SLICE_ELEMENTS:
+        raise BlindspotError(path, f"header declares {rows}x{cols} pixels x {frames} frames x {samples} samples = "
+                             f"{total:.3g} values, beyond the limit of {MAX_SLICE_ELEMENTS:.3g}")
 
 
 def _modality_transform(ds, stored: np.ndarray) -> tuple[np.ndarray, bool, float, float]:
@@ -255,6 +279,43 @@ def _modality_transform(ds, stored: np.ndarray) -> tuple[np.ndarray, bool, float
 
         return np.asarray(apply_modality_lut(stored, ds), dtype=np.float32), True, 1.0, 0.0
     return stored.astype(np.float32), False, 1.0, 0.0
+
+
+def pixel_padding_mask(ds, pixels: np.ndarray) -> np.ndarray | None:
+    """Where ``pixels`` (``(H, W)`` after the modality transform, as :func:`read_dicom` returns them) hold the
+    file's *pixel padding* (DICOM PS3.3 C.7.5.1.1.2): bool ``(H, W)``, ``True`` = padding, or ``None`` when the
+    file declares no ``PixelPaddingValue``.
+
+    ``PixelPaddingValue`` alone marks pixels equal to it; with ``PixelPaddingRangeLimit`` every value between the
+    two (inclusive) is padding. Both are stored values, so they are mapped through the same rescale as the pixels
+    (float32 results of the same arithmetic, so the comparison is exact). Scanners store the area outside a
+    circular reconstruction field this way, typically at −2000 or −3024 HU.
+    """
+    if "PixelPaddingValue" not in ds or ds.PixelPaddingValue is None:
+        return None
+
+    signed = int(getattr(ds, "PixelRepresentation", 0) or 0) == 1
+
+    def stored(value) -> float | None:
+        if isinstance(value, bytes):  # an ambiguous US/SS value left raw
+            return float(int.from_bytes(value[:2], "little", signed=signed)) if len(value) >= 2 else None
+        if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+            value = value[0] if len(value) else None
+        try:
+            return None if value is None else float(value)
+        except (TypeError, ValueError):
+            return None
+
+    first = stored(ds.PixelPaddingValue)
+    if first is None:
+        return None
+    limit = stored(getattr(ds, "PixelPaddingRangeLimit", None)) if "PixelPaddingRangeLimit" in ds else None
+    ends = np.asarray([first] if limit is None else [first, limit], dtype=np.float64)
+    mapped, _, _, _ = _modality_transform(ds, ends)
+    if limit is None:
+        return pixels == mapped[0]
+    lo, hi = float(mapped.min()), float(mapped.max())
+    return (pixels >= lo) & (pixels <= hi)
 
 
 def dicom_pixels(ds, path: PathLike) -> DicomImage:
@@ -403,6 +464,7 @@ def read_dicom_series(
     for p, ds in zip(paths, headers):
         if "Rows" not in ds or "Columns" not in ds:
             raise BlindspotError(p, "no Rows/Columns elements (no image in this file)")
+        check_declared_size(ds, p)
         sizes.append((int(ds.Rows), int(ds.Columns)))
     odd = next((i for i, size in enumerate(sizes) if size != sizes[0]), None)
     if odd is not None:

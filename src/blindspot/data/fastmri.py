@@ -44,7 +44,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from blindspot.data.sample import KspaceTransform, MRISample, check_coil_maps
+from blindspot.data.sample import MAX_SLICE_ELEMENTS, MIN_IMAGE_SIZE, KspaceTransform, MRISample, check_coil_maps
 from blindspot.errors import BlindspotError, PathLike
 from blindspot.fileio import temporary_sibling
 from blindspot.physics.mri import Mask, MaskFunc, Seed
@@ -307,6 +307,15 @@ def _check_dataset(hf, key: str, path: Path):
     return obj
 
 
+def check_slice_size(path: PathLike, key: str, shape: Sequence[int]) -> None:
+    """Raise :class:`BlindspotError` naming ``path`` when one slice of dataset ``key`` (``shape[1:]``) declares more
+    than :data:`MAX_SLICE_ELEMENTS` elements — checked from the header, before any array is allocated."""
+    n = int(np.prod([int(d) for d in shape[1:]], dtype=object))
+    if n > MAX_SLICE_ELEMENTS:
+        raise BlindspotError(path, f"{key} declares slices of {'x'.join(str(int(d)) for d in shape[1:])} = {n:.3g} "
+                             f"elements, beyond the limit of {MAX_SLICE_ELEMENTS:.3g}")
+
+
 def read_volume_info(
     path: PathLike, fname: str | None = None, challenge: str | None = None, crop: tuple[int, int] | None = None
 ) -> VolumeInfo:
@@ -347,6 +356,7 @@ def read_volume_info(
                 raise BlindspotError(path, f"kspace dtype {kspace.dtype} is not complex")
             if min(shape) < 1:
                 raise BlindspotError(path, f"kspace has an empty dimension {shape}")
+            check_slice_size(path, "kspace", shape)
 
             target_key = TARGET_KEYS[found]
             target = _check_dataset(hf, target_key, path)
@@ -360,6 +370,7 @@ def read_volume_info(
                     )
                 if not np.issubdtype(target.dtype, np.floating):
                     raise BlindspotError(path, f"{target_key} dtype {target.dtype} is not a real floating type")
+                check_slice_size(path, target_key, target_shape)
             else:
                 target_key = None
 
@@ -382,10 +393,19 @@ def read_volume_info(
             attrs[key] = value
 
     H, W = shape[-2:]
+    if min(H, W) < MIN_IMAGE_SIZE:
+        raise BlindspotError(path, f"k-space of {H}x{W} is smaller than the {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE} "
+                             "minimum any network here accepts")
     if crop is not None:
         want = (int(crop[0]), int(crop[1]))
-        if min(want) < 1:
-            raise BlindspotError(None, f"crop {want} must be positive")
+        if min(want) < MIN_IMAGE_SIZE:
+            raise BlindspotError(None, f"crop {want[0]}x{want[1]} is smaller than the {MIN_IMAGE_SIZE}x"
+                                 f"{MIN_IMAGE_SIZE} minimum any network here accepts")
+        caps_given = [(H, W)] + ([target_shape[1:]] if target_shape is not None else [])
+        if any(want[0] > c[0] or want[1] > c[1] for c in caps_given):
+            small = min(caps_given)
+            raise BlindspotError(path, f"crop {want[0]}x{want[1]} is larger than the {small[0]}x{small[1]} image; "
+                                 "give a crop that fits (what is cropped is what is recorded)")
     elif header.recon_size is not None:
         want = (header.recon_size[0], header.recon_size[1])
     else:
@@ -567,6 +587,10 @@ class FastMRISliceDataset(Dataset):
         problem = _nonfinite_problem(kspace, "k-space")
         if problem is None and target is not None:
             problem = _nonfinite_problem(target, vol.target_key)
+        if problem is None and not kspace.any():
+            problem = "k-space is all zero (no signal: every metric of it would be meaningless)"
+        if problem is None and target is not None and float(target.max()) == float(target.min()):
+            problem = f"{vol.target_key} is constant ({float(target.max()):g}): no image to reconstruct or score"
         if problem is not None:
             raise BlindspotError(vol.path, f"slice {s}: {problem}")
         return vol, s, kspace.astype(np.complex64, copy=False), None if target is None else target.astype(np.float32)
@@ -579,10 +603,14 @@ class FastMRISliceDataset(Dataset):
             return None
         if v not in self._volume_max:
             with open_h5(vol.path) as hf:
-                try:
-                    value = float(np.nanmax(hf[vol.target_key][()]))
+                try:  # slice by slice: peak memory one slice, whatever the volume declares
+                    ds = hf[vol.target_key]
+                    value = max(float(np.nanmax(ds[i])) for i in range(ds.shape[0]))
                 except (OSError, ValueError) as err:
                     raise BlindspotError(vol.path, f"cannot read {vol.target_key} ({err})") from None
+            if not (np.isfinite(value) and value > 0):
+                raise BlindspotError(vol.path, f"{vol.target_key} has maximum {value:g}: an all-zero or negative "
+                                     "volume has no data range for SSIM / PSNR")
             self._volume_max[v] = value
         return self._volume_max[v]
 

@@ -48,7 +48,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from blindspot.data.dicom import INDEX_FILE_NAMES, check_pixel_data, is_dicom_file, open_dicom, read_dicom
-from blindspot.data.sample import KspaceTransform, MRISample
+from blindspot.data.sample import MAX_SLICE_ELEMENTS, MIN_IMAGE_SIZE, KspaceTransform, MRISample
 from blindspot.errors import BlindspotError, PathLike
 from blindspot.physics.mri import MaskFunc, fft2c
 
@@ -101,10 +101,19 @@ def find_image_files(root: PathLike) -> list[tuple[Path, str, str]]:
 # Reading each kind
 # ------------------------------------------------------------------------------------------------------------------
 def _open_png(path: Path):
+    """Open (not decode) a PNG; its declared size is checked against :data:`MAX_SLICE_ELEMENTS` before any pixel
+    is decoded (a decompression bomb — a tiny file declaring a huge image — is a one-line error)."""
+    import warnings
+
     try:
-        img = Image.open(path)
-        img.verify()  # checks the chunks and their CRCs without decoding
-        img = Image.open(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+            _check_png_size(path, img.size)
+            img.verify()  # checks the chunks and their CRCs without decoding
+            img = Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise BlindspotError(path, f"declares an image too large to decode safely (decompression bomb: {err})") from None
     except UnidentifiedImageError:
         raise BlindspotError(path, "not a PNG image (Pillow cannot identify it)") from None
     except (OSError, SyntaxError, ValueError) as err:
@@ -112,6 +121,13 @@ def _open_png(path: Path):
     if img.format != "PNG":
         raise BlindspotError(path, f"is a {img.format} image, not PNG")
     return img
+
+
+def _check_png_size(path: Path, size: tuple[int, int]) -> None:
+    w, h = int(size[0]), int(size[1])
+    if w * h > MAX_SLICE_ELEMENTS:
+        raise BlindspotError(path, f"declares a {w}x{h} image ({w * h:.3g} pixels), beyond the limit of "
+                             f"{MAX_SLICE_ELEMENTS:.3g}: refused before decoding (a decompression bomb?)")
 
 
 def read_mask(path: PathLike, shape: tuple[int, int] | None = None) -> torch.Tensor:
@@ -162,6 +178,9 @@ def _open_npy(path: Path) -> np.ndarray:
         raise BlindspotError(path, f"array dtype {array.dtype} is not numeric")
     if array.ndim not in (2, 3) or min(array.shape) < 1:
         raise BlindspotError(path, f"array has shape {tuple(array.shape)}; expected (H, W) or (slices, H, W)")
+    if int(array.shape[-1]) * int(array.shape[-2]) > MAX_SLICE_ELEMENTS:
+        raise BlindspotError(path, f"declares slices of {array.shape[-2]}x{array.shape[-1]}, beyond the limit of "
+                             f"{MAX_SLICE_ELEMENTS:.3g} pixels")
     return array
 
 
@@ -229,6 +248,9 @@ def _check_values(image: np.ndarray, path: Path, where: str) -> None:
         )
     if float(image.max()) == 0.0:
         raise BlindspotError(path, f"{where}is blank (every pixel is zero)")
+    if float(image.max()) == low:
+        raise BlindspotError(path, f"{where}is constant (every pixel is {low:g}): no structure to reconstruct, and "
+                             "SSIM against it would read 1.0")
 
 
 def _inspect_file(path: Path, fname: str, kind: str) -> ImageEntry:
@@ -242,6 +264,9 @@ def _inspect_file(path: Path, fname: str, kind: str) -> ImageEntry:
         ds = open_dicom(path)
         check_pixel_data(ds, path, single_frame=True)
         shape = (1, int(ds.Rows), int(ds.Columns))
+    if min(shape[1:]) < MIN_IMAGE_SIZE:
+        raise BlindspotError(path, f"image of {shape[1]}x{shape[2]} pixels is smaller than the {MIN_IMAGE_SIZE}x"
+                             f"{MIN_IMAGE_SIZE} minimum (it would be padded into a meaningless input)")
     return ImageEntry(path, fname, kind, tuple(int(s) for s in shape))
 
 
@@ -272,8 +297,9 @@ class ImageDataset(Dataset):
             raise BlindspotError(None, f"unknown resize mode {resize!r}; choose from {list(RESIZE_MODES)}")
         if size is not None:
             size = (int(size[0]), int(size[1]))
-            if min(size) < 1:
-                raise BlindspotError(None, f"image size {size} must be positive")
+            if min(size) < MIN_IMAGE_SIZE:
+                raise BlindspotError(None, f"image size {size[0]}x{size[1]} is smaller than the {MIN_IMAGE_SIZE}x"
+                                     f"{MIN_IMAGE_SIZE} minimum")
         self.root = Path(path)
         self.size = size
         self.resize = resize

@@ -222,9 +222,10 @@ def write_phantom_volumes(
     """Write ``volumes`` synthetic knee volumes as fastMRI HDF5 files in ``out_dir``.
 
     Volume ``v`` has seed ``seed + v`` and file name :func:`phantom_fname` (``file_phantom_000123.h5``). A file
-    that already holds the same phantom (seed, shape, generator version) is kept, so an interrupted run resumes;
-    ``overwrite=True`` rewrites everything. Single-coil files hold ``kspace`` ``(slices, H, W)`` and
-    ``reconstruction_esc``; multi-coil files ``kspace`` ``(slices, num_coils, H, W)`` and ``reconstruction_rss``.
+    that already holds the same phantom (seed, shape, generator version) is kept, so an interrupted run resumes; a
+    file holding anything else is a :class:`BlindspotError` unless ``overwrite=True``, which rewrites everything.
+    Single-coil files hold ``kspace`` ``(slices, H, W)`` and ``reconstruction_esc``; multi-coil files ``kspace``
+    ``(slices, num_coils, H, W)`` and ``reconstruction_rss``.
 
     Returns:
         The paths of all ``volumes`` files, in order.
@@ -240,7 +241,10 @@ def write_phantom_volumes(
     paths = []
     for vseed in tqdm(volume_seeds(seed, volumes), desc="phantom volumes", unit="vol", disable=not progress):
         path = out_dir / phantom_fname(vseed)
-        if not overwrite and path.exists() and _existing_matches(path, vseed, k_shape):
+        if not overwrite and path.exists():
+            if not _existing_matches(path, vseed, k_shape):  # never replace other data without overwrite
+                raise BlindspotError(path, "already exists and holds other data (another phantom, slice count, size "
+                                           "or coils); pass --overwrite to replace it, or choose another folder")
             paths.append(path)
             continue
         vol = generate_knee_volume(vseed, int(slices), geo.shape, geo.recon_size, num_coils=coils)

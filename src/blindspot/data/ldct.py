@@ -20,6 +20,18 @@ Training helpers: :class:`LDCTDataset` (full slices in HU, optional preloading),
 seeded patient-level train/val/test split) and :class:`PatchDataset` (random patches, drawn patient-balanced from
 ``(seed, epoch, index)`` so every epoch is reproducible and resumable under any number of processes).
 
+Real scanner slices store a circular reconstruction field with padding far below air outside it (DICOM
+``PixelPaddingValue``, typically −2000 or −3024 HU). :func:`read_ct_hu` honours ``PixelPaddingValue`` /
+``PixelPaddingRangeLimit`` and, without them, treats values below :data:`OUT_OF_FIELD_BELOW_HU` that touch the
+border as padding (:func:`field_of_view`). Out-of-field pixels are set to air (:data:`AIR_HU`, what the scanner
+would have reconstructed in the air around the patient, and what denoisers trained on HU clipped at −1024 expect —
+so the network never sees an artificial −3024 HU edge) and the field is carried with every image
+(:attr:`CTSample.field`, :attr:`CTBatch.field`, :attr:`CTImages.field`): normalisation statistics
+(:meth:`LDCTDataset.normalization`), metrics (:func:`blindspot.metrics.ct_slice_metrics`) and invariance attacks
+leave those pixels out. Every member of a series folder must be a readable CT image (a corrupt one is an error
+naming it; ``find_ldct(..., skip_bad=True)`` leaves it and its partner out and lists them in
+:attr:`LDCTPatient.skipped`).
+
 Writing: :func:`write_ct_slice` writes a CT Image Storage file (uint16 with intercept −1024, as scanners do) — the
 built-in phantoms use it to produce the same layout (:mod:`blindspot.data.ct_phantom`).
 """
@@ -38,7 +50,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from blindspot.data.dicom import list_dicom_files, open_dicom, read_dicom, slice_positions
+from blindspot.data.dicom import check_declared_size, open_dicom, read_dicom, slice_positions
 from blindspot.errors import BlindspotError, PathLike
 from blindspot.fileio import atomic_write_bytes
 from blindspot.physics.ct import HUNormalization
@@ -49,6 +61,15 @@ LOW_DOSE_MARK = "Low Dose Images"
 DOSE_BY_PREFIX = {"C": 0.10, "L": 0.25, "N": 0.25}
 #: Slices whose positions differ by less than this (mm) are the same slice.
 POSITION_TOLERANCE_MM = 0.01
+#: HU given to pixels outside the reconstruction field of view (air: the field's rim lies in the air around the
+#: patient, so this is what the scanner would have reconstructed there, and what a denoiser trained on clipped
+#: [−1024, …] HU data expects).
+AIR_HU = -1000.0
+#: Pixel values below this (HU) are no attenuation at all (vacuum is −1000, real air −1000 ± noise): where such
+#: values touch the image border without a ``PixelPaddingValue``, they are the padding outside a circular field.
+OUT_OF_FIELD_BELOW_HU = -1500.0
+#: Fewer in-field pixels than this fraction of the image is degenerate data, not a CT slice.
+MIN_FIELD_FRACTION = 0.05
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -195,6 +216,8 @@ class LDCTPatient:
     low_series: Path
     dose: float | None
     slices: list[LDCTSlice] = field(default_factory=list)
+    #: files left out by ``find_ldct(..., skip_bad=True)``, each with the reason (empty otherwise)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.slices)
@@ -233,18 +256,49 @@ def series_folders(root: Path) -> list[Path]:
     return found
 
 
-def _headers(series: Path) -> tuple[list[Path], list[Any], np.ndarray]:
-    """Header-only read of one series: files, datasets and positions sorted by position; checks CT rescale tags."""
-    files = list_dicom_files(series)
+#: Suffixes of files in a series folder that are not images (notes, manifests), ignored; any other visible file
+#: must be a readable DICOM image.
+NON_IMAGE_SUFFIXES = frozenset({".txt", ".xml", ".json", ".csv", ".md", ".html", ".pdf", ".log", ".ini", ".tsv"})
+
+
+def _series_member_files(series: Path) -> list[Path]:
+    """Every visible regular file of a series folder that should be an image (sorted): DICOM or not, so that a
+    corrupt member is reported, never silently left out."""
+    from blindspot.data.dicom import INDEX_FILE_NAMES
+
+    return sorted(p for p in series.iterdir() if p.is_file() and not p.name.startswith(".")
+                  and p.name not in INDEX_FILE_NAMES and p.suffix.lower() not in NON_IMAGE_SUFFIXES)
+
+
+def _check_ct_header(f: Path, ds: Any) -> None:
+    if "RescaleSlope" not in ds or "RescaleIntercept" not in ds:
+        missing = [k for k in ("RescaleSlope", "RescaleIntercept") if k not in ds]
+        raise BlindspotError(f, f"no {' / '.join(missing)}: cannot convert the CT pixel values to HU")
+    if "Rows" not in ds or "Columns" not in ds:
+        raise BlindspotError(f, "no Rows/Columns elements (no image in this file)")
+    check_declared_size(ds, f)
+
+
+def _headers(series: Path, skipped: list[tuple[Path, str]] | None = None) -> tuple[list[Path], list[Any], np.ndarray]:
+    """Header-only read of one series: files, datasets and positions sorted by position; checks CT rescale tags.
+
+    Every member file must be a readable CT DICOM image; a bad one is a :class:`BlindspotError` naming it, or, when
+    ``skipped`` is a list, is appended to it as ``(file, reason)`` and left out.
+    """
+    files, headers = [], []
+    for f in _series_member_files(series):
+        try:
+            ds = open_dicom(f, stop_before_pixels=True)
+            _check_ct_header(f, ds)
+        except BlindspotError as err:
+            if skipped is None:
+                raise
+            skipped.append((f, err.problem))
+            continue
+        files.append(f)
+        headers.append(ds)
     if not files:
         raise BlindspotError(series, "no DICOM files in this series folder")
-    headers = [open_dicom(f, stop_before_pixels=True) for f in files]
-    for f, ds in zip(files, headers):
-        if "RescaleSlope" not in ds or "RescaleIntercept" not in ds:
-            missing = [k for k in ("RescaleSlope", "RescaleIntercept") if k not in ds]
-            raise BlindspotError(f, f"no {' / '.join(missing)}: cannot convert the CT pixel values to HU")
-        if "Rows" not in ds or "Columns" not in ds:
-            raise BlindspotError(f, "no Rows/Columns elements (no image in this file)")
     uids = {str(ds.SeriesInstanceUID) for ds in headers if "SeriesInstanceUID" in ds}
     if len(uids) > 1:
         raise BlindspotError(series, f"holds {len(uids)} different series (SeriesInstanceUID); one series per folder")
@@ -263,9 +317,18 @@ def _headers(series: Path) -> tuple[list[Path], list[Any], np.ndarray]:
     return files, headers, positions
 
 
-def _pair(patient: str, full: Path, low: Path) -> list[LDCTSlice]:
-    f_files, f_hdr, f_pos = _headers(full)
-    l_files, l_hdr, l_pos = _headers(low)
+def _pair(patient: str, full: Path, low: Path, skipped: list[tuple[Path, str]] | None = None) -> list[LDCTSlice]:
+    f_files, f_hdr, f_pos = _headers(full, skipped)
+    l_files, l_hdr, l_pos = _headers(low, skipped)
+    if skipped:  # a bad member's partner is left out with it
+        f_keep = [i for i, pos in enumerate(f_pos) if np.abs(l_pos - pos).min(initial=np.inf) < POSITION_TOLERANCE_MM]
+        l_keep = [k for k, pos in enumerate(l_pos) if np.abs(f_pos - pos).min(initial=np.inf) < POSITION_TOLERANCE_MM]
+        skipped.extend((f_files[i], "its partner slice was skipped") for i in range(len(f_files)) if i not in f_keep)
+        skipped.extend((l_files[k], "its partner slice was skipped") for k in range(len(l_files)) if k not in l_keep)
+        f_files, f_hdr, f_pos = [f_files[i] for i in f_keep], [f_hdr[i] for i in f_keep], f_pos[f_keep]
+        l_files, l_hdr, l_pos = [l_files[k] for k in l_keep], [l_hdr[k] for k in l_keep], l_pos[l_keep]
+        if not f_files:
+            raise BlindspotError(full, "no usable slice pairs left after skipping bad files")
     # every full-dose slice must have a low-dose slice at its position, and vice versa
     j = np.searchsorted(l_pos, f_pos)
     pairs = []
@@ -291,7 +354,7 @@ def _pair(patient: str, full: Path, low: Path) -> list[LDCTSlice]:
     return out
 
 
-def find_ldct(root: PathLike, dose: float | None = None) -> list[LDCTPatient]:
+def find_ldct(root: PathLike, dose: float | None = None, skip_bad: bool = False) -> list[LDCTPatient]:
     """Find and pair the studies under ``root`` (the ``LDCT-and-Projection-data`` folder, its parent, a patient or a
     study folder).
 
@@ -299,6 +362,8 @@ def find_ldct(root: PathLike, dose: float | None = None) -> list[LDCTPatient]:
         root: folder to search.
         dose: which low-dose series to use when a study has several (e.g. the phantoms' 25 % and 10 %); ``None``
             accepts a study's only low-dose series.
+        skip_bad: leave out member files that are not readable CT DICOM images (and their partner slices) instead
+            of failing; each patient's :attr:`LDCTPatient.skipped` lists them with the reason.
     Returns:
         Patients sorted by name, each with its paired slices sorted by position.
     Raises:
@@ -343,7 +408,7 @@ def find_ldct(root: PathLike, dose: float | None = None) -> list[LDCTPatient]:
                 raise BlindspotError(study, f"no low-dose series at dose {dose:g} (found {levels})")
             low, low_dose = match[0]
         patient = LDCTPatient(pname, study, groups["full"][0], low, low_dose)
-        patient.slices = _pair(pname, patient.full_series, patient.low_series)
+        patient.slices = _pair(pname, patient.full_series, patient.low_series, patient.skipped if skip_bad else None)
         patients.append(patient)
     return sorted(patients, key=lambda p: p.patient)
 
@@ -374,26 +439,34 @@ def split_patients(
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass
 class CTSample:
-    """One paired slice in HU: ``low`` and ``full`` are ``(1, H, W)`` float32."""
+    """One paired slice in HU: ``low`` and ``full`` are ``(1, H, W)`` float32.
+
+    ``field`` is the reconstruction field of view, bool ``(1, H, W)`` (``True`` = inside, the pixels that are
+    image), or ``None`` when every pixel is (phantoms). Outside it, ``low`` and ``full`` hold :data:`AIR_HU`.
+    """
 
     low: Tensor
     full: Tensor
     patient: str
     index: int
     position_mm: float
+    field: Tensor | None = None
 
 
 @dataclass
 class CTBatch:
-    """Collated :class:`CTSample` items: ``low``/``full`` ``(B, 1, H, W)`` HU."""
+    """Collated :class:`CTSample` items: ``low``/``full`` ``(B, 1, H, W)`` HU; ``field`` bool ``(B, 1, H, W)``
+    (``True`` inside the field of view) or ``None`` when every pixel of every slice is inside."""
 
     low: Tensor
     full: Tensor
     patient: list[str]
     index: list[int]
+    field: Tensor | None = None
 
     def to(self, device: torch.device | str) -> "CTBatch":
-        return CTBatch(self.low.to(device), self.full.to(device), self.patient, self.index)
+        return CTBatch(self.low.to(device), self.full.to(device), self.patient, self.index,
+                       None if self.field is None else self.field.to(device))
 
     def __len__(self) -> int:
         return int(self.low.shape[0])
@@ -405,21 +478,83 @@ class CTBatch:
 
 def collate_ct(samples: Sequence[CTSample]) -> CTBatch:
     """``DataLoader`` collate function for :class:`CTSample` (equal shapes required)."""
+    fields = None
+    if any(s.field is not None for s in samples):
+        fields = torch.stack([s.field if s.field is not None else torch.ones_like(s.low, dtype=torch.bool)
+                              for s in samples])
     return CTBatch(
         torch.stack([s.low for s in samples]),
         torch.stack([s.full for s in samples]),
         [s.patient for s in samples],
         [int(s.index) for s in samples],
+        fields,
     )
 
 
-def _read_hu(path: Path) -> np.ndarray:
+def field_of_view(hu: np.ndarray, padding: np.ndarray | None = None) -> np.ndarray:
+    """The reconstruction field of view of a CT slice: bool ``(H, W)``, ``True`` = inside (image).
+
+    Outside are the pixels ``padding`` marks (the file's ``PixelPaddingValue``, see
+    :func:`blindspot.data.dicom.pixel_padding_mask`) and, for files without it, the 8-connected regions of values
+    below :data:`OUT_OF_FIELD_BELOW_HU` that touch the image border (the padding of a circular field; isolated
+    low values inside the body are kept as image).
+
+    Args:
+        hu: ``(H, W)`` HU.
+        padding: bool ``(H, W)`` padding mask, or ``None``.
+    """
+    from scipy import ndimage
+
+    outside = np.zeros(hu.shape, dtype=bool) if padding is None else np.asarray(padding, dtype=bool).copy()
+    low = hu < OUT_OF_FIELD_BELOW_HU
+    if low.any():
+        labels, _ = ndimage.label(low, structure=np.ones((3, 3), dtype=bool))
+        border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+        border = border[border > 0]
+        if border.size:
+            outside |= np.isin(labels, border)
+    return ~outside
+
+
+def read_ct_hu(path: PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """One CT DICOM slice in HU with its field of view.
+
+    Returns:
+        ``(hu, field)``: ``hu`` ``(H, W)`` float32 with the pixels outside the field set to :data:`AIR_HU`;
+        ``field`` bool ``(H, W)`` (:func:`field_of_view`).
+    Raises:
+        BlindspotError: naming the file — unreadable (see :func:`~blindspot.data.dicom.read_dicom`), no rescale
+        tags, non-finite values, or fewer than :data:`MIN_FIELD_FRACTION` of its pixels inside the field.
+    """
+    from blindspot.data.dicom import pixel_padding_mask
+
+    path = Path(path)
     image = read_dicom(path)
     if not image.rescaled:
         raise BlindspotError(path, "no RescaleSlope / RescaleIntercept: cannot convert the CT pixel values to HU")
-    if not np.isfinite(image.pixels).all():
+    hu = image.pixels
+    if not np.isfinite(hu).all():
         raise BlindspotError(path, "pixel values are not finite")
-    return image.pixels
+    field = field_of_view(hu, pixel_padding_mask(image.dataset, hu))
+    check_field(path, field)
+    if not field.all():
+        hu = np.where(field, hu, np.float32(AIR_HU)).astype(np.float32)
+    return hu, field
+
+
+def check_field(source: PathLike | None, field: np.ndarray) -> None:
+    """Raise :class:`BlindspotError` naming ``source`` when less than :data:`MIN_FIELD_FRACTION` of ``field`` ``(H,
+    W)`` is inside the field of view (an all-padding image has nothing to denoise or measure), or the image is
+    smaller than :data:`~blindspot.data.sample.MIN_IMAGE_SIZE` on a side."""
+    from blindspot.data.sample import MIN_IMAGE_SIZE
+
+    if min(field.shape[-2:]) < MIN_IMAGE_SIZE:
+        raise BlindspotError(source, f"image of {field.shape[-2]}x{field.shape[-1]} pixels is smaller than the "
+                             f"{MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE} minimum")
+    frac = float(np.mean(field)) if field.size else 0.0
+    if frac < MIN_FIELD_FRACTION:
+        raise BlindspotError(source, f"only {100 * frac:.1f}% of the pixels lie inside the field of view (the rest is "
+                             "pixel padding or values below −1500 HU): no image to use")
 
 
 class LDCTDataset(Dataset):
@@ -437,7 +572,7 @@ class LDCTDataset(Dataset):
         self.slices = [s for p in self.patients for s in p.slices]
         if not self.slices:
             raise BlindspotError(None, "no CT slices (no patients given)")
-        self._cache: list[tuple[np.ndarray, np.ndarray]] | None = None
+        self._cache: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
         if preload is None:
             preload = len(self.slices) <= 2048
         if preload:
@@ -445,24 +580,37 @@ class LDCTDataset(Dataset):
 
             self._cache = [self._read(s) for s in tqdm(self.slices, desc="reading CT", unit="slice", disable=not progress)]
 
-    def _read(self, s: LDCTSlice) -> tuple[np.ndarray, np.ndarray]:
-        full, low = _read_hu(s.full_file), _read_hu(s.low_file)
+    def _read(self, s: LDCTSlice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(low, full, field)``: each file is read (and blamed) on its own; the pair's field is where both are."""
+        (full, f_field), (low, l_field) = read_ct_hu(s.full_file), read_ct_hu(s.low_file)
         if full.shape != low.shape:
             raise BlindspotError(s.low_file, f"image size {low.shape} differs from {full.shape} of {s.full_file}")
-        return low, full
+        field = f_field & l_field
+        if not field.all():
+            check_field(s.low_file, field)
+            low = np.where(field, low, np.float32(AIR_HU)).astype(np.float32)
+            full = np.where(field, full, np.float32(AIR_HU)).astype(np.float32)
+        return low, full, field
 
     def __len__(self) -> int:
         return len(self.slices)
 
     def __getitem__(self, i: int) -> CTSample:
         s = self.slices[i]
-        low, full = self._cache[i] if self._cache is not None else self._read(s)
+        low, full, field = self.read(i)
         return CTSample(torch.from_numpy(np.array(low, copy=True)).unsqueeze(0),
-                        torch.from_numpy(np.array(full, copy=True)).unsqueeze(0), s.patient, s.index, s.position_mm)
+                        torch.from_numpy(np.array(full, copy=True)).unsqueeze(0), s.patient, s.index, s.position_mm,
+                        None if field.all() else torch.from_numpy(np.array(field, copy=True)).unsqueeze(0))
+
+    def read(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(low, full, field)`` of slice ``i``: HU arrays ``(H, W)`` (:data:`AIR_HU` outside the field of view)
+        and the field of view, bool ``(H, W)`` (no copy when preloaded)."""
+        return self._cache[i] if self._cache is not None else self._read(self.slices[i])
 
     def pair(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """``(low, full)`` HU arrays ``(H, W)`` of slice ``i`` (no copy when preloaded)."""
-        return self._cache[i] if self._cache is not None else self._read(self.slices[i])
+        low, full, _ = self.read(i)
+        return low, full
 
     def patient_weights(self) -> Tensor:
         """Sampling weight of each slice, ``(N,)`` float64 summing to 1: ``1 / (n_patients · n_slices(patient))``,
@@ -474,12 +622,13 @@ class LDCTDataset(Dataset):
         return w / w.sum()
 
     def normalization(self, max_slices: int = 256) -> HUNormalization:
-        """Mean and std (HU) of the low-dose images (at most ``max_slices`` evenly spread slices): the network's
-        input normalisation, applied to input and target alike."""
+        """Mean and std (HU) of the low-dose images' pixels inside their fields of view (at most ``max_slices``
+        evenly spread slices): the network's input normalisation, applied to input and target alike."""
         idx = np.unique(np.linspace(0, len(self) - 1, min(len(self), max_slices)).round().astype(int))
         total, total_sq, n = 0.0, 0.0, 0
         for i in idx:
-            low = self.pair(int(i))[0].astype(np.float64)
+            low, _, field = self.read(int(i))
+            low = low[field].astype(np.float64)
             total += float(low.sum())
             total_sq += float((low**2).sum())
             n += low.size
@@ -555,35 +704,46 @@ class PatchDataset(Dataset):
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass
 class CTImages:
-    """CT images in HU ``(N, 1, H, W)`` float32, their names and pixel spacing (mm, ``None`` when unknown)."""
+    """CT images in HU ``(N, 1, H, W)`` float32 (:data:`AIR_HU` outside the field of view), their names, pixel
+    spacing (mm, ``None`` when unknown) and fields of view, bool ``(N, 1, H, W)`` (``True`` = inside)."""
 
     hu: Tensor
     names: list[str]
     pixel_spacing_mm: float | None
+    field: Tensor | None = None
 
 
 def load_ct_images(path: PathLike) -> CTImages:
     """One CT DICOM file, or a folder holding one DICOM series (sorted by position), in HU.
 
-    Every file must carry ``RescaleSlope`` and ``RescaleIntercept`` (no guessing of HU).
+    Every file must carry ``RescaleSlope`` and ``RescaleIntercept`` (no guessing of HU); every visible file of the
+    folder (but notes such as ``.txt``, :data:`NON_IMAGE_SUFFIXES`) must be a readable DICOM image. Pixels outside
+    each slice's field of view (:func:`field_of_view`) are set to :data:`AIR_HU` and reported in ``field``.
     """
-    from blindspot.data.dicom import read_dicom_series
+    from blindspot.data.dicom import pixel_padding_mask, read_dicom_series
 
     path = Path(path)
     if path.is_dir():
-        files = list_dicom_files(path)
+        files = _series_member_files(path)  # every member: a corrupt file is reported, never skipped
         if not files:
             raise BlindspotError(path, "no DICOM files in this folder")
         for f in files:
-            ds = open_dicom(f, stop_before_pixels=True)
-            if "RescaleSlope" not in ds or "RescaleIntercept" not in ds:
-                raise BlindspotError(f, "no RescaleSlope / RescaleIntercept: cannot convert the CT pixel values to HU")
-        volume, datasets = read_dicom_series(path)
+            _check_ct_header(f, open_dicom(f, stop_before_pixels=True))
+        volume, datasets = read_dicom_series(files)
         names = [Path(str(getattr(ds, "filename", "") or f"slice{i}")).name for i, ds in enumerate(datasets)]
-        return CTImages(torch.from_numpy(volume).unsqueeze(1), names, _spacing(datasets[0]))
-    pixels = _read_hu(path)
+        fields = np.empty(volume.shape, dtype=bool)
+        for k, ds in enumerate(datasets):
+            if not np.isfinite(volume[k]).all():
+                raise BlindspotError(path / names[k], "pixel values are not finite")
+            fields[k] = field_of_view(volume[k], pixel_padding_mask(ds, volume[k]))
+            check_field(path / names[k], fields[k])
+        volume = np.where(fields, volume, np.float32(AIR_HU)).astype(np.float32)
+        return CTImages(torch.from_numpy(volume).unsqueeze(1), names, _spacing(datasets[0]),
+                        torch.from_numpy(fields).unsqueeze(1))
+    pixels, field = read_ct_hu(path)
     ds = open_dicom(path, stop_before_pixels=True)
-    return CTImages(torch.from_numpy(pixels).reshape(1, 1, *pixels.shape), [path.name], _spacing(ds))
+    return CTImages(torch.from_numpy(pixels).reshape(1, 1, *pixels.shape), [path.name], _spacing(ds),
+                    torch.from_numpy(field).reshape(1, 1, *field.shape))
 
 
 def _spacing(ds: Any) -> float | None:

@@ -1,6 +1,7 @@
-"""Lesion bounding-box annotations: the fastMRI+ style CSV, a JSON equivalent, and their validation.
+"""Lesion bounding-box annotations: two CSV layouts (fastMRI+ style, and the seed authors' published annotation
+files), a JSON equivalent, and their validation. The CSV layout is detected from the header row.
 
-CSV layout (the source document's published annotations, fastMRI+ knee style)::
+fastMRI+ style CSV layout::
 
     file,slice,x,y,width,height,label
     file1000031,17,120,141,12,9,Meniscus Tear
@@ -19,14 +20,36 @@ Extra columns are allowed and ignored (fastMRI+ files carry ``study_level``); a 
 than read as a box. fastMRI+ draws its boxes on the image flipped upside down; read such files with
 ``origin="bottom"`` (``y`` then counts from the bottom row: the box covers rows ``[h − y − height, h − y)``).
 
-JSON equivalent: a list of objects with the same keys, or ``{"lesions": [...]}``::
+The seed authors' layout (Calivà, Cheng et al.: the fastMRI knee annotations behind the seed's "real-world
+abnormalities" table, ``singlecoil_bb_{train,val}.csv``, written by pandas)::
+
+    filename,slice,numBBs,labels,coords
+    file1000031,18,2,['Lat_Men' 'CartLatTib'],"[[ 57.33 112.72 165.78 188.89]
+     [120.1  141.9   30.5   44.25]]"
+
+* ``filename`` — the volume's name (without ``.h5``); ``slice`` — **1-based** slice number (slice ``1`` is index 0);
+* ``numBBs`` — the number of boxes on that slice; ``labels`` — that many labels, written as NumPy / Python print a
+  list of strings, each one of :data:`AUTHOR_LABELS`; ``coords`` — that many boxes ``[xmin xmax ymin ymax]`` as
+  NumPy prints a float array (one box per bracket; spaces or commas; other columns, e.g. pandas' index, ignored).
+* Coordinates are continuous pixel coordinates in ``[0, w]`` × ``[0, h]`` (pixel ``c`` spans ``[c, c + 1)``):
+  ``x`` along columns, ``y`` along rows, on the ``reconstruction_esc`` slice **flipped along its row axis**. The
+  authors' code reads ``np.flip(reconstruction_esc, axis=1)`` of the ``(slice, row, column)`` array, i.e. the image
+  upside down: their row ``r'`` is blindspot's row ``h − 1 − r'`` and columns are unchanged. A box covers every
+  pixel it overlaps — columns ``[⌊xmin⌋, ⌈xmax⌉)`` and flipped rows ``[⌊ymin⌋, ⌈ymax⌉)`` — so in blindspot's
+  convention (rows from the top of the stored image) it covers rows ``[h − ⌈ymax⌉, h − ⌊ymin⌋)``. The flip is part
+  of the format: these files are always read with ``origin="bottom"`` whatever ``origin`` is asked
+  (:attr:`LesionAnnotations.origin`). (The authors display the box with matplotlib, pixel centres at whole numbers:
+  half a pixel up and left of this reading; immaterial next to the 4-pixel ring of the preservation rule.)
+
+JSON equivalent (fastMRI+ keys): a list of objects with the same keys, or ``{"lesions": [...]}``::
 
     {"lesions": [{"file": "file1000031", "slice": 17, "x": 120, "y": 141, "width": 12, "height": 9,
                   "label": "Meniscus Tear"}]}
 
 Every problem — a missing column, a value that is not a whole number, a negative or empty box, a box that leaves the
-image, an unknown file or slice — is a :class:`~blindspot.errors.BlindspotError` naming the file and the row
-(``row 3``: the CSV's line number / the JSON list's 1-based position).
+image, an unknown file or slice, an unknown label or a box count that disagrees with ``numBBs`` — is a
+:class:`~blindspot.errors.BlindspotError` naming the file and the row (``row 3``: the CSV line the row starts on /
+the JSON list's 1-based position).
 """
 
 from __future__ import annotations
@@ -35,6 +58,7 @@ import csv
 import io
 import json
 import math
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -48,6 +72,11 @@ from blindspot.fileio import atomic_write_text, write_json
 #: The columns every annotation row needs, in the order written.
 COLUMNS: tuple[str, ...] = ("file", "slice", "x", "y", "width", "height", "label")
 ORIGINS = ("top", "bottom")
+#: The seed authors' annotation CSV: its columns and its 11 labels (cartilage, bone-marrow lesions and menisci by
+#: compartment, and cysts).
+AUTHOR_COLUMNS: tuple[str, ...] = ("filename", "slice", "numBBs", "labels", "coords")
+AUTHOR_LABELS: tuple[str, ...] = ("CartMedFem", "CartLatFem", "CartMedTib", "CartLatTib", "BML_Med_Fem",
+                                  "BML_Lat_Fem", "BML_Med_Tib", "BML_Lat_Tib", "Med_Men", "Lat_Men", "Cyst")
 
 
 def volume_key(name: str) -> str:
@@ -100,6 +129,11 @@ class LesionAnnotations:
     boxes: list[LesionBox]
     source: str
     study_level: int = 0
+    #: the row origin the file's layout fixes (``"bottom"`` for the authors' CSV, drawn on the flipped image), or
+    #: ``None`` when the caller's ``origin`` applies (fastMRI+ CSV, JSON).
+    origin: str | None = None
+    #: ``"fastmri+"``, ``"authors"`` or ``"json"``.
+    layout: str = "fastmri+"
 
     def labels(self) -> list[str]:
         """Distinct labels in order of first appearance."""
@@ -188,41 +222,149 @@ def read_annotations(path: PathLike) -> LesionAnnotations:
             if not isinstance(item, dict):
                 raise BlindspotError(path, f"row {i}: expected an object with {', '.join(COLUMNS)}")
             rows.append((f"row {i}", item))
-        return parse_annotations(rows, path)
+        ann = parse_annotations(rows, path)
+        ann.layout = "json"
+        return ann
     reader = csv.DictReader(io.StringIO(text))
     header = [h.strip() for h in (reader.fieldnames or [])]
     if not header:
         raise BlindspotError(path, "empty annotation file (no header row)")
     reader.fieldnames = header
+    authors = all(c in header for c in AUTHOR_COLUMNS)
     missing = [c for c in COLUMNS if c not in header]
-    if missing:
-        raise BlindspotError(path, f"header lacks column(s) {', '.join(missing)} (need {', '.join(COLUMNS)})")
+    if missing and not authors:
+        raise BlindspotError(path, f"header lacks column(s) {', '.join(missing)} (need {', '.join(COLUMNS)}, or the "
+                                   f"authors' {', '.join(AUTHOR_COLUMNS)})")
+
+    needed = AUTHOR_COLUMNS if authors else COLUMNS
 
     def rows_of() -> Iterable[tuple[str, Mapping[str, Any]]]:
         for row in reader:
-            where = f"row {reader.line_num}"
+            # the line the row starts on (a quoted field may span lines: the authors' multi-box coords)
+            where = f"row {reader.line_num - sum(str(v).count(chr(10)) for v in row.values() if v)}"
             if None in row:
                 raise BlindspotError(path, f"{where}: more fields than the header has columns")
             if all((v or "").strip() == "" for v in row.values()):
                 continue  # a blank line
-            if not _is_study_level(row) and any(row.get(c) is None for c in COLUMNS):
+            if not _is_study_level(row) and any(row.get(c) is None for c in needed):
                 raise BlindspotError(path, f"{where}: fewer fields than the header has columns")
             yield where, row
 
     try:
+        if authors:
+            return parse_author_annotations(rows_of(), path)
         return parse_annotations(rows_of(), path)
     except csv.Error as err:
         raise BlindspotError(path, f"row {reader.line_num}: malformed CSV ({err})") from None
 
 
-def write_annotations(path: PathLike, boxes: Sequence[LesionBox]) -> Path:
-    """Write boxes atomically as CSV (``.csv``, the module's layout) or JSON (``.json``, ``{"lesions": [...]}``)."""
+_LABEL = re.compile(r"'([^']*)'|\"([^\"]*)\"")
+_BRACKET = re.compile(r"\[([^\[\]]*)\]")
+
+
+def _author_labels(text: str, source: PathLike, where: str) -> list[str]:
+    labels = [a or b for a, b in _LABEL.findall(text)]
+    if not labels and text.strip() and "[" not in text and "'" not in text:
+        labels = [text.strip()]  # a bare label
+    if not labels:
+        raise BlindspotError(source, f"{where}: labels {text.strip()!r} holds no quoted label")
+    unknown = [lab for lab in labels if lab not in AUTHOR_LABELS]
+    if unknown:
+        raise BlindspotError(source, f"{where}: unknown label {unknown[0]!r} (the authors' labels: "
+                                     f"{', '.join(AUTHOR_LABELS)})")
+    return labels
+
+
+def _author_coords(text: str, source: PathLike, where: str) -> list[tuple[float, float, float, float]]:
+    inner = _BRACKET.findall(text)
+    if not inner or text.count("[") - text.count("]") != 0:
+        raise BlindspotError(source, f"{where}: coords {' '.join(text.split())!r} is not a list of "
+                                     "[xmin xmax ymin ymax] boxes")
+    boxes = []
+    for part in inner:
+        try:
+            values = [float(v) for v in part.replace(",", " ").split()]
+        except ValueError:
+            raise BlindspotError(source, f"{where}: coords box [{part.strip()}] holds a value that is not a "
+                                         "number") from None
+        if len(values) != 4 or not all(math.isfinite(v) for v in values):
+            raise BlindspotError(source, f"{where}: coords box [{' '.join(part.split())}] must be four finite "
+                                         "numbers xmin xmax ymin ymax")
+        boxes.append((values[0], values[1], values[2], values[3]))
+    return boxes
+
+
+def author_box(coords: tuple[float, float, float, float]) -> tuple[int, int, int, int]:
+    """One of the authors' ``[xmin xmax ymin ymax]`` float boxes (continuous pixel coordinates on the row-flipped
+    image) → ``(x, y, width, height)`` whole pixels covering every pixel it overlaps, ``y`` still counted on the
+    flipped image (from the bottom of blindspot's image; see the module docs)."""
+    xmin, xmax, ymin, ymax = coords
+    x0, y0 = math.floor(xmin), math.floor(ymin)
+    return x0, y0, math.ceil(xmax) - x0, math.ceil(ymax) - y0
+
+
+def parse_author_annotations(rows: Iterable[tuple[str, Mapping[str, Any]]], source: PathLike) -> LesionAnnotations:
+    """Boxes from the authors' CSV rows (``filename, slice, numBBs, labels, coords``; see the module docs), with
+    0-based slices and ``y`` counted on the flipped image (``origin="bottom"``)."""
+    boxes = []
+    for where, row in rows:
+        missing = [c for c in AUTHOR_COLUMNS if row.get(c) is None or not str(row[c]).strip()]
+        if missing:
+            raise BlindspotError(source, f"{where}: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} empty")
+        file = str(row["filename"]).strip()
+        s = _int_field(row["slice"], "slice", source, where)
+        if s < 1:
+            raise BlindspotError(source, f"{where}: slice must be >= 1 (the authors' slices are 1-based), got {s}")
+        n = _int_field(row["numBBs"], "numBBs", source, where)
+        labels = _author_labels(str(row["labels"]), source, where)
+        coords = _author_coords(str(row["coords"]), source, where)
+        if not (n == len(labels) == len(coords)):
+            raise BlindspotError(source, f"{where}: numBBs is {n} but the row has {len(labels)} label(s) and "
+                                         f"{len(coords)} box(es)")
+        for label, c in zip(labels, coords):
+            xmin, xmax, ymin, ymax = c
+            if xmin < 0 or ymin < 0:
+                raise BlindspotError(source, f"{where}: box [{xmin:g} {xmax:g} {ymin:g} {ymax:g}] is outside the "
+                                             "image (negative)")
+            if xmax <= xmin or ymax <= ymin:
+                raise BlindspotError(source, f"{where}: box [{xmin:g} {xmax:g} {ymin:g} {ymax:g}] is empty "
+                                             "(need xmin < xmax and ymin < ymax)")
+            x, y, w, h = author_box(c)
+            boxes.append(LesionBox(file, s - 1, x, y, w, h, label, where))
+    return LesionAnnotations(boxes, str(source), 0, origin="bottom", layout="authors")
+
+
+def author_rows(boxes: Sequence[LesionBox], heights: Mapping[str, int]) -> list[dict[str, Any]]:
+    """Boxes (rows from the top, 0-based slices) → the authors' CSV rows, one per slice: 1-based ``slice``, boxes
+    ``[xmin xmax ymin ymax]`` on the row-flipped image as NumPy prints them. ``heights``: image height per volume
+    (:func:`volume_key` names). The inverse of :func:`parse_author_annotations` for whole-pixel boxes."""
+    import numpy as np
+
+    per: dict[tuple[str, int], list[LesionBox]] = {}
+    for b in boxes:
+        per.setdefault((volume_key(b.file), b.slice), []).append(b)
+    out = []
+    for (file, s), group in per.items():
+        h = heights[file]
+        coords = np.array([[b.x, b.x + b.width, h - b.y - b.height, h - b.y] for b in group], dtype=np.float64)
+        out.append({"filename": file, "slice": s + 1, "numBBs": len(group),
+                    "labels": str(np.array([b.label for b in group])), "coords": str(coords)})
+    return out
+
+
+def write_annotations(path: PathLike, boxes: Sequence[LesionBox], heights: Mapping[str, int] | None = None
+                      ) -> Path:
+    """Write boxes atomically as CSV (``.csv``, the fastMRI+ layout, or the authors' layout with
+    ``heights={volume: image height}``, :func:`author_rows`) or JSON (``.json``, ``{"lesions": [...]}``)."""
     path = Path(path)
     rows = [b.as_row() for b in boxes]
     if path.suffix.lower() == ".json":
         return write_json(path, {"lesions": rows})
+    columns: Sequence[str] = COLUMNS
+    if heights is not None:
+        rows, columns = author_rows(boxes, heights), AUTHOR_COLUMNS
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(COLUMNS), lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     return atomic_write_text(path, buf.getvalue())
@@ -240,13 +382,15 @@ def validate_annotations(
         volumes: ``{volume name: (number of slices, (h, w) of the reconstruction image)}``; names are matched
             with and without the ``.h5`` suffix (:func:`volume_key`).
         origin: ``"top"`` (rows counted from the top, as stored) or ``"bottom"`` (fastMRI+: counted from the
-            bottom of the image; converted here).
+            bottom of the image; converted here). A layout that fixes its origin (the authors' CSV,
+            :attr:`LesionAnnotations.origin`) is read with its own whatever ``origin`` says.
     Raises:
         BlindspotError: naming the annotation file and row — unknown volume, slice out of range, box outside the
         image; or no boxes at all.
     """
     if origin not in ORIGINS:
         raise BlindspotError(None, f"unknown box origin {origin!r}; choose from {list(ORIGINS)}")
+    origin = annotations.origin or origin
     src = annotations.source
     index = {volume_key(name): value for name, value in volumes.items()}
     out = []

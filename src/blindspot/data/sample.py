@@ -32,6 +32,13 @@ from blindspot.physics.coils import MAP_ESTIMATORS, estimate_maps
 from blindspot.physics.mri import (CartesianUndersampling, MaskFunc, NormStats, center_crop, ifft2c, normalize,
                                   resample_mask, rss)
 
+#: The smallest image side accepted anywhere (SSIM needs its 7×7 window; a 1×1 or 4×4 "image" is no image to
+#: reconstruct or attack). Stored images and crops below it are one-line errors naming the file or the crop.
+MIN_IMAGE_SIZE = 8
+#: The largest slice read (elements of one k-space, target or image slice, e.g. 64 coils × 2048 × 2048): a file
+#: declaring more is refused from its header, before anything is allocated.
+MAX_SLICE_ELEMENTS = 2**28
+
 
 @dataclass
 class MRISample:

@@ -24,6 +24,7 @@ Every adapter maps (acquisition, measurement, normalised input, statistics) → 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Iterator
 
 import torch
@@ -136,33 +137,63 @@ class Network:
         if self.convention == "image":
             return self.module(x)
         if self.convention == "image+mask":
-            return self.module(x, resample_mask(measurement.mask, x.shape[-1]))
+            return self.module(x, resample_mask(measurement.mask, x.shape[-1], x.shape[-2]))
+        low = getattr(acquisition, "num_low_frequencies", None)  # the mask function's centre lines, when known
+        if low is not None and low.numel() not in (1, len(measurement)):
+            low = None  # not this batch's (detected from the mask instead)
         return kspace_forward(self.module, measurement.kspace, measurement.mask, tuple(x.shape[-2:]), stats,
-                              self.name)
+                              self.name, num_low_frequencies=low)
 
 
 def kspace_forward(module: nn.Module, kspace: Tensor, mask: Tensor, shape: tuple[int, int], stats: NormStats,
-                   name: str | None = None) -> Tensor:
+                   name: str | None = None, num_low_frequencies: Tensor | None = None) -> Tensor:
     """Call a ``kspace``-convention network (fastMRI's VarNet) and bring its output to the others' units.
 
     Args:
         module: the network: ``module(view_as_real(kspace), mask.bool().unsqueeze(-1))`` → image ``(B, H, W)`` (or
             ``(B, 1, H, W)``) in the data's units.
         kspace: masked multi-coil k-space, complex ``(B, C, H, W)``.
-        mask: column masks ``(B, 1, 1, W)`` (0/1).
+        mask: column masks ``(B, 1, 1, W)`` or 2-D masks ``(B, 1, H, W)`` (0/1).
         shape: ``(h, w)`` of the other networks' images (the crop); the output is centre-cropped to it.
         stats: the normalisation applied to the output (unclamped).
         name: the network's name for errors.
+        num_low_frequencies: int64 ``(B,)`` or ``(1,)``, the mask function's fully sampled centre lines (fastMRI's
+            ``num_low_frequencies``), passed on as the module's third argument when its ``forward`` takes one;
+            ``None``: not passed (the module detects them from the mask).
     Returns:
         The normalised output ``(B, 1, h, w)``.
     """
-    out = module(torch.view_as_real(kspace), mask.bool().unsqueeze(-1))
+    args = (torch.view_as_real(kspace), mask.bool().unsqueeze(-1))
+    if num_low_frequencies is not None and takes_third_argument(module):
+        args += (num_low_frequencies,)
+    out = module(*args)
     out = out.unsqueeze(1) if out.ndim == 3 else out
     if out.ndim != 4 or out.shape[1] != 1 or out.shape[-2] < shape[0] or out.shape[-1] < shape[1]:
         raise BlindspotError(name or type(module).__name__, f"returned {tuple(out.shape)}; a k-space network must "
                                                             f"return (B, H, W) images at least {shape[0]}x{shape[1]}")
     out = center_crop(out, shape) if tuple(out.shape[-2:]) != tuple(shape) else out
     return stats.apply(out, clamp=False)
+
+
+def takes_third_argument(module: nn.Module) -> bool:
+    """Whether ``module.forward`` accepts a third positional argument (fastMRI VarNet's ``num_low_frequencies``)."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 3 or any(p.kind == p.VAR_POSITIONAL for p in params)
+
+
+def check_finite_output(out: Tensor, name: str | None, what: str = "its input") -> None:
+    """Raise :class:`BlindspotError` naming the network ``name`` when ``out`` holds NaN or Inf.
+
+    One reduction and one device sync: call it once per batch (e.g. on the clean outputs and on the final ones of
+    an attack), never inside an optimisation loop.
+    """
+    if not bool(torch.isfinite(out).all()):
+        raise BlindspotError(name, f"the network's output on {what} contains NaN or Inf (damaged weights, or an input "
+                                   "far outside what it was trained on)")
 
 
 def as_network(model: "nn.Module | Network", convention: str | None = None, name: str | None = None,

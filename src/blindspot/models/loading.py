@@ -24,7 +24,7 @@ from torch import nn
 
 from blindspot.errors import BlindspotError, PathLike
 from blindspot.models.adapters import Network
-from blindspot.models.checkpoint import load_checkpoint
+from blindspot.models.checkpoint import check_network_size, load_checkpoint
 from blindspot.models.registry import build_model, model_modality, model_names
 
 #: Labels of architectures in tables.
@@ -106,7 +106,7 @@ def load_model(
         raise BlindspotError(None, "no model given")
     path = Path(text)
     if path.exists() and not path.is_file():
-        raise BlindspotError(path, "is a folder, not a checkpoint file")
+        raise BlindspotError(path, "is a directory, expected a checkpoint file")
     ck_path = path if path.is_file() else bundled_checkpoint(text)
     if ck_path is not None:
         ck = load_checkpoint(ck_path, map_location=device, architecture=architecture, hparams=hparams)
@@ -115,6 +115,7 @@ def load_model(
         return LoadedModel(ck.model.to(device).eval(), label, mod, ck.architecture, str(ck_path),
                            dict(ck.physics or {}), dict(ck.normalization or {}), dict(ck.hparams))
     if text in model_names():
+        check_network_size(text, dict(hparams or {}))
         model = build_model(text, **dict(hparams or {})).to(device).eval()
         if warn and any(True for _ in model.parameters()):
             print(f"blindspot: note: {text!r} has no weights here (an untrained network)", file=sys.stderr)

@@ -8,6 +8,7 @@ use so the registry is complete without importing every model up front.
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any, Callable
 
 from torch import nn
@@ -68,6 +69,18 @@ def model_modality(name: str) -> str | None:
     """The modality a registered architecture is made for (``None`` for an unknown name)."""
     _load_builtin()
     return _MODALITY.get(name)
+
+
+def model_defaults(name: str) -> dict[str, Any] | None:
+    """The hyper-parameters a registered architecture's constructor takes, with their defaults (``None`` for a
+    parameter without one); ``None`` for an unknown name or a constructor that takes ``**kwargs``."""
+    _load_builtin()
+    if name not in _REGISTRY:
+        return None
+    params = inspect.signature(_REGISTRY[name]).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return {p.name: None if p.default is p.empty else p.default for p in params if p.kind is not p.VAR_POSITIONAL}
 
 
 def build_model(name: str, **hparams: Any) -> nn.Module:

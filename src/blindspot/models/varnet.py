@@ -29,7 +29,7 @@ U-Net pads (reflect) where fastMRI's pads one pixel after each up-sampling, so o
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from blindspot.errors import BlindspotError
 from blindspot.models.registry import register_model
 from blindspot.models.unet import Unet
-from blindspot.physics.coils import keep_columns, low_frequency_columns
+from blindspot.physics.coils import calibration_box, keep_columns, low_frequency_columns
 from blindspot.physics.mri import fft2c, ifft2c, rss
 
 #: NormUnet pads images to a multiple of this many pixels (fastMRI's).
@@ -103,8 +103,10 @@ class SensitivityModel(nn.Module):
         mask_center: keep only the auto-calibration columns (see
             :func:`~blindspot.physics.coils.low_frequency_columns`, with fastMRI's detection rule) before estimating.
 
-    ``forward(kspace, mask, num_low_frequencies)``: complex ``(B, C, H, W)``, bool ``(B, 1, 1, W)`` → complex maps
-    ``(B, C, H, W)`` with ``Σ_c |S_c|² = 1`` at every pixel.
+    ``forward(kspace, mask, num_low_frequencies)``: complex ``(B, C, H, W)``, bool ``(B, 1, 1, W)`` (or a 2-D mask
+    ``(B, 1, H, W)``: then the central fully sampled box is kept, :func:`~blindspot.physics.coils.calibration_box`)
+    and ``num_low_frequencies`` (``None``, an int or int64 ``(B,)``) → complex maps ``(B, C, H, W)`` with
+    ``Σ_c |S_c|² = 1`` at every pixel.
     """
 
     def __init__(self, chans: int, num_pools: int, in_chans: int = 2, out_chans: int = 2, drop_prob: float = 0.0,
@@ -113,8 +115,10 @@ class SensitivityModel(nn.Module):
         self.mask_center = mask_center
         self.norm_unet = NormUnet(chans, num_pools, in_chans=in_chans, out_chans=out_chans, drop_prob=drop_prob)
 
-    def forward(self, kspace: Tensor, mask: Tensor, num_low_frequencies: Optional[int] = None) -> Tensor:
-        if self.mask_center:
+    def forward(self, kspace: Tensor, mask: Tensor, num_low_frequencies: "int | Tensor | None" = None) -> Tensor:
+        if self.mask_center and mask.shape[-2] > 1:  # 2-D mask
+            kspace = kspace * calibration_box(mask, num_low_frequencies, fastmri_argmin=True)
+        elif self.mask_center:
             start, n = low_frequency_columns(mask, num_low_frequencies, fastmri_argmin=True)
             kspace = keep_columns(kspace, start, n)
         B, C, H, W = kspace.shape
@@ -159,8 +163,11 @@ class VarNet(nn.Module):
 
     * ``masked_kspace``: real views of the masked multi-coil k-space ``(B, C, H, W, 2)``, centred (``fft2c``), in any
       units (the output is in the same units);
-    * ``mask``: boolean column mask ``(B, 1, 1, W, 1)`` (fastMRI's; a 0/1 float mask is taken as boolean);
-    * ``num_low_frequencies``: the number of auto-calibration columns, or ``None`` to detect them from the mask;
+    * ``mask``: boolean column mask ``(B, 1, 1, W, 1)`` (fastMRI's; a 0/1 float mask is taken as boolean), or a 2-D
+      mask ``(B, 1, H, W, 1)`` (an extension: fastMRI's VarNet takes column masks only);
+    * ``num_low_frequencies``: the number of auto-calibration columns (an int, or int64 ``(B,)`` per item, as
+      fastMRI's data transform gives them: the mask function's centre lines), or ``None`` / 0 to detect them from
+      the mask;
 
     returns the root-sum-of-squares reconstruction ``(B, H, W)``.
     """
@@ -179,14 +186,16 @@ class VarNet(nn.Module):
         self.sens_net = SensitivityModel(chans=sens_chans, num_pools=sens_pools, mask_center=mask_center)
         self.cascades = nn.ModuleList(VarNetBlock(NormUnet(chans, pools)) for _ in range(num_cascades))
 
-    def forward(self, masked_kspace: Tensor, mask: Tensor, num_low_frequencies: Optional[int] = None) -> Tensor:
+    def forward(self, masked_kspace: Tensor, mask: Tensor, num_low_frequencies: "int | Tensor | None" = None) -> Tensor:
         if masked_kspace.ndim != 5 or masked_kspace.shape[-1] != 2 or masked_kspace.is_complex():
             raise BlindspotError(None, f"VarNet takes masked k-space as real views (B, coils, H, W, 2), got "
                                        f"{tuple(masked_kspace.shape)} {masked_kspace.dtype}")
         B, C, H, W, _ = masked_kspace.shape
-        if mask.ndim != 5 or mask.shape[-1] != 1 or mask.shape[-2] != W or mask.shape[0] not in (1, B):
-            raise BlindspotError(None, f"VarNet takes a column mask (B, 1, 1, {W}, 1), got {tuple(mask.shape)}")
-        mask = mask[..., 0] != 0  # (B, 1, 1, W) boolean
+        if (mask.ndim != 5 or mask.shape[-1] != 1 or mask.shape[-2] != W or mask.shape[0] not in (1, B)
+                or mask.shape[2] not in (1, H)):
+            raise BlindspotError(None, f"VarNet takes a column mask (B, 1, 1, {W}, 1) or a 2-D mask "
+                                       f"(B, 1, {H}, {W}, 1), got {tuple(mask.shape)}")
+        mask = mask[..., 0] != 0  # (B, 1, 1 | H, W) boolean
         kspace = torch.view_as_complex(masked_kspace.contiguous())
         sens_maps = self.sens_net(kspace, mask, num_low_frequencies)
         current = kspace

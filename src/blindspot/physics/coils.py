@@ -50,7 +50,9 @@ not tuned on scanner data.
 
 All functions are batched torch code on the tensors' device; k-space is centred (:func:`~blindspot.physics.mri.fft2c`),
 complex ``(B, C, H, W)`` with the phase-encode columns on the last axis. Masks are 0/1 column masks ``(B, 1, 1, W)``
-(``(W,)``, ``(1, W)`` and fastMRI's boolean ``(B, 1, 1, W, 1)`` are accepted too).
+(``(W,)``, ``(1, W)`` and fastMRI's boolean ``(B, 1, 1, W, 1)`` are accepted too); :func:`lowres_maps` and
+:func:`calibration_box` also take 2-D masks ``(B, 1, H, W)``, whose calibration data is a fully sampled central box
+(ESPIRiT takes column masks only).
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ def column_mask(mask: Tensor) -> Tensor:
     return m.reshape(-1 if m.ndim > 1 else 1, m.shape[-1]) != 0
 
 
-def low_frequency_columns(mask: Tensor, num_low_frequencies: int | None = None,
+def low_frequency_columns(mask: Tensor, num_low_frequencies: "int | Tensor | None" = None,
                           fastmri_argmin: bool = False) -> tuple[Tensor, Tensor]:
     """The fully sampled central columns of each mask, by fastMRI's rule.
 
@@ -92,7 +94,8 @@ def low_frequency_columns(mask: Tensor, num_low_frequencies: int | None = None,
 
     Args:
         mask: column masks (see the module docs).
-        num_low_frequencies: the block width when known (fastMRI's argument; ``None`` or 0: detect it).
+        num_low_frequencies: the block width when known (fastMRI's argument): an int for every item or an int64
+            ``(B,)`` per item; ``None`` or 0 (for an item: 0): detect it.
         fastmri_argmin: reproduce fastMRI's ``argmin`` detail: a half-mask that is sampled throughout counts as 0
             columns, so a fully sampled mask gives ``n = 1`` (VarNet's sensitivity network depends on it; the map
             estimators use the true count, ``n = W``).
@@ -101,9 +104,19 @@ def low_frequency_columns(mask: Tensor, num_low_frequencies: int | None = None,
     """
     m = column_mask(mask)
     B, W = m.shape
-    if num_low_frequencies:
-        n = torch.full((B,), int(num_low_frequencies), dtype=torch.long, device=m.device)
-    else:
+    given = None
+    if isinstance(num_low_frequencies, Tensor):
+        given = num_low_frequencies.to(device=m.device, dtype=torch.long).reshape(-1)
+        if B == 1 and given.numel() > 1:  # one mask for every item
+            B = int(given.numel())
+            m = m.expand(B, W)
+        elif given.numel() == 1:
+            given = given.expand(B)
+        elif given.numel() != B:
+            raise BlindspotError(None, f"{given.numel()} num_low_frequencies values for {B} masks")
+    elif num_low_frequencies:
+        given = torch.full((B,), int(num_low_frequencies), dtype=torch.long, device=m.device)
+    if given is None or bool((given <= 0).any()):
         cent = W // 2
         left_half, right_half = m[:, :cent].flip(1).long(), m[:, cent:].long()
         left, right = left_half.cumprod(1).sum(1), right_half.cumprod(1).sum(1)  # run lengths of sampled columns
@@ -113,8 +126,30 @@ def low_frequency_columns(mask: Tensor, num_low_frequencies: int | None = None,
         n = torch.clamp_min(2 * torch.minimum(left, right), 1)
         if not fastmri_argmin:
             n = torch.where(m.all(1), torch.full_like(n, W), n)
+        n = n if given is None else torch.where(given > 0, given, n)
+    else:
+        n = given
     start = torch.div(W - n + 1, 2, rounding_mode="floor")
     return start, n
+
+
+def calibration_box(mask: Tensor, num_low_frequencies: "int | Tensor | None" = None,
+                    fastmri_argmin: bool = False) -> Tensor:
+    """The fully sampled central box of 2-D masks ``(B, 1, H, W)`` (or ``(H, W)``), as a boolean ``(B, 1, H, W)``.
+
+    Its columns are :func:`low_frequency_columns` of the mask's centre row (``num_low_frequencies``, when known, is
+    their number, as for column masks), its rows those of the centre column (the same rule along the other axis).
+    """
+    m = mask != 0
+    m = m.reshape(-1, *m.shape[-2:])  # (B, H, W)
+    H, W = m.shape[-2:]
+    c0, nc = low_frequency_columns(m[:, H // 2, :], num_low_frequencies, fastmri_argmin)
+    r0, nr = low_frequency_columns(m[:, :, W // 2], None, fastmri_argmin)
+    cols = torch.arange(W, device=m.device)
+    rows = torch.arange(H, device=m.device)
+    in_cols = (cols >= c0[:, None]) & (cols < (c0 + nc)[:, None])  # (B, W)
+    in_rows = (rows >= r0[:, None]) & (rows < (r0 + nr)[:, None])  # (B, H)
+    return (in_rows[:, :, None] & in_cols[:, None, :]).unsqueeze(1)
 
 
 def keep_columns(kspace: Tensor, start: Tensor, n: Tensor) -> Tensor:
@@ -213,7 +248,8 @@ def lowres_maps(kspace: Tensor, mask: Tensor | None = None, num_low_frequencies:
 
     Args:
         kspace: masked (or fully sampled) multi-coil k-space, complex ``(B, C, H, W)``.
-        mask: its column masks (``None``: fully sampled).
+        mask: its column masks (``None``: fully sampled), or 2-D masks ``(B, 1, H, W)``: then the fully sampled
+            central box (:func:`calibration_box`) is kept instead of the ACS columns, windowed along both axes.
         num_low_frequencies: the ACS width when known, else detected from ``mask``.
         window: apply the Hann window.
         floor: relative RSS floor.
@@ -221,6 +257,22 @@ def lowres_maps(kspace: Tensor, mask: Tensor | None = None, num_low_frequencies:
         complex ``(B, C, H, W)`` maps with ``Σ_c |S_c|² = 1`` above the floor; their phase is that of the
         low-resolution coil images (for a real, non-negative object, the true maps' phase).
     """
+    m = None if mask is None else (mask[..., 0] if mask.ndim == 5 else mask)
+    if m is not None and m.ndim >= 2 and m.shape[-2] > 1:  # a 2-D mask: its central box, windowed both ways
+        _check_kspace(kspace)
+        H, W = kspace.shape[-2:]
+        if tuple(m.shape[-2:]) != (H, W):
+            raise BlindspotError(None, f"the 2-D mask is {m.shape[-2]}x{m.shape[-1]} but the k-space is {H}x{W}")
+        flat = (m != 0).reshape(-1, H, W)
+        c0, nc = low_frequency_columns(flat[:, H // 2, :], num_low_frequencies)
+        r0, nr = low_frequency_columns(flat[:, :, W // 2])
+        if int(torch.minimum(nc, nr).min()) < 2:
+            raise BlindspotError(None, f"the calibration box is only {int(nr.min())}x{int(nc.min())}; the "
+                                       "low-resolution coil-map estimator needs at least 2x2")
+        acs = kspace * calibration_box(m, num_low_frequencies).to(kspace.real.dtype)
+        if window:
+            acs = hann_columns(hann_columns(acs, c0, nc).transpose(-2, -1), r0, nr).transpose(-2, -1)
+        return maps_from_coil_images(ifft2c(acs), floor)
     start, n = acs_columns(kspace, mask, num_low_frequencies, 2, "low-resolution")
     acs = keep_columns(kspace, start, n)
     if window:
@@ -332,6 +384,7 @@ def coil_kspace(truth: Tensor, maps: Tensor) -> Tensor:
     return fft2c(maps * truth)
 
 
-__all__ = ["MAP_ESTIMATORS", "RSS_FLOOR", "acs_columns", "coil_kspace", "column_mask", "espirit_maps",
+__all__ = ["MAP_ESTIMATORS", "RSS_FLOOR", "acs_columns", "calibration_box", "coil_kspace", "column_mask",
+           "espirit_maps",
            "estimate_maps", "hann_columns", "keep_columns", "low_frequency_columns", "lowres_maps",
            "maps_from_coil_images"]

@@ -734,12 +734,45 @@ class LowDoseCT:
         """Measured line integrals ``−log(max(N, min_counts) / (I0 · dose))`` as float32."""
         return torch.log((self.i0 * float(dose)) / counts.clamp_min(self.min_counts)).to(torch.float32)
 
+    def measured_line_integrals(
+        self,
+        line_integrals: Tensor,
+        doses: Sequence[float],
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    ) -> dict[float, Tensor]:
+        """Nested noisy measurements ``p̂_d = −log(max(N_d, min_counts) / (I0 · d))`` of line integrals
+        ``(B, 1, n_angles, n_det)`` at each dose ``d`` (float32, same shape; see :meth:`simulate` for the nesting and
+        the generators; the rates and counts are float64)."""
+        wanted = self._check_doses(doses)
+        p = line_integrals
+        generators = None if generator is None or isinstance(generator, torch.Generator) else list(generator)
+        if generators is not None and len(generators) != p.shape[0]:
+            raise BlindspotError(None, f"{len(generators)} generators for {p.shape[0]} CT images")
+        with torch.no_grad():
+            order = sorted(set(wanted))  # ascending: lowest dose first
+            transmission = torch.exp(-p.detach().to(torch.float64))
+            out = {}
+            counts = None
+            prev = 0.0
+            for d in order:
+                # Poisson splitting: the photons of dose d are those of the lower dose plus independent new ones
+                rate = transmission * (self.i0 * (d - prev))
+                if generators is None:
+                    extra = torch.poisson(rate, generator=generator)
+                else:
+                    extra = torch.cat([torch.poisson(rate[i : i + 1], generator=g) for i, g in enumerate(generators)])
+                counts = extra if counts is None else counts.add_(extra)
+                out[d] = self.log_counts(counts, d)
+                prev = d
+        return {d: out[d] for d in wanted}
+
     def simulate(
         self,
         hu: Tensor,
         doses: Sequence[float] = (0.25,),
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
         line_integrals: Tensor | None = None,
+        noise_free: bool = False,
     ) -> dict[float, Tensor]:
         """Simulate nested acquisitions of the same slices at several doses.
 
@@ -750,6 +783,8 @@ class LowDoseCT:
                 them): image ``i`` then gets exactly the images ``simulate(hu[i:i+1], doses, generator[i])`` gives,
                 while every dose and image share one batched FBP.
             line_integrals: precomputed ``self.line_integrals(hu)`` (saves the projection when called again).
+            noise_free: also return ``FBP(P(μ))`` (:meth:`noise_free`) under the key ``0.0``, reconstructed in the
+                same batched FBP as the doses.
         Returns:
             ``{dose: FBP image (B, 1, H, W) in HU}``. The lowest dose's counts are Poisson at ``I0 · dose``; each
             higher dose adds independent Poisson counts for the extra dose. By the splitting property of the
@@ -758,29 +793,13 @@ class LowDoseCT:
             full-dose projections.
         """
         wanted = self._check_doses(doses)
-        generators = None if generator is None or isinstance(generator, torch.Generator) else list(generator)
-        if generators is not None and len(generators) != hu.shape[0]:
-            raise BlindspotError(None, f"{len(generators)} generators for {hu.shape[0]} CT images")
         with torch.no_grad():
             p = self.line_integrals(hu) if line_integrals is None else line_integrals
-            order = sorted(set(wanted))  # ascending: lowest dose first
-            transmission = torch.exp(-p.to(torch.float64))
-            measured = []
-            counts = torch.zeros_like(transmission)
-            prev = 0.0
-            for d in order:
-                # Poisson splitting: the photons of dose d are those of the lower dose plus independent new ones
-                rate = (self.i0 * (d - prev)) * transmission
-                if generators is None:
-                    extra = torch.poisson(rate, generator=generator)
-                else:
-                    extra = torch.cat([torch.poisson(rate[i : i + 1], generator=g) for i, g in enumerate(generators)])
-                counts = counts + extra
-                measured.append(self.log_counts(counts, d))
-                prev = d
-            images = self.reconstruct(torch.cat(measured)).split(p.shape[0])  # one FBP for every dose
-        out = dict(zip(order, images))
-        return {d: out[d] for d in wanted}
+            measured = self.measured_line_integrals(p, wanted, generator)
+            keys = list(measured) + ([0.0] if noise_free else [])
+            sinos = list(measured.values()) + ([p.to(torch.float32)] if noise_free else [])
+            images = self.reconstruct(torch.cat(sinos)).split(p.shape[0])  # one FBP for every dose
+        return dict(zip(keys, images))
 
     def __call__(self, hu: Tensor, dose: float, generator: torch.Generator | None = None) -> Tensor:
         """One simulated acquisition at ``dose``: HU ``(B, 1, H, W)`` → noisy FBP image in HU ``(B, 1, H, W)``."""

@@ -6,7 +6,6 @@ private matplotlib ``Figure`` (no global pyplot state, Agg backend) and writes t
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -14,25 +13,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from blindspot.errors import PathLike
-from blindspot.fileio import atomic_write_bytes
+from blindspot.report.png import new_figure, save_png
 
 
 def _truthy(v: Any) -> bool:
     if isinstance(v, str):
         return v.strip().lower() in ("1", "true", "yes")
     return bool(v)
-
-
-def _figure(width: float, height: float):
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), dpi=110, layout="constrained")
-
-
-def _save(fig, path: PathLike) -> Path:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return atomic_write_bytes(path, buf.getvalue())
 
 
 def location_heatmap(
@@ -60,7 +47,7 @@ def location_heatmap(
     edges_r = np.linspace(top - 0.5, top + rh - 0.5, bins + 1)
     edges_c = np.linspace(left - 0.5, left + rw - 0.5, bins + 1)
     counts, _, _ = np.histogram2d(rr, cc, bins=(edges_r, edges_c))
-    fig = _figure(4.6, 4.0)
+    fig = new_figure(4.6, 4.0)
     ax = fig.add_subplot()
     im = ax.imshow(
         counts,
@@ -73,7 +60,7 @@ def location_heatmap(
     ax.set_xlabel("column (px)")
     ax.set_ylabel("row (px)")
     ax.set_title((title + "\n" if title else "") + f"{len(ok)} successful of {len(rows)} images", fontsize=9)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def loss_vs_ip_scatter(
@@ -88,7 +75,7 @@ def loss_vs_ip_scatter(
 
     Points are coloured: successful attacks, features the network kept, and features rejected by IP.
     """
-    fig = _figure(5.0, 4.0)
+    fig = new_figure(5.0, 4.0)
     ax = fig.add_subplot()
     groups = {"attack (lost, accepted)": [], "kept by the network": [], "rejected by IP": []}
     for r in rows:
@@ -117,7 +104,7 @@ def loss_vs_ip_scatter(
     ax.set_title(title or "FNAF attack loss vs. IP loss")
     if any(groups.values()):
         ax.legend(fontsize=7, loc="best")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def example_panels(examples: Mapping[str, Mapping[str, Any]], path: PathLike, title: str = "") -> Path:
@@ -133,12 +120,12 @@ def example_panels(examples: Mapping[str, Mapping[str, Any]], path: PathLike, ti
     ct = any(examples[n].get("display") is not None for n in names)
     headers = ("low-dose input N(x')" if ct else "zero-filled input N(x')", "truth with feature N(y')",
                "output f(N(x'))", "feature δ'/σ", "|error| in T")  # fmt: skip
-    fig = _figure(2.3 * len(cols), 2.5 * max(1, len(names)) + 0.3)
+    fig = new_figure(2.3 * len(cols), 2.5 * max(1, len(names)) + 0.3)
     if not names:
         ax = fig.add_subplot()
         ax.axis("off")
         ax.text(0.5, 0.5, "no examples", ha="center", va="center")
-        return _save(fig, path)
+        return save_png(fig, path)
     grid = fig.subplots(len(names), len(cols), squeeze=False)
     for i, name in enumerate(names):
         ex = examples[name]
@@ -167,4 +154,4 @@ def example_panels(examples: Mapping[str, Mapping[str, Any]], path: PathLike, ti
         )
     if title:
         fig.suptitle(title, fontsize=9)
-    return _save(fig, path)
+    return save_png(fig, path)

@@ -17,9 +17,7 @@ written atomically.
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -31,6 +29,7 @@ import torch.nn.functional as F
 from blindspot.errors import PathLike
 from blindspot.fileio import atomic_write_bytes, atomic_write_text
 from blindspot.physics.ct import WINDOWS, Window
+from blindspot.report.png import new_figure, png_bytes, png_data_uri
 
 
 @dataclass
@@ -52,22 +51,10 @@ def _np(a: Any) -> np.ndarray:
     return a.reshape(a.shape[-2:]) if a.ndim > 2 else a
 
 
-def _figure(width: float, height: float):
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), dpi=110, layout="constrained")
-
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
-
-
 def panel_grid(rows: Sequence[Sequence[Panel | None]], path: PathLike, title: str = "", size: float = 2.6) -> Path:
     """Draw a grid of panels (``None`` leaves a cell empty) and write the PNG atomically."""
     n_rows, n_cols = len(rows), max(len(r) for r in rows)
-    fig = _figure(size * n_cols + 0.4, size * n_rows + (0.4 if title else 0.0))
+    fig = new_figure(size * n_cols + 0.4, size * n_rows + (0.4 if title else 0.0))
     axes = fig.subplots(n_rows, n_cols, squeeze=False)
     for i, row in enumerate(rows):
         for j in range(n_cols):
@@ -82,7 +69,7 @@ def panel_grid(rows: Sequence[Sequence[Panel | None]], path: PathLike, title: st
                 fig.colorbar(im, ax=ax, shrink=0.8).ax.tick_params(labelsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
-    return atomic_write_bytes(path, _png(fig))
+    return atomic_write_bytes(path, png_bytes(fig))
 
 
 def _window_panel(img: Any, w: Window, title: str, colorbar: bool = False, cmap: str = "gray") -> Panel:
@@ -256,8 +243,7 @@ def _table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
 
 
 def _img(path: Path, alt: str) -> str:
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{data}' style='max-width:100%'>"
+    return f"<img alt='{html.escape(alt)}' src='{png_data_uri(path)}' style='max-width:100%'>"
 
 
 #: What each recorded quantity means, and whether it carries the run's units.

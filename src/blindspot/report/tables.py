@@ -13,6 +13,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from blindspot.attacks.records import IP_LABEL, setting_label
 from blindspot.metrics import TABLE1_METRICS
 from blindspot.physics.ct import WINDOWS
+from blindspot.report.seed_paper import seed_table1, seed_table2
 
 #: Table 1 (MRI): metric headers and digits.
 MRI_HEADERS = {"ssim": "SSIM", "nmse": "NMSE", "psnr": "PSNR (dB)"}
@@ -46,27 +47,91 @@ def _modality(summaries: Summaries) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Acquisition
+# ----------------------------------------------------------------------------------------------------------------
+#: Architectures that take the masked k-space and the mask (the others take the zero-filled image).
+KSPACE_ARCHITECTURES: frozenset[str] = frozenset({"varnet"})
+
+
+def acquisition_labels(settings: Mapping[str, Any], names: Sequence[str],
+                       table1: Sequence[Mapping[str, Any]] = ()) -> dict[str, str]:
+    """What each row's network was given, from an audit's ``results.json["settings"]``: MRI single-coil (zero-filled
+    image) or multi-coil (coil count, the coil-map estimator of the attacks' acquisition, RSS image or k-space + mask
+    for a k-space network); CT the dose of the low-dose input (from ``table1`` rows' ``dose`` or the settings).
+
+    ``settings["acquisition"]`` (``{"coils": int, "coil_maps": str | None}``), where the run recorded it, is read
+    first; without it the coil count is inferred (the audit records ``coil_maps`` only for multi-coil phantoms or
+    for files, so for files whose coil count is unrecorded the label says "as the data files").
+    Rows not among ``settings["models"]`` (the zero-filled / low-dose baselines) get the image-domain label.
+    """
+    archs = {m.get("name"): m.get("architecture") for m in settings.get("models", []) if isinstance(m, Mapping)}
+    data = str(settings.get("data", ""))
+    if settings.get("modality", "mri") == "ct":
+        doses = sorted({float(r["dose"]) for r in table1 if r.get("dose") is not None})
+        if not doses and settings.get("dose") is not None:
+            doses = [float(settings["dose"])]
+        dose = ", ".join(f"{100 * d:g}%" for d in doses) or "the checkpoint's"
+        how = ("simulated in the projection domain" if data.startswith("built-in")
+               else "the data's real low-dose series")
+        return {n: f"CT, {dose} dose ({how})" for n in names}
+    acq = settings.get("acquisition") or {}
+    maps = acq.get("coil_maps", settings.get("coil_maps"))
+    coils = acq.get("coils")
+    if coils is None:
+        coils = 1 if maps is None else ("multi" if data.startswith("built-in") else None)
+    out = {}
+    for n in names:
+        kspace = archs.get(n) in KSPACE_ARCHITECTURES
+        if coils == 1:
+            out[n] = "single-coil, k-space + mask" if kspace else "single-coil, zero-filled image"
+        elif coils is None:
+            out[n] = f"as the data files (if multi-coil: maps {maps}, {'k-space + mask' if kspace else 'RSS image'})"
+        else:
+            count = f"{coils}-coil" if isinstance(coils, int) else "multi-coil"
+            out[n] = f"{count}, maps {maps}, " + ("k-space + mask" if kspace else "RSS image")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Table 1
 # ----------------------------------------------------------------------------------------------------------------
-def table1_markdown(rows: Sequence[Mapping[str, Any]], title: str | None = None, per: str = "volume") -> str:
+def table1_markdown(rows: Sequence[Mapping[str, Any]], title: str | None = None, per: str = "volume",
+                    acquisition: Mapping[str, str] | None = None, seed: bool = False) -> str:
     """MRI Table 1 (the seed's layout): one block per acceleration, a row per model, ``mean ± std`` cells of SSIM,
-    NMSE and PSNR; ``per`` is ``"volume"`` (fastMRI) or ``"slice"`` statistics."""
+    NMSE and PSNR; ``per`` is ``"volume"`` (fastMRI) or ``"slice"`` statistics. ``acquisition`` (model → label,
+    :func:`acquisition_labels`) adds an "acquisition" column; ``seed`` adds the seed paper's SSIM and NMSE
+    (:data:`blindspot.report.seed_paper.SEED_TABLE1`) for the rows it has."""
     suffix = "" if per == "volume" else "_slice"
     parts = [title, ""] if title else []
     for acc in dict.fromkeys(float(r["acceleration"]) for r in rows):
-        body = [[r["model"], *(f"{_fmt(r[f'{k}{suffix}_mean'], MRI_DIGITS[k])} ± "
-                               f"{_fmt(r[f'{k}{suffix}_std'], MRI_DIGITS[k])}" for k in TABLE1_METRICS)]
-                for r in rows if float(r["acceleration"]) == acc]
-        parts.append(markdown_table([setting_label(acc), *(MRI_HEADERS[k] for k in TABLE1_METRICS)], body))
+        block = [r for r in rows if float(r["acceleration"]) == acc]
+        with_seed = seed and any(seed_table1(r["model"], acc) for r in block)
+        body = []
+        for r in block:
+            cells = [r["model"], *([acquisition.get(r["model"], "—")] if acquisition else []),
+                     *(f"{_fmt(r[f'{k}{suffix}_mean'], MRI_DIGITS[k])} ± {_fmt(r[f'{k}{suffix}_std'], MRI_DIGITS[k])}"
+                       for k in TABLE1_METRICS)]
+            if with_seed:
+                ref = seed_table1(r["model"], acc)
+                cells += [f"{ref[k][0]:.{MRI_DIGITS[k]}f} ± {ref[k][1]:.{MRI_DIGITS[k]}f}" if ref else "—"
+                          for k in ("ssim", "nmse")]
+            body.append(cells)
+        header = [setting_label(acc), *(["acquisition"] if acquisition else []),
+                  *(MRI_HEADERS[k] for k in TABLE1_METRICS),
+                  *(["seed paper SSIM", "seed paper NMSE"] if with_seed else [])]
+        parts.append(markdown_table(header, body))
     return "\n".join(parts)
 
 
-def ct_table1_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
-    """CT Table 1: per model (and the low-dose input) RMSE in HU and windowed PSNR / SSIM, mean ± std over images."""
-    header = ["model", "RMSE (HU)"] + [f"{k} {w}" for w in CT_WINDOWS for k in ("PSNR (dB)", "SSIM")]
+def ct_table1_markdown(rows: Sequence[Mapping[str, Any]], acquisition: Mapping[str, str] | None = None) -> str:
+    """CT Table 1: per model (and the low-dose input) RMSE in HU and windowed PSNR / SSIM, mean ± std over images;
+    ``acquisition`` (model → label) adds an "acquisition" column."""
+    header = ["model", *(["acquisition"] if acquisition else []), "RMSE (HU)"] + [
+        f"{k} {w}" for w in CT_WINDOWS for k in ("PSNR (dB)", "SSIM")]
     body = []
     for r in rows:
-        cells = [r["model"], f"{r['rmse_hu_mean']:.1f} ± {r['rmse_hu_std']:.1f}"]
+        cells = [r["model"], *([acquisition.get(r["model"], "—")] if acquisition else []),
+                 f"{r['rmse_hu_mean']:.1f} ± {r['rmse_hu_std']:.1f}"]
         for w in CT_WINDOWS:
             cells += [f"{r[f'psnr_{w}_mean']:.2f} ± {r[f'psnr_{w}_std']:.2f}",
                       f"{r[f'ssim_{w}_mean']:.4f} ± {r[f'ssim_{w}_std']:.4f}"]
@@ -80,24 +145,34 @@ def ct_table1_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # FNAF tables
 # ----------------------------------------------------------------------------------------------------------------
-def table2_markdown(summaries: Summaries) -> str:
+def table2_markdown(summaries: Summaries, acquisition: Mapping[str, str] | None = None, seed: bool = True) -> str:
     """The seed's Table 2: per setting and model, each search's attack rate (%) with its 95% interval and its mean
-    attack loss ("MSE"). ``summaries``: ``{(model, setting, search): summarize(...)}``."""
+    attack loss ("MSE"). ``summaries``: ``{(model, setting, search): summarize(...)}``. ``acquisition`` (model →
+    label, :func:`acquisition_labels`) adds an "acquisition" column; with ``seed``, a setting where the seed paper
+    has rows for these model names (:data:`blindspot.report.seed_paper.SEED_TABLE2`, MRI 4× / 8×) gets its RS / FD
+    attack rates and MSE beside them."""
     searches = list(dict.fromkeys(s for _, _, s in summaries))
     models = list(dict.fromkeys(m for m, _, _ in summaries))
     modality = _modality(summaries)
-    header = ["model"] + [f"{s.upper()} (Attack Rate %)" for s in searches] + [f"{s.upper()} (MSE)" for s in searches]
     parts = []
     for acc in sorted({a for _, a, _ in summaries}):
+        with_seed = seed and any(seed_table2(m, acc, modality) for m in models)
+        header = (["model"] + (["acquisition"] if acquisition else [])
+                  + [f"{s.upper()} (Attack Rate %)" for s in searches] + [f"{s.upper()} (MSE)" for s in searches]
+                  + (["seed paper RS / FD (Attack Rate %)", "seed paper RS / FD (MSE)"] if with_seed else []))
         body = []
         for m in models:
-            cells = [m]
+            cells = [m] + ([acquisition.get(m, "—")] if acquisition else [])
             for s in searches:
                 sm = summaries.get((m, acc, s))
                 cells.append("—" if sm is None else f"{_pct(sm['attack_rate'])} ({_pct(sm['ci_low'])}–"
                                                      f"{_pct(sm['ci_high'])})")
             cells += ["—" if summaries.get((m, acc, s)) is None else f"{summaries[(m, acc, s)]['mean_attack_loss']:.6f}"
                       for s in searches]
+            if with_seed:
+                ref = seed_table2(m, acc, modality)
+                cells += ([f"{100 * ref['rs'][0]:.2f} / {100 * ref['fd'][0]:.2f}",
+                           f"{ref['rs'][1]:.6f} / {ref['fd'][1]:.6f}"] if ref else ["—", "—"])
             body.append(cells)
         parts.append(markdown_table(header, body, f"**{setting_label(acc, modality)}** (attack rate with its 95% "
                                                   "Wilson interval)"))
@@ -200,9 +275,11 @@ def headline_markdown(headline: Sequence[Mapping[str, Any]], rate_fraction: floa
 # ----------------------------------------------------------------------------------------------------------------
 # Lesions
 # ----------------------------------------------------------------------------------------------------------------
-def lesion_summary_markdown(summary: Mapping[str, Any], rule_text: str, title: str | None = None) -> str:
+def lesion_summary_markdown(summary: Mapping[str, Any], rule_text: str, title: str | None = None,
+                            with_rule: bool = True) -> str:
     """The lesion tables (:func:`blindspot.runs.lesions.summarize_rows`' dict): preserved / total per model (rows) and
-    label (columns), the rule, then mean kept fraction and box / region SSIM and region PSNR per model."""
+    label (columns), the rule (unless ``with_rule`` is false: a page that states it once), then mean kept fraction
+    and box / region SSIM and region PSNR per model."""
     table = summary["preserved"]
     labels = list(dict.fromkeys(lab for v in table.values() for lab in v if lab != "all")) + ["all"]
     counts = markdown_table(["model", *labels], [
@@ -212,7 +289,7 @@ def lesion_summary_markdown(summary: Mapping[str, Any], rule_text: str, title: s
                             "mean PSNR (region, dB)"],
                            [[model, f"{m['kept']:.3f}", f"{m['ssim_box']:.4f}", f"{m['ssim_region']:.4f}",
                              f"{m['psnr_region']:.2f}"] for model, m in summary["mean"].items()])
-    return counts + f"\nRule: {rule_text}.\n\n" + means
+    return counts + (f"\nRule: {rule_text}.\n\n" if with_rule else "\n") + means
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -220,7 +297,8 @@ def lesion_summary_markdown(summary: Mapping[str, Any], rule_text: str, title: s
 # ----------------------------------------------------------------------------------------------------------------
 def invariance_markdown(summary: Mapping[str, Mapping[str, float]]) -> str:
     """Per model, the mean change of the input (HU), of the output (HU) and their ratio over its invariances."""
-    return markdown_table(["model", "mean |x_inv − x| (HU)", "mean |f(x_inv) − f(x)| (HU)", "output / input change"],
+    return markdown_table(["model", "mean \\|x_inv − x\\| (HU)", "mean \\|f(x_inv) − f(x)\\| (HU)",
+                           "output / input change"],
                           [[m, f"{v.get('mean_abs_change', float('nan')):.1f}",
                             f"{v.get('output_mean_abs_change', float('nan')):.2f}",
                             f"{v.get('change_ratio', float('nan')):.3f}"] for m, v in summary.items()])

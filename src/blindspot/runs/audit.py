@@ -51,7 +51,7 @@ from blindspot.data.mri import open_mri_dataset
 from blindspot.data.sample import collate_mri
 from blindspot.errors import BlindspotError, PathLike
 from blindspot.runs.evaluate import TABLE_COLUMNS, evaluate_models, load_eval_models
-from blindspot.fileio import atomic_write_text, read_jsonl, write_csv, write_json
+from blindspot.fileio import atomic_write_text, write_csv, write_json
 from blindspot.runs.lesions import LesionAuditOptions, audit_lesions, open_annotated, write_held_out_lesion_phantoms
 from blindspot.metrics import mean_std
 from blindspot.models.adapters import eval_mode
@@ -64,8 +64,10 @@ from blindspot.report.tables import (CT_WINDOWS, ct_table1_markdown, headline_ma
                                      ip_long_markdown, saturation_markdown, table1_markdown, table2_markdown,
                                      transfer_matrix_markdown)
 from blindspot.runs.fnaf import (AttackSetting, FnafConfig, attack_setting, ct_acquisition, ct_settings,
-                                 phantom_geometry_of, tag)
+                                 phantom_geometry_of, record_id, replay_setting, tag)
 from blindspot.runs.folder import RunFolder
+from blindspot.runs.beyond import BeyondConfig, BeyondSection, run_beyond_audit
+from blindspot.runs.ranks import RankRecords, gather_ordered, join, leave, open_folder
 from blindspot.runs.images import CTImageSet
 from blindspot.runs.invariances import run_invariances
 from blindspot.training.ct import slice_metrics
@@ -136,6 +138,9 @@ class AuditConfig:
         device: ``auto``, ``cpu``, ``cuda``…
         figures: write figures (and embed them in the report).
         progress: progress bars (``None``: on a terminal).
+        beyond: add the sections beyond the seeds (:func:`blindspot.runs.beyond.run_beyond_audit`: null-space
+            hallucination maps, worst-case and random measurement perturbations, false-positive features,
+            sampling-rate stability), with ``beyond_config`` (``None``: :meth:`BeyondConfig.demo`).
     """
 
     accelerations: tuple[float, ...] = (4.0, 8.0)
@@ -164,6 +169,8 @@ class AuditConfig:
     device: str = "auto"
     figures: bool = True
     progress: bool | None = None
+    beyond: bool = True
+    beyond_config: BeyondConfig | None = None
 
     def check(self) -> None:
         check_searches(self.searches)
@@ -349,7 +356,7 @@ def run_audit(
     settings_json: dict[str, Any] = {
         "modality": modality,
         "models": [{"name": m.name, "source": m.source, "architecture": m.architecture} for m in audited],
-        **{k: v for k, v in asdict(config).items() if k not in ("device", "progress", "figures")},
+        **{k: v for k, v in asdict(config).items() if k not in ("device", "progress", "figures", "beyond_config")},
     }
     settings_json.update(criteria=list(config.criteria), searches=list(config.searches),
                          accelerations=[float(a) for a in config.accelerations])
@@ -368,7 +375,14 @@ def run_audit(
         n_ct = config.phantom_volumes * config.phantom_slices
         settings_json.update(data=str(data) if data is not None else f"built-in CT phantoms, {n_ct} slices from seed "
                              f"{config.phantom_seed}")
-    folder = RunFolder(out_dir, "audit", settings_json, resume=resume, inputs=[data])
+    # under torchrun: rank 0 alone writes Table 1, lesions, tables and the report; the attacks and the transfer are
+    # shared by batches (blindspot.runs.ranks)
+    ranks = join(device)
+    if not ranks.is_main:
+        say = lambda s: None  # noqa: E731
+    folder = open_folder(ranks, lambda writer: RunFolder(out_dir, "audit", settings_json, resume=resume,
+                                                         inputs=[data], writer=writer))
+    log = RankRecords(folder, ranks)
     out = folder.path
     timings["load"] = time.perf_counter() - t0
 
@@ -394,16 +408,21 @@ def run_audit(
 
         say("Table 1: reconstruction quality")
         eval_models = load_eval_models(["zero-filled"], device=device, zero_filled=False) + audited
-        ev = evaluate_models(eval_models, config.accelerations, cfs, open_dataset, mask_type=mask_type,
-                             batch_size=config.batch_size, device=device, out_dir=out, resume=True,
-                             progress=config.progress)
-        t1_rows, t1_md = ev.rows, table1_markdown(ev.rows)
-        write_csv(out / "table1.csv", t1_rows, TABLE_COLUMNS)
+        t1_rows, t1_md = [], ""
+        if ranks.is_main:
+            ev = evaluate_models(eval_models, config.accelerations, cfs, open_dataset, mask_type=mask_type,
+                                 batch_size=config.batch_size, device=device, out_dir=out, resume=True,
+                                 progress=config.progress)
+            t1_rows, t1_md = ev.rows, table1_markdown(ev.rows, seed=True)
+            write_csv(out / "table1.csv", t1_rows, TABLE_COLUMNS)
         for acc, cf in zip(config.accelerations, cfs):
             mask_func = create_mask_func(mask_type, [acc], [cf])
             shared = AttackSetting(float(acc), mask_func, open_dataset(mask_func), collate_mri, "mri")
             shared = shared.materialised(config.batch_size)
             settings[float(acc)] = {m.name: shared for m in audited}
+        maps0 = next(iter(settings.values()))[audited[0].name].batch_list[0].sens_maps
+        settings_json["acquisition"] = {"coils": 1 if maps0 is None else int(maps0.shape[1]),
+                                        "coil_maps": None if maps0 is None else coil_maps}
     else:
         (base,) = ct_settings(audited[0], data, config.dose, config.phantom_volumes * config.phantom_slices,
                               config.ct_size, config.phantom_seed, config.limit)
@@ -413,20 +432,22 @@ def run_audit(
                                                                           tuple(first.shape[-2:]), first[:1]))
                                 for m in audited}
         say("Table 1: denoising quality")
-        t1_rows = ct_quality_table(audited, settings[base.label], config.seed)
-        t1_md = ct_table1_markdown(t1_rows)
-        write_csv(out / "table1.csv", t1_rows, CT_TABLE_COLUMNS)
+        t1_rows, t1_md = [], ""
+        if ranks.is_main:
+            t1_rows = ct_quality_table(audited, settings[base.label], config.seed)
+            t1_md = ct_table1_markdown(t1_rows)
+            write_csv(out / "table1.csv", t1_rows, CT_TABLE_COLUMNS)
     timings["table1"] = time.perf_counter() - t_load
 
     # ---- lesions (MRI, with boxes): blindspot.runs.lesions on the annotated slices at every acceleration ------------------
-    if config.lesion_phantoms:
+    if config.lesion_phantoms and ranks.is_main:
         say(f"Lesions: planting lesions in {config.lesion_phantoms} held-out phantom volumes")
         data_l, boxes = write_held_out_lesion_phantoms(out / "lesion_phantoms", config.lesion_phantoms,
                                                        geometry.get("shape"), geometry.get("recon_size"))
         lesion_options = lesion_options or LesionAuditOptions()
     else:
         data_l = data
-    if boxes is not None:
+    if boxes is not None and ranks.is_main:
         say("Lesions: preservation of the annotated lesions")
         lesion_section = audit_lesions(eval_models, data_l, boxes, config.accelerations, cfs, mask_type, out,
                                        lesion_options, device=device, figures=config.figures, progress=config.progress)
@@ -439,49 +460,69 @@ def run_audit(
     def group_of(r: Mapping[str, Any]) -> tuple[str, float, str, str]:
         return r["model"], float(r["acceleration"]), r["search"], r["criterion"]
 
-    rows: list[dict[str, Any]] = read_jsonl(folder.records_path)
-    done = {group_of(r) for r in rows}
-    for criterion in config.criteria:
-        fcfg = config.fnaf(criterion)
-        for label, per_model in settings.items():
-            for m in audited:
-                for search in fcfg.build(modality, criterion):
-                    group = (m.name, label, search.name, criterion)
-                    fdir = _features_dir(out, criterion, m.name)
-                    if group in done and (fdir / tag(search.name, label)).is_dir():
-                        continue
-                    rows = [r for r in rows if group_of(r) != group]
-                    new = attack_setting(m.network, [search], per_model[m.name], config.batch_size, fdir,
-                                         progress=config.progress, desc=f"{m.name} {search.name.upper()} {criterion}")
-                    folder.append(new)
-                    rows.extend(new)
-                    k = sum(bool(r["success"]) for r in new)
-                    say(f"  {m.name:>20s} {search.name.upper():>4s} {setting_label(label, modality):>9s} "
-                        f"{criterion:>8s}: {k}/{len(new)} images attacked")
-    write_csv(out / "records.csv", rows, RECORD_COLUMNS)
+    # every (criterion, search) of a model and setting in one pass over the batches: one clean reference per image
+    # (runs.fnaf.attack_setting); under torchrun each rank takes its batches (runs.ranks), records merged in order
+    jobs = [(c, s) for c in config.criteria for s in config.fnaf(c).build(modality, c)]
+    group_order = {(m.name, label, s, c): i for i, (c, label, m, s) in enumerate(
+        (c, label, m, s) for c in config.criteria for label in settings for m in audited for s in config.searches)}
+    rows: list[dict[str, Any]] = log.rows()
+    for li, (label, per_model) in enumerate(settings.items()):
+        for mi, m in enumerate(audited):
+            searches = [s for _, s in jobs]
+
+            def record(search, batch, result, new, bi, li=li, mi=mi, searches=searches):
+                j = next(i for i, s in enumerate(searches) if s is search)
+                log.append(new, [(li, mi, bi, j, batch.keys.index(r["key"])) for r in new])
+
+            attack_setting(m.network, searches, per_model[m.name], config.batch_size,
+                           [_features_dir(out, c, m.name) for c, _ in jobs],
+                           {record_id(r) for r in rows if r["model"] == m.name}, record,
+                           progress=config.progress if ranks.is_main else False, desc=f"{m.name} attacks",
+                           mine=log.mine)
+    rows = log.merge(sort_key=lambda r: group_order.get(group_of(r), len(group_order)))
+    for m_name, label, search_name, criterion in group_order:
+        new = [r for r in rows if group_of(r) == (m_name, label, search_name, criterion)]
+        k = sum(bool(r["success"]) for r in new)
+        say(f"  {m_name:>20s} {search_name.upper():>4s} {setting_label(label, modality):>9s} "
+            f"{criterion:>8s}: {k}/{len(new)} images attacked")
+    if ranks.is_main:
+        write_csv(out / "records.csv", rows, RECORD_COLUMNS)
     timings["attacks"] = time.perf_counter() - t_att
 
     # ---- transferability -----------------------------------------------------------------------------------------
+    # every source's features replayed on a target in shared model calls over one pass (one clean reference per image)
     t_tr = time.perf_counter()
     transfer: list[dict[str, Any]] = []
     if config.transfer and len(audited) > 1:
+        saved = {(c, src.name): load_features(_features_dir(out, c, src.name)) for c in config.criteria
+                 for src in audited}
+        replayed: dict[tuple[str, str, str, str, float], list[dict[str, Any]]] = {}
+        for tgt in audited:
+            rjobs = [(c, src, search) for c in config.criteria for src in audited if src is not tgt
+                     for search in config.searches]
+            replays = [ReplaySearch(saved=saved[(c, src.name)], source_search=search,
+                                    **config.fnaf(c).common(modality)) for c, src, search in rjobs]
+            for label, per_model in settings.items():
+                pairs = replay_setting(tgt.network, replays, per_model[tgt.name], config.batch_size,
+                                       progress=config.progress if ranks.is_main else False,
+                                       desc=f"transfer →{tgt.name}", mine=log.mine)
+                for (j, _, _), r in gather_ordered(ranks, pairs):
+                    c, src, search = rjobs[j]
+                    replayed.setdefault((c, src.name, tgt.name, search, label), []).append(r)
         for criterion in config.criteria:
-            common = config.fnaf(criterion).common(modality)
             for src in audited:
-                saved = load_features(_features_dir(out, criterion, src.name))
                 for tgt in audited:
                     if tgt is src:
                         continue
                     for search in config.searches:
-                        replay = ReplaySearch(saved=saved, source_search=search, **common)
-                        for label, per_model in settings.items():
-                            tgt_rows = attack_setting(tgt.network, [replay], per_model[tgt.name], config.batch_size,
-                                                      progress=config.progress, desc=f"transfer {src.name}→{tgt.name}")
+                        for label in settings:
+                            tgt_rows = replayed.get((criterion, src.name, tgt.name, search, label), [])
                             src_rows = [r for r in rows if group_of(r) == (src.name, label, search, criterion)]
                             tr = transfer_rate(src_rows, tgt_rows, criterion=criterion)
                             transfer.append({"source": src.name, "target": tgt.name, "acceleration": label,
                                              "search": search, **tr})
-        write_csv(out / "transfer.csv", transfer)
+        if ranks.is_main:
+            write_csv(out / "transfer.csv", transfer)
     timings["transfer"] = time.perf_counter() - t_tr
 
     # ---- invariances (CT): what each denoiser ignores ------------------------------------------------------------
@@ -508,6 +549,21 @@ def run_audit(
             invariance_sections.append((run.out / "section.html").read_text(encoding="utf-8").replace(
                 "<h2>Invariances</h2>", f"<h3>{m.name}</h3>", 1))
     timings["invariances"] = time.perf_counter() - t_inv
+    if not ranks.is_main:  # rank 0 writes the tables, figures and report
+        leave(ranks)
+        return AuditResult([], [], [], {}, transfer, rows, "", out / "report.html", timings, {}, modality)
+
+    # ---- beyond the seeds: hallucinations, measurement attacks, sampling rate (blindspot.runs.beyond) -----------
+    t_bey = time.perf_counter()
+    beyond: BeyondSection | None = None
+    if config.beyond:
+        say("Beyond the seeds: hallucination maps, measurement attacks, sampling rate")
+        beyond = run_beyond_audit(audited, settings, out, config.beyond_config or BeyondConfig.demo(
+            seed=config.seed, figures=config.figures, batch_size=config.batch_size),
+            progress=config.progress, resume=resume)
+    timings["beyond"] = time.perf_counter() - t_bey
+    if beyond is not None:
+        timings.update({f"beyond_{k}": v for k, v in beyond.timings.items()})
 
     # ---- tables --------------------------------------------------------------------------------------------------
     order = {(m.name, float(a), s): i for i, (m, a, s) in enumerate(
@@ -553,6 +609,8 @@ def run_audit(
                         + invariance_markdown(invariance_summary))
     if lesion_section is not None:
         md_parts.append(lesion_section.markdown)
+    if beyond is not None:
+        md_parts.append(beyond.markdown)
     md = "\n".join(md_parts)
     atomic_write_text(out / "tables.md", md)
 
@@ -581,10 +639,13 @@ def run_audit(
     if lesion_section is not None:
         results["lesions"] = lesion_section.results
         figures = [*figures, *lesion_section.figures]
+    if beyond is not None:
+        results["beyond"] = {k: v for k, v in beyond.results.items() if k != "timings_s"}  # timings: timings_s
     write_json(out / "results.json", results)
     report = render_audit_report(out / "report.html", results, md_tables={
         "table1": t1_md, "table2": md_t2, "ip": md_ip, "transfer": md_tr}, figures=figures,
-        sections=invariance_sections)
+        sections=invariance_sections, extra_sections=beyond.html_sections if beyond else ())
+    leave(ranks)
     return AuditResult(t1_rows, t2_rows, ip_rows, rates_by[primary], transfer, rows, md, report, timings, rates_by,
                        modality)
 

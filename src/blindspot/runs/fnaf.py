@@ -11,6 +11,10 @@ A run folder (:class:`~blindspot.runs.folder.RunFolder`) receives
   loss, IP acceptance and IP statistic (and transfer rates when replaying);
 * ``figures/`` — location heat-maps, attack-loss-vs-IP scatter plots and example panels.
 
+Under ``torchrun`` every process attacks its share of the batches and rank 0 merges the records into the files one
+process writes (:mod:`blindspot.runs.ranks`). The searches of a batch share its clean reference ``f(N(A(y)))``
+(:func:`attack_setting`).
+
 A *setting* is one pass over the data with one acquisition: an MRI acceleration (masks drawn per volume, seeded by
 file name) or a CT dose (``R`` is then the dose-reduction factor ``1/dose``). Python API::
 
@@ -26,7 +30,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -37,14 +41,15 @@ from blindspot.attacks.features import CENTER_FRACTION, FAMILIES, FeatureSampler
 from blindspot.attacks.fnaf import CRITERIA, FnafObjective
 from blindspot.attacks.records import (RECORD_COLUMNS, group_rows, ip_table, load_features, save_features,
                                        summarize, table2, transfer_rate)
-from blindspot.attacks.search import ReplaySearch, Search, build_search, check_searches, example_images
+from blindspot.attacks.search import (ReplaySearch, Search, build_search, check_searches, example_images,
+                                      replay_together)
 from blindspot.data.ct_phantom import PhantomPairs, PhantomPatient, scanner_of
 from blindspot.data.ldct import LDCTDataset, collate_ct, find_ldct
 from blindspot.data.mri import open_mri_dataset
 from blindspot.data.sample import collate_mri
 from blindspot.errors import BlindspotError, PathLike
-from blindspot.fileio import atomic_write_bytes, atomic_write_text, read_jsonl, write_csv, write_json
-from blindspot.models.adapters import Network, as_network
+from blindspot.fileio import atomic_write_bytes, atomic_write_text, read_json, read_jsonl, write_csv, write_json
+from blindspot.models.adapters import Network, as_network, eval_mode, model_device
 from blindspot.models.loading import LoadedModel
 from blindspot.physics.acquisition import LowDoseCTScan
 from blindspot.physics.ct import HUNormalization
@@ -52,6 +57,7 @@ from blindspot.physics.mri import create_mask_func
 from blindspot.report.fnaf_figures import example_panels, location_heatmap, loss_vs_ip_scatter
 from blindspot.report.tables import ip_table_markdown, table2_markdown, transfer_list_markdown
 from blindspot.runs.folder import RunFolder
+from blindspot.runs.ranks import RankRecords, joined, open_folder
 
 #: CT features by default: small discs of 30–100 HU above the tissue (low contrast, like a small hyperdense lesion),
 #: in HU rather than as fractions of the image's range (which is dominated by air and bone).
@@ -87,6 +93,22 @@ class AttackSetting:
         if self.batch_list is not None:
             return self.batch_list
         return DataLoader(self.dataset, batch_size=batch_size, shuffle=False, collate_fn=self.collate, num_workers=0)
+
+    def batches(self, batch_size: int, mine: Callable[[int], bool] = lambda index: True) -> Iterator[tuple[int, Any]]:
+        """``(index, batch)`` of the batches whose index ``mine`` accepts, without loading the others (a rank's
+        share, :meth:`blindspot.runs.ranks.RankRecords.mine`). Batches are cut from the whole data set, so a batch
+        holds the same images whichever process attacks it."""
+        if self.batch_list is not None:
+            yield from ((i, b) for i, b in enumerate(self.batch_list) if mine(i))
+            return
+        n = len(self.dataset)
+        chosen = [i for i in range((n + batch_size - 1) // batch_size) if mine(i)]
+        items = [k for i in chosen for k in range(i * batch_size, min(n, (i + 1) * batch_size))]
+        if not items:
+            return
+        sub = Subset(self.dataset, items)
+        loader = DataLoader(sub, batch_size=batch_size, shuffle=False, collate_fn=self.collate, num_workers=0)
+        yield from zip(chosen, loader)
 
     def with_physics(self, physics: Any) -> "AttackSetting":
         """The same data (and batches) under another acquisition object (e.g. another network's normalisation)."""
@@ -200,8 +222,8 @@ class FnafConfig:
         criterion: ``seed`` or ``recovery``.
         region, region_fraction: ``center`` / ``foreground`` / a bool ``(h, w)`` tensor, and the central crop's side.
         candidates, fd_iterations, fd_restarts, grad_steps, grad_step_size, grad_init: search budgets.
-        dilation, loss_threshold, threshold_pixels, recovery_threshold, ip_threshold: the objective's settings
-            (``ip_threshold`` ``None``: the acquisition's).
+        dilation, loss_threshold, threshold_pixels, recovery_threshold, ip_threshold, normalization: the objective's
+            settings (``ip_threshold`` ``None``: the acquisition's).
         batch_size, chunk_size: images per batch, most candidates per network call.
         seed: keys every random draw (and a simulated CT input's noise).
         figures: write figures.
@@ -226,6 +248,7 @@ class FnafConfig:
     threshold_pixels: int | None = 320 * 320
     recovery_threshold: float = 0.5
     ip_threshold: float | None = None
+    normalization: str = "perturbed"
     batch_size: int = 4
     chunk_size: int = 64
     seed: int = 0
@@ -259,7 +282,8 @@ class FnafConfig:
     def objective(self, criterion: str | None = None) -> FnafObjective:
         return FnafObjective(criterion=criterion or self.criterion, dilation=self.dilation,
                              loss_threshold=self.loss_threshold, threshold_pixels=self.threshold_pixels or None,
-                             recovery_threshold=self.recovery_threshold, ip_threshold=self.ip_threshold)
+                             recovery_threshold=self.recovery_threshold, ip_threshold=self.ip_threshold,
+                             normalization=self.normalization)
 
     def build(self, modality: str, criterion: str | None = None, names: Sequence[str] | None = None) -> list[Search]:
         """The configured searches (``names`` or ``searches``) for a modality and criterion."""
@@ -281,43 +305,86 @@ def tag(search_name: str, label: float) -> str:
     return f"{search_name}_{label:g}x"
 
 
+def record_id(row: Mapping[str, Any]) -> tuple[str, float, str, str]:
+    """What identifies a record within one model's run: ``(key, setting label, search, criterion)``."""
+    return row["key"], float(row["acceleration"]), row["search"], row["criterion"]
+
+
 def attack_setting(network: Network, searches: Sequence[Search], setting: AttackSetting, batch_size: int,
-                   features_dir: Path | None = None, done: set | None = None,
+                   features_dir: "Path | Sequence[Path | None] | None" = None, done: set | None = None,
                    on_batch: Callable[[Search, Any, Any, list[dict[str, Any]], int], None] | None = None,
-                   progress: bool | None = None, desc: str = "fnaf") -> list[dict[str, Any]]:
+                   progress: bool | None = None, desc: str = "fnaf",
+                   mine: Callable[[int], bool] = lambda index: True) -> list[dict[str, Any]]:
     """Run ``searches`` over every batch of ``setting``; the records of images not in ``done``.
+
+    The searches of a batch share its :class:`~blindspot.attacks.fnaf.AttackContext` (when their
+    :meth:`~blindspot.attacks.search.Search.context_key` agree — any criterion), so each image's clean reference
+    ``f(N(A(y)))`` is computed once per batch, in the first search's first model call, whatever the number of searches
+    and criteria.
 
     Args:
         network: the network.
         searches: configured searches.
         setting: data and acquisition.
         batch_size: images per batch.
-        features_dir: where each batch's features go (``<dir>/<search>_<R>x/batch_NNNNN.pt``), or ``None``.
-        done: ``(key, label, search)`` triples already recorded (skipped, and updated).
+        features_dir: where each batch's features go (``<dir>/<search>_<R>x/batch_NNNNN.pt``), one folder for every
+            search or one per search (``None``: not saved).
+        done: :func:`record_id` of the records already written (skipped, and updated).
         on_batch: called ``(search, batch, result, new_rows, batch_index)`` after each search of each batch (the
             run appends and checkpoints its records there).
+        mine: which batches (by index over the whole data set) this process attacks (a ``torchrun`` rank's share).
     """
     done = set() if done is None else done
+    dirs = list(features_dir) if isinstance(features_dir, (list, tuple)) else [features_dir] * len(searches)
     rows: list[dict[str, Any]] = []
     label = float(setting.label)
-    bar = tqdm(setting.loader(batch_size), desc=f"{desc} {label:g}x", unit="batch", leave=False,
+    bar = tqdm(setting.batches(batch_size, mine), desc=f"{desc} {label:g}x", unit="batch", leave=False,
                disable=None if progress is None else not progress, dynamic_ncols=True)
-    for bi, batch in enumerate(bar):
-        for search in searches:
-            if all((k, label, search.name) in done for k in batch.keys):
-                continue
-            result = search(network, batch, setting.physics)
-            if len(result) == 0:
-                continue
-            new = [r for r in result.rows(network.name) if (r["key"], label, r["search"]) not in done]
-            if features_dir is not None:
-                save_features(features_dir / tag(search.name, label) / f"batch_{bi:05d}.pt", result, network.name)
-            done.update((r["key"], label, r["search"]) for r in new)
-            rows.extend(new)
-            if on_batch is not None:
-                on_batch(search, batch, result, new, bi)
+    with eval_mode(network.module):
+        for bi, batch in bar:
+            contexts: dict[tuple, Any] = {}
+            for search, fdir in zip(searches, dirs):
+                crit = search.objective.criterion
+                if all((k, label, search.name, crit) in done for k in batch.keys):
+                    continue
+                ck = search.context_key()
+                if ck not in contexts:
+                    contexts[ck] = search.prepare(network, batch, setting.physics)
+                result = search.run(network, contexts[ck])
+                if len(result) == 0:
+                    continue
+                new = [r for r in result.rows(network.name) if record_id(r) not in done]
+                if fdir is not None:
+                    save_features(fdir / tag(search.name, label) / f"batch_{bi:05d}.pt", result, network.name)
+                done.update(record_id(r) for r in new)
+                rows.extend(new)
+                if on_batch is not None:
+                    on_batch(search, batch, result, new, bi)
     bar.close()
     return rows
+
+
+def replay_setting(network: Network, replays: Sequence[ReplaySearch], setting: AttackSetting, batch_size: int,
+                   progress: bool | None = None, desc: str = "transfer",
+                   mine: Callable[[int], bool] = lambda index: True) -> list[tuple[tuple[int, int, int], dict]]:
+    """Replay saved features (``replays``: e.g. every source network, search and criterion of an audit) on ``network``
+    over ``setting``: per batch, one context (one clean reference per image) and the replays scored together in
+    shared model calls (:func:`~blindspot.attacks.search.replay_together`). Returns ``(order, record)`` pairs, order
+    ``(replay index, batch index, position in the batch)``; nothing is written."""
+    out: list[tuple[tuple[int, int, int], dict]] = []
+    by_context: dict[tuple, list[int]] = {}
+    for j, r in enumerate(replays):
+        by_context.setdefault(r.context_key(), []).append(j)
+    bar = tqdm(setting.batches(batch_size, mine), desc=f"{desc} {float(setting.label):g}x", unit="batch",
+               leave=False, disable=None if progress is None else not progress, dynamic_ncols=True)
+    with eval_mode(network.module):
+        for bi, batch in bar:
+            for js in by_context.values():
+                ctx = replays[js[0]].prepare(network, batch, setting.physics)
+                for j, result in zip(js, replay_together(network, ctx, [replays[j] for j in js])):
+                    out += [((j, bi, batch.keys.index(r["key"])), r) for r in result.rows(network.name)]
+    bar.close()
+    return out
 
 
 class ExampleStore:
@@ -357,9 +424,32 @@ class ExampleStore:
         for n, img in zip(names, fetch([picks[n] for n in names])):
             img["value"] = self._value(rows[picks[n]])
             self.data[n] = img
+        self.save()
+
+    def save(self) -> None:
         buf = io.BytesIO()
         torch.save(self.data, buf)
         atomic_write_bytes(self.path, buf.getvalue())
+
+    @classmethod
+    def merge(cls, path: Path, criterion: str) -> None:
+        """Fold the per-rank stores ``<stem>.rankRRRRR.pt`` of a ``torchrun`` job into ``path`` (the clearest of
+        all; a tie keeps the lower rank's) and remove them."""
+        parts = sorted(path.parent.glob(f"{path.stem}.rank*.pt"))
+        if not parts:
+            return
+        store = cls(path, criterion)
+        for p in parts:
+            other = cls(p, criterion).data
+            for name, better in (("successful", lambda a, b: a > b), ("failed", lambda a, b: a < b)):
+                if name in other and (name not in store.data or better(other[name]["value"],
+                                                                       store.data[name]["value"])):
+                    store.data[name] = other[name]
+        store.data = {k: store.data[k] for k in ("failed", "successful") if k in store.data}
+        if store.data:
+            store.save()
+        for p in parts:
+            p.unlink()
 
 
 @dataclass
@@ -415,38 +505,57 @@ def run_fnaf(
               "region": config.region if isinstance(config.region, str) else "mask",
               "settings": [s.label for s in settings], "modality": modality, "replay": str(replay) if replay else None,
               **dict(run_settings or {})}
-    folder = RunFolder(out_dir, "fnaf", stored, resume=resume, overwrite=overwrite, inputs=[*inputs, replay])
-    out = folder.path
-    source_rows: list[dict[str, Any]] = []
-    if replay is not None:
-        src = Path(replay)
-        saved = load_features(src / "features" if (src / "features").is_dir() else src)
-        searches = [ReplaySearch(saved=saved, source_search=s, **config.common(modality))
-                    for s in (replay_searches or saved.searches())]
-        source_rows = read_jsonl(src / "records.jsonl")
-    else:
-        searches = config.build(modality)
-    rows = folder.records()
-    done = {(r["key"], float(r["acceleration"]), r["search"]) for r in rows}
-    objective = config.objective()
-    for setting in settings:
-        examples = {s.name: ExampleStore(out / "examples" / f"{tag(s.name, setting.label)}.pt", config.criterion)
-                    for s in searches}
+    device = model_device(network.module, torch.device("cpu"))
+    with joined(device) as ranks:
+        folder = open_folder(ranks, lambda writer: RunFolder(out_dir, "fnaf", stored, resume=resume,
+                                                             overwrite=overwrite, inputs=[*inputs, replay],
+                                                             writer=writer))
+        log = RankRecords(folder, ranks)
+        out = folder.path
+        source_rows: list[dict[str, Any]] = []
+        if replay is not None:
+            src = Path(replay)
+            saved = load_features(src / "features" if (src / "features").is_dir() else src)
+            searches = [ReplaySearch(saved=saved, source_search=s, **config.common(modality))
+                        for s in (replay_searches or saved.searches())]
+            source_rows = read_jsonl(src / "records.jsonl")
+        else:
+            searches = config.build(modality)
+        rows = log.rows()
+        done = {record_id(r) for r in rows}
+        objective = config.objective()
+        suffix = f".rank{ranks.rank:05d}" if log.sharded else ""
+        for si, setting in enumerate(settings):
+            examples = {s.name: ExampleStore(out / "examples" / f"{tag(s.name, setting.label)}{suffix}.pt",
+                                             config.criterion) for s in searches}
 
-        def record(search, batch, result, new, bi, setting=setting, examples=examples):
-            examples[search.name].offer(new, lambda which: example_images(
-                network, batch, setting.physics, result, objective,
-                [result.keys.index(new[w]["key"]) for w in which], seed=config.seed))
-            folder.append(new)
-            rows.extend(new)
+            def record(search, batch, result, new, bi, setting=setting, examples=examples, si=si):
+                examples[search.name].offer(new, lambda which: example_images(
+                    network, batch, setting.physics, result, objective,
+                    [result.keys.index(new[w]["key"]) for w in which], seed=config.seed))
+                j = next(i for i, s in enumerate(searches) if s is search)
+                log.append(new, [(si, bi, j, batch.keys.index(r["key"])) for r in new])
+                rows.extend(new)
+                if not log.sharded:
+                    write_csv(out / "records.csv", rows, RECORD_COLUMNS)
+
+            attack_setting(network, searches, setting, config.batch_size, out / "features", done, record,
+                           config.progress if ranks.is_main else False, desc=f"fnaf {network.name}", mine=log.mine)
+        if log.sharded:
+            rows = log.merge()
+        if ranks.is_main:  # (also the per-rank examples an interrupted torchrun job left behind)
+            for setting in settings:
+                for s in searches:
+                    ExampleStore.merge(out / "examples" / f"{tag(s.name, setting.label)}.pt", config.criterion)
+        if not ranks.is_main:
+            ranks.barrier()  # rank 0 writes the summary and figures
+            summary = read_json(out / "summary.json")
+            return FnafRun(rows, summary, out, "", [])
+        if rows:
             write_csv(out / "records.csv", rows, RECORD_COLUMNS)
-
-        attack_setting(network, searches, setting, config.batch_size, out / "features", done, record,
-                       config.progress, desc=f"fnaf {network.name}")
-    if rows:
-        write_csv(out / "records.csv", rows, RECORD_COLUMNS)
-    summary = write_summary(out, rows, network.name, config, stored, source_rows)
-    figures = write_figures(out, rows, config) if config.figures else []
+        summary = write_summary(out, rows, network.name, config, stored, source_rows)
+        figures = write_figures(out, rows, config) if config.figures else []
+        ranks.barrier()
     return FnafRun(rows, summary, out, summary["tables_markdown"], figures)
 
 

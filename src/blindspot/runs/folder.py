@@ -20,6 +20,24 @@ from blindspot.fileio import append_jsonl, read_json, read_jsonl, write_json
 
 RUN_FILE = "run.json"
 RECORDS = "records.jsonl"
+#: Per-rank record files of a ``torchrun`` job (:mod:`blindspot.runs.ranks`).
+RANK_DIR = "ranks"
+
+
+def rank_files(folder: Path) -> list[Path]:
+    """The per-rank record files in a run folder (of any earlier number of ranks), sorted by rank."""
+    d = Path(folder) / RANK_DIR
+    return sorted(d.glob("records-*.jsonl")) if d.is_dir() else []
+
+
+def drop_partial_line(path: Path) -> None:
+    """Drop a partial last line of a JSON-lines log left by a crash mid-append (nothing when the file is missing)."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with path.open("r+b") as fh:
+            fh.truncate(data.rfind(b"\n") + 1)
 
 
 def plain_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -38,10 +56,15 @@ class RunFolder:
         overwrite: start afresh, deleting the records (and the files the run wrote) already there.
         inputs: paths the run reads; the run folder may not be one of them or lie inside one (never write into the
             input data).
+        writer: this process prepares the folder (clears it on ``overwrite``, writes ``run.json``, repairs the log);
+            the other ranks of a ``torchrun`` job only check it (:func:`blindspot.runs.ranks.open_folder`).
+
+    Records also count when they are only in the per-rank files of an interrupted ``torchrun`` job
+    (:mod:`blindspot.runs.ranks`).
     """
 
     def __init__(self, path: PathLike, command: str, settings: Mapping[str, Any], resume: bool = False,
-                 overwrite: bool = False, inputs: Iterable[PathLike | None] = ()) -> None:
+                 overwrite: bool = False, inputs: Iterable[PathLike | None] = (), writer: bool = True) -> None:
         self.path = Path(path)
         self.command = command
         self.settings = plain_settings(settings)
@@ -62,9 +85,10 @@ class RunFolder:
         if stored is not None and stored.get("command") not in (None, command):
             raise BlindspotError(run_json, f"the run folder belongs to {stored.get('command')!r}, not {command!r}; "
                                            "choose another --out")
-        has_records = self.records_path.exists()
+        has_records = self.records_path.exists() or bool(rank_files(self.path))
         if has_records and overwrite:
-            self._clear()
+            if writer:
+                self._clear()
             stored, has_records = None, False
         if has_records and not resume:
             raise BlindspotError(self.path, f"already holds {command} records; pass --resume to continue it, "
@@ -75,9 +99,9 @@ class RunFolder:
             if diff:
                 raise BlindspotError(run_json, f"the run was made with other settings ({', '.join(diff)}); "
                                                "resume with the same ones or choose another --out")
-        else:
+        elif writer:
             write_json(run_json, {"command": command, "settings": self.settings})
-        if resume:
+        if resume and writer:
             self.repair_log()
 
     @property
@@ -98,13 +122,7 @@ class RunFolder:
 
     def repair_log(self) -> None:
         """Drop a partial last line left by a crash mid-append, so later appends start on a fresh line."""
-        path = self.records_path
-        if not path.exists():
-            return
-        data = path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            with path.open("r+b") as fh:
-                fh.truncate(data.rfind(b"\n") + 1)
+        drop_partial_line(self.records_path)
 
     def records(self) -> list[dict[str, Any]]:
         """The records already written (empty unless resuming)."""

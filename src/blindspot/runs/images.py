@@ -83,6 +83,9 @@ class ImageBatch:
         images: CT: low-dose images in HU ``(B, 1, H, W)``; MRI: true images ``(B, 1, h, w)`` in the data's units.
         acquisition: MRI only: the acquisition of these images (one column mask each).
         weights: CT only: sampling weights ``(B,)`` (equal probability per LDCT patient), or ``None``.
+        field: CT only: the reconstruction fields of view, bool ``(B, 1, H, W)`` (``True`` = image; outside, the
+            images hold air, −1000 HU, and attacks and metrics leave those pixels out), or ``None`` when every pixel
+            of every image is inside.
     """
 
     keys: list[str]
@@ -90,6 +93,7 @@ class ImageBatch:
     images: Tensor
     acquisition: CartesianMRI | None = None
     weights: Tensor | None = None
+    field: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -98,15 +102,17 @@ class ImageBatch:
         i = torch.as_tensor(list(sel), dtype=torch.long)
         return ImageBatch([self.keys[j] for j in sel], [self.index[j] for j in sel], self.images[i],
                           None if self.acquisition is None else self.acquisition.select(i),
-                          None if self.weights is None else self.weights[i])
+                          None if self.weights is None else self.weights[i],
+                          None if self.field is None else self.field[i])
 
 
 @dataclass
 class CTItem:
-    """One CT image: identity, a loader of its low-dose image in HU ``(1, H, W)`` and a sampling weight."""
+    """One CT image: identity, a loader of its low-dose image in HU ``(1, H, W)`` — or of ``(image, field)`` with
+    its field of view, bool ``(1, H, W)`` — and a sampling weight."""
 
     key: str
-    load: Callable[[], Tensor]
+    load: Callable[[], "Tensor | tuple[Tensor, Tensor | None]"]
     weight: float = 1.0
 
 
@@ -134,33 +140,52 @@ class CTImageSet:
 
     @classmethod
     def from_tensor(cls, low_dose_hu: Tensor, keys: Sequence[str] | None = None, dose: float | None = None,
-                    normalization: HUNormalization | None = None) -> "CTImageSet":
-        """Images ``(N, 1, H, W)`` in HU (named ``image-0``, … unless ``keys`` are given)."""
+                    normalization: HUNormalization | None = None, field: Tensor | None = None) -> "CTImageSet":
+        """Images ``(N, 1, H, W)`` in HU (named ``image-0``, … unless ``keys`` are given), optionally with their
+        fields of view ``field`` (bool, same shape; pixels outside are set to air, −1000 HU)."""
         if low_dose_hu.ndim != 4 or low_dose_hu.shape[1] != 1:
             raise BlindspotError(None, f"CT images must be (N, 1, H, W) in HU, got {tuple(low_dose_hu.shape)}")
+        if field is not None:
+            if tuple(field.shape) != tuple(low_dose_hu.shape):
+                raise BlindspotError(None, f"field of view {tuple(field.shape)} does not fit images "
+                                           f"{tuple(low_dose_hu.shape)}")
+            field = field.to(torch.bool)
+            low_dose_hu = torch.where(field, low_dose_hu, torch.full_like(low_dose_hu, ldct.AIR_HU))
         keys = [f"image-{i}" for i in range(low_dose_hu.shape[0])] if keys is None else list(keys)
-        items = [CTItem(k, (lambda i=i: low_dose_hu[i])) for i, k in enumerate(keys)]
+        items = [CTItem(k, (lambda i=i: low_dose_hu[i] if field is None else (low_dose_hu[i], field[i])))
+                 for i, k in enumerate(keys)]
         return cls(items, dose, normalization)
 
     def __len__(self) -> int:
         return len(self.items)
 
     def load(self, index: Sequence[int]) -> ImageBatch:
-        """The images ``index`` as one batch (one size; finite values)."""
-        imgs = []
+        """The images ``index`` as one batch (one size; finite values; at least
+        :data:`~blindspot.data.ldct.MIN_FIELD_FRACTION` of each inside its field of view, with the field kept)."""
+        imgs, fields = [], []
         for i in index:
             it = self.items[i]
-            img = it.load()
+            loaded = it.load()
+            img, fld = loaded if isinstance(loaded, tuple) else (loaded, None)
             img = img.unsqueeze(0) if img.ndim == 2 else img
             if not torch.isfinite(img).all():
                 raise BlindspotError(it.key, "image contains NaN or Inf")
+            if fld is not None:
+                fld = (fld.unsqueeze(0) if fld.ndim == 2 else fld).to(torch.bool)
+                ldct.check_field(it.key, fld.numpy())
             imgs.append(img.to(torch.float32))
+            fields.append(fld)
         shapes = {tuple(i.shape) for i in imgs}
         if len(shapes) > 1:
             raise BlindspotError(self.items[index[0]].key, f"images of one batch differ in size {sorted(shapes)}; "
                                                            "use a batch size of 1")
+        field = None
+        if any(f is not None and not bool(f.all()) for f in fields):
+            field = torch.stack([f if f is not None else torch.ones_like(im, dtype=torch.bool)
+                                 for f, im in zip(fields, imgs)])
         weights = torch.tensor([self.items[i].weight for i in index], dtype=torch.float32)
-        return ImageBatch([self.items[i].key for i in index], list(index), torch.stack(imgs), weights=weights)
+        return ImageBatch([self.items[i].key for i in index], list(index), torch.stack(imgs), weights=weights,
+                          field=field)
 
     def batches(self, batch_size: int, todo: Callable[[str], bool] = lambda key: True) -> Iterator[ImageBatch]:
         """Batches of at most ``batch_size`` images, skipping (without loading) those ``todo`` rejects."""
@@ -173,12 +198,14 @@ class CTImageSet:
         return self.load(range(len(self.items)))
 
     def normalization_for(self, model: LoadedModel) -> HUNormalization:
-        """This set's normalisation, else the model's (its checkpoint's), else one fitted to the first image."""
+        """This set's normalisation, else the model's (its checkpoint's), else one fitted to the first image's
+        pixels inside its field of view."""
         if self.normalization is not None:
             return self.normalization
         if model.normalization:
             return HUNormalization.from_dict(model.normalization, model.source)
-        return HUNormalization.fit(self.load([0]).images)
+        first = self.load([0])
+        return HUNormalization.fit(first.images if first.field is None else first.images[first.field])
 
 
 class MRIImageSet:
@@ -310,25 +337,45 @@ def _file_items(path: Path, dose: float | None, dose_given: bool) -> list[CTItem
             patients = ldct.find_ldct(path, None)  # the model's dose is not there: take the only low-dose series
         data = ldct.LDCTDataset(patients, preload=False)
         weights = data.patient_weights()
-        return [CTItem(f"{s.patient}:{s.index}", (lambda i=i: torch.from_numpy(np.array(data.pair(i)[0])).unsqueeze(0)),
-                       float(weights[i])) for i, s in enumerate(data.slices)]
+        return [CTItem(f"{s.patient}:{s.index}", (lambda i=i: _low_and_field(data, i)), float(weights[i]))
+                for i, s in enumerate(data.slices)]
     npy = [path] if path.suffix.lower() == ".npy" else (
         sorted(p for p in path.rglob("*.npy") if not any(t.startswith(".") for t in p.relative_to(path).parts))
         if path.is_dir() else [])
     if npy:
         return [CTItem(f.name if f == path else str(f.relative_to(path)), (lambda f=f: _read_npy_hu(f))) for f in npy]
     images = ldct.load_ct_images(path)
-    return [CTItem(f"{path.name}:{name}", (lambda i=i: images.hu[i])) for i, name in enumerate(images.names)]
+    return [CTItem(f"{path.name}:{name}", (lambda i=i: (images.hu[i], None if images.field is None else images.field[i])))
+            for i, name in enumerate(images.names)]
 
 
-def _read_npy_hu(f: Path) -> Tensor:
+def _low_and_field(data: ldct.LDCTDataset, i: int) -> tuple[Tensor, Tensor]:
+    low, _, field = data.read(i)
+    return torch.from_numpy(np.array(low)).unsqueeze(0), torch.from_numpy(np.array(field)).unsqueeze(0)
+
+
+def _read_npy_hu(f: Path) -> tuple[Tensor, Tensor]:
+    """A ``.npy`` CT image in HU and its field of view; the header (shape, dtype) is checked before reading."""
+    from blindspot.data.sample import MAX_SLICE_ELEMENTS
+
     try:
-        arr = np.load(f, allow_pickle=False)
-    except (ValueError, OSError) as err:
-        raise BlindspotError(f, f"not a readable .npy file ({err})") from None
-    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
-        raise BlindspotError(f, f"expected a 2-D real image in HU, got {arr.dtype} of shape {arr.shape}")
-    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).unsqueeze(0)
+        arr = np.load(f, mmap_mode="r", allow_pickle=False)  # header only until the data are used
+    except (ValueError, OSError, EOFError) as err:
+        raise BlindspotError(f, f"not a readable .npy file ({str(err).splitlines()[0] if str(err) else err!r})") from None
+    if not isinstance(arr, np.ndarray) or arr.ndim != 2 or not np.issubdtype(arr.dtype, np.number) \
+            or np.iscomplexobj(arr):
+        what = f"{arr.dtype} of shape {arr.shape}" if isinstance(arr, np.ndarray) else type(arr).__name__
+        raise BlindspotError(f, f"expected a 2-D real image in HU, got {what}")
+    if arr.size > MAX_SLICE_ELEMENTS:
+        raise BlindspotError(f, f"declares a {arr.shape[0]}x{arr.shape[1]} image, beyond the limit of "
+                             f"{MAX_SLICE_ELEMENTS:.3g} pixels")
+    hu = np.array(arr, dtype=np.float32)
+    if not np.isfinite(hu).all():
+        raise BlindspotError(f, "image contains NaN or Inf")
+    field = ldct.field_of_view(hu)  # no padding tag in a .npy: values far below air at the border are the padding
+    ldct.check_field(f, field)
+    hu = np.where(field, hu, np.float32(ldct.AIR_HU)).astype(np.float32)
+    return torch.from_numpy(hu).unsqueeze(0), torch.from_numpy(field).unsqueeze(0)
 
 
 def open_mri_images(model: LoadedModel, options: DataOptions) -> MRIImageSet:

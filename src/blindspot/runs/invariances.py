@@ -26,8 +26,9 @@ mask hides counts as an invariance.
 A run folder (:class:`~blindspot.runs.folder.RunFolder`) holds ``run.json`` (settings; a resumed run must match
 them), ``records.jsonl`` (one line per image and restart, appended after each batch: the durable log),
 ``records.csv``, ``summary.json``, ``arrays/<key>.npz`` (HU for CT, normalised units for MRI), ``figures/<key>.png``
-and ``section.html`` / ``report.html`` (the section the audit report includes). A generator folder holds
-``generator.pt`` and ``train_log.jsonl``.
+and ``section.html`` / ``report.html`` (the section the audit report includes); under ``torchrun``,
+:func:`run_invariances` shares the batches among the processes and rank 0 merges (:mod:`blindspot.runs.ranks`).
+A generator folder holds ``generator.pt`` and ``train_log.jsonl``.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from blindspot.attacks.natural import (AcquisitionTarget, ImageTarget, NaturalCo
                                        sample_invariances)
 from blindspot.data.images import read_mask
 from blindspot.errors import BlindspotError, PathLike
-from blindspot.fileio import atomic_write_bytes, write_csv, write_json
+from blindspot.fileio import atomic_write_bytes, read_json, write_csv, write_json
 from blindspot.metrics import mean_std
 from blindspot.models.adapters import Network, as_network, model_device
 from blindspot.models.loading import LoadedModel, load_model
@@ -61,6 +62,7 @@ from blindspot.physics.ct import HUNormalization
 from blindspot.report.invariance_figures import (ct_invariance_figure, invariance_section_html, mri_invariance_figure,
                                                  natural_samples_figure, write_invariance_report)
 from blindspot.runs.folder import RunFolder
+from blindspot.runs.ranks import RankRecords, joined, open_folder
 from blindspot.runs.images import CTImageSet, DataOptions, ImageBatch, MRIImageSet, as_image_set
 __all__ = ["GeneratorTraining", "InvarianceRun", "parse_region", "run_invariances", "run_sample", "run_train_generator"]
 
@@ -274,29 +276,48 @@ def run_invariances(
                 "modality": loaded.modality, **source.settings, "distance": dname, "fidelity": fname,
                 **{k: v for k, v in config.to_dict().items() if k not in ("bounds", "progress")},
                 "region": _region_setting(region), "bounds_hu": None if bounds_hu is None else list(bounds_hu)}
-    folder = RunFolder(out, "invariances", settings, resume, overwrite, inputs=_inputs(images))
-    rows = folder.records()
-    done: dict[str, int] = {}
-    for r in rows:
-        done[r["key"]] = done.get(r["key"], 0) + 1
-    todo = lambda key: done.get(key, 0) < config.restarts  # noqa: E731
-    common = dict(folder=folder, rows=rows, todo=todo, region=region, batch_size=batch_size, figures=figures,
-                  device=dev, distance_name=dname)
-    if source.modality == "ct":
-        summary = _ct_invariances(loaded, net, source, config, dist, fid, bounds_hu, **common)
-    else:
-        summary = _mri_invariances(loaded, net, source, config, dist, fid, **common)
-    summary["config"] = dict(config.to_dict(), distance=dname, fidelity=fname)
-    for d in (dist, fid):
-        if getattr(d, "weights_info", None):
-            summary["distance_weights"] = d.weights_info  # which VGG16 weights (ImageNet or not)
-    return _finish(folder, rows, summary, figures)
+    # under torchrun each rank optimises its share of the batches (blindspot.runs.ranks); rank 0 merges and reports
+    with joined(dev) as ranks:
+        folder = open_folder(ranks, lambda writer: RunFolder(out, "invariances", settings, resume, overwrite,
+                                                             inputs=_inputs(images), writer=writer))
+        log = RankRecords(folder, ranks)
+        rows = log.rows()
+        done: dict[str, int] = {}
+        for r in rows:
+            done[r["key"]] = done.get(r["key"], 0) + 1
+        position = _positions(source)  # skip other ranks' images without loading them, where keys are known
+        todo = lambda key: done.get(key, 0) < config.restarts and (  # noqa: E731
+            key not in position or log.mine(position[key] // batch_size))
+        common = dict(folder=folder, log=log, rows=rows, todo=todo, region=region, batch_size=batch_size,
+                      figures=figures, device=dev, distance_name=dname)
+        if source.modality == "ct":
+            summary = _ct_invariances(loaded, net, source, config, dist, fid, bounds_hu, **common)
+        else:
+            summary = _mri_invariances(loaded, net, source, config, dist, fid, **common)
+        summary["config"] = dict(config.to_dict(), distance=dname, fidelity=fname)
+        for d in (dist, fid):
+            if getattr(d, "weights_info", None):
+                summary["distance_weights"] = d.weights_info  # which VGG16 weights (ImageNet or not)
+        if log.sharded:
+            rows = log.merge()
+        if not ranks.is_main:
+            ranks.barrier()  # rank 0 writes the summary and the report
+            return InvarianceRun(folder.path, rows, read_json(folder.file("summary.json")))
+        run = _finish(folder, rows, summary, figures)
+        ranks.barrier()
+    return run
+
+
+def _positions(source: "CTImageSet | MRIImageSet") -> dict[str, int]:
+    """Key → position in the image set, where known before loading (CT items, MRI tensors)."""
+    keys = [item.key for item in source.items] if isinstance(source, CTImageSet) else (source.keys or [])
+    return {k: i for i, k in enumerate(keys)}
 
 
 def _ct_invariances(loaded: LoadedModel, net: Network, source: CTImageSet, config: InvarianceConfig,
                     dist: Distance, fid: Distance | None, bounds_hu: tuple[float, float] | None, *,
-                    folder: RunFolder, rows: list, todo, region, batch_size: int, figures: int, device: torch.device,
-                    distance_name: str) -> dict[str, Any]:
+                    folder: RunFolder, log: RankRecords, rows: list, todo, region, batch_size: int, figures: int,
+                    device: torch.device, distance_name: str) -> dict[str, Any]:
     norm = source.normalization_for(loaded)
     bounds = None if bounds_hu is None else (float(norm.to_network(torch.tensor(bounds_hu[0]))),
                                              float(norm.to_network(torch.tensor(bounds_hu[1]))))
@@ -306,10 +327,14 @@ def _ct_invariances(loaded: LoadedModel, net: Network, source: CTImageSet, confi
     square = getattr(net.module, "square", None)
     figures_made = _figures_made(folder)
     for batch in source.batches(batch_size, todo):
+        if not log.mine(batch.index[0] // batch_size):
+            continue
         x = norm.to_network(batch.images.to(device))
-        res = attack(target, x, region=parse_region(region, x.shape[-2], x.shape[-1]), item_ids=batch.index)
+        field = None if batch.field is None else batch.field.to(device)  # CT field of view: out-of-field is no image
+        res = attack(target, x, region=parse_region(region, x.shape[-2], x.shape[-1]), item_ids=batch.index,
+                     field=field)
         m = res.metrics(scale=norm.std)
-        contrast = square_contrast(res.delta[:, :, 0], square=int(square)) \
+        contrast = square_contrast(res.delta[:, :, 0], square=int(square), field=res.field) \
             if isinstance(square, int) and square <= min(x.shape[-2:]) else None
         new = []
         for b, (idx, key) in enumerate(zip(batch.index, batch.keys)):
@@ -318,7 +343,7 @@ def _ct_invariances(loaded: LoadedModel, net: Network, source: CTImageSet, confi
             name = safe_name(key)
             save_npz(folder.file("arrays", f"{name}.npz"), x=x_hu, x_inv=xi_hu, f_x=fx_hu, f_x_inv=fi_hu,
                      units="HU", normalization_mean=norm.mean, normalization_std=norm.std)
-            if figures_made < figures:
+            if (idx < figures) if log.sharded else (figures_made < figures):  # ranks: the first images' figures
                 ct_invariance_figure(x_hu, xi_hu, fx_hu, fi_hu, folder.file("figures", f"{name}.png"),
                                      title=f"{loaded.name}: {key} (D = {distance_name}, α = {config.alpha:g})",
                                      zoom=_zoom_box(square, x.shape[-2], x.shape[-1]))
@@ -334,24 +359,33 @@ def _ct_invariances(loaded: LoadedModel, net: Network, source: CTImageSet, confi
                     row["square_outside"] = float(contrast["outside"][b, r]) * norm.std
                     row["square_ratio"] = float(contrast["ratio"][b, r])
                 new.append(row)
-        _append(folder, rows, new)
+        _append(folder, rows, new, log)
     return {"command": "invariances", "model": loaded.name, "architecture": loaded.architecture, "modality": "ct",
             "units": "HU", "dose": source.dose, "normalization": {"mean": norm.mean, "std": norm.std}}
 
 
-def _append(folder: RunFolder, rows: list[dict[str, Any]], new: list[dict[str, Any]]) -> None:
-    """Log a batch's records durably, then refresh the CSV."""
-    folder.append(new)
+def _append(folder: RunFolder, rows: list[dict[str, Any]], new: list[dict[str, Any]],
+            log: RankRecords | None = None) -> None:
+    """Log a batch's records durably, then refresh the CSV (a ``torchrun`` rank: into its own file, ordered by
+    image and restart; rank 0 writes the CSV after the merge)."""
+    if log is None:
+        folder.append(new)
+    else:
+        log.append(new, [(r["index"], r["restart"]) for r in new])
     rows.extend(new)
-    write_csv(folder.file("records.csv"), rows)
+    if log is None or not log.sharded:
+        write_csv(folder.file("records.csv"), rows)
 
 
 def _mri_invariances(loaded: LoadedModel, net: Network, source: MRIImageSet, config: InvarianceConfig,
-                     dist: Distance, fid: Distance | None, *, folder: RunFolder, rows: list, todo, region,
-                     batch_size: int, figures: int, device: torch.device, distance_name: str) -> dict[str, Any]:
+                     dist: Distance, fid: Distance | None, *, folder: RunFolder, log: RankRecords, rows: list, todo,
+                     region, batch_size: int, figures: int, device: torch.device,
+                     distance_name: str) -> dict[str, Any]:
     attack = InvarianceAttack(dist, fid, config)
     figures_made = _figures_made(folder)
     for batch in source.batches(batch_size, todo):
+        if not log.mine(batch.index[0] // batch_size):  # (MRI data sets: keys are only known once read)
+            continue
         target = MRITarget(net, batch.images.to(device), batch.acquisition)
         x = target.x
         res = attack(target, x, region=parse_region(region, x.shape[-2], x.shape[-1]), item_ids=batch.index)
@@ -367,7 +401,7 @@ def _mri_invariances(loaded: LoadedModel, net: Network, source: MRIImageSet, con
                      f_x_inv=res.f_x_inv[b, :, 0], null_abs=null_abs[b, :, 0], range_abs=range_abs[b, :, 0],
                      mask=target.mask[b].reshape(-1).cpu(), units="normalised",
                      norm_mean=target.mean[b].reshape(()).cpu(), norm_std=target.std[b].reshape(()).cpu())
-            if figures_made < figures:
+            if (idx < figures) if log.sharded else (figures_made < figures):  # ranks: the first images' figures
                 mri_invariance_figure(res.x[b, 0], res.x_inv[b, 0, 0], res.f_x[b, 0], res.f_x_inv[b, 0, 0],
                                       null_abs[b, 0, 0], range_abs[b, 0, 0], folder.file("figures", f"{name}.png"),
                                       std=res.restart_std()[b, 0] if res.x_inv.shape[1] > 1 else None,
@@ -383,7 +417,7 @@ def _mri_invariances(loaded: LoadedModel, net: Network, source: MRIImageSet, con
                 row["iterations"] = int(res.iterations[b, r])
                 row["converged"] = bool(res.converged[b, r])
                 new.append(row)
-        _append(folder, rows, new)
+        _append(folder, rows, new, log)
     return {"command": "invariances", "model": loaded.name, "architecture": loaded.architecture, "modality": "mri",
             "units": "normalised", "convention": net.convention, **source.info}
 

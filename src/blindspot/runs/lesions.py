@@ -472,7 +472,8 @@ def audit_lesions(
                 "labels": dict(Counter(b.label for b in checked)),
                 "study_level_rows_skipped": annotations.study_level}
     csv = write_csv(out / "lesions.csv", rows, ("acceleration", *LESION_COLUMNS))
-    results = {"data": str(data), "boxes": str(annotations.source), "origin": opts.origin, **meta,
+    results = {"data": str(data), "boxes": str(annotations.source), "origin": annotations.origin or opts.origin,
+               **meta,
                "mask_type": mask_type, "rule": rule_json(opts.rule), "models": [m.name for m in models],
                "by_acceleration": per_acc}
     md_text = "## Lesions\n\n" + "\n".join(md)

@@ -36,7 +36,7 @@ from blindspot.data.ldct import LDCTDataset, PatchDataset, collate_ct, find_ldct
 from blindspot.errors import BlindspotError, PathLike
 from blindspot.fileio import atomic_write_bytes, read_json, write_json
 from blindspot.losses import gradient_penalty
-from blindspot.metrics import psnr, ssim
+from blindspot.metrics import ct_slice_metrics
 from blindspot.models.checkpoint import load_checkpoint, read_checkpoint_dict
 from blindspot.models.registry import build_model
 from blindspot.models.vgg import PerceptualLoss, VGG16Features, VGGWeightsInfo
@@ -172,11 +172,10 @@ class CTMetrics:
         return out
 
 
-def slice_metrics(pred_hu: Tensor, full_hu: Tensor, window: Window) -> dict[str, Tensor]:
-    """RMSE (HU) and windowed PSNR / SSIM (data range 1) per image of ``(B, 1, H, W)`` HU tensors, each ``(B,)``."""
-    rmse = ((pred_hu - full_hu) ** 2).flatten(1).mean(dim=1).sqrt()
-    a, b = window.apply(pred_hu), window.apply(full_hu)
-    return {"rmse_hu": rmse, "psnr": psnr(a, b, 1.0), "ssim": ssim(a, b, 1.0)}
+def slice_metrics(pred_hu: Tensor, full_hu: Tensor, window: Window, field: Tensor | None = None) -> dict[str, Tensor]:
+    """RMSE (HU) and windowed PSNR / SSIM (data range 1) per image of ``(B, 1, H, W)`` HU tensors, each ``(B,)``,
+    over the field of view ``field`` (bool ``(B, 1, H, W)``) when given: :func:`blindspot.metrics.ct_slice_metrics`."""
+    return ct_slice_metrics(pred_hu, full_hu, window, field)
 
 
 class CTValidator:
@@ -204,8 +203,8 @@ class CTValidator:
             for batch in loader:
                 batch = batch.to(dist.device)
                 pred = self.norm.to_hu(model(self.norm.to_network(batch.low)))
-                m = slice_metrics(pred, batch.full, self.window)
-                m_in = slice_metrics(batch.low, batch.full, self.window)
+                m = slice_metrics(pred, batch.full, self.window, batch.field)
+                m_in = slice_metrics(batch.low, batch.full, self.window, batch.field)
                 for j, key in enumerate(batch.keys):
                     rows.append({"key": key, **{k: float(v[j]) for k, v in m.items()},
                                  **{f"input_{k}": float(v[j]) for k, v in m_in.items()}})

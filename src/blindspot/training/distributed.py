@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Callable, Sequence
 
 import torch
@@ -40,12 +41,15 @@ class DistContext:
 
     # -- construction ---------------------------------------------------------------------------------------------
     @classmethod
-    def from_env(cls, device: str = "auto", backend: str | None = None) -> "DistContext":
+    def from_env(cls, device: str = "auto", backend: str | None = None,
+                 timeout: timedelta | None = None) -> "DistContext":
         """Join the process group described by ``torchrun``'s environment, or return a single-process context.
 
         Args:
             device: ``"auto"`` (the local GPU if there is one, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
             backend: force ``"gloo"`` or ``"nccl"``; default nccl with GPUs, gloo on CPU.
+            timeout: how long a collective (a barrier) waits for the other ranks before it fails (``None``: torch's
+                default); a rank that died then ends the job instead of hanging it.
         """
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
@@ -57,7 +61,8 @@ class DistContext:
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         if not dist.is_initialized():
-            dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+            extra = {} if timeout is None else {"timeout": timeout}
+            dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **extra)
         return cls(rank, local_rank, world_size, dev, backend)
 
     @property
@@ -145,7 +150,13 @@ class DistContext:
 
 
 def resolve_device(device: str, local_rank: int | None = None) -> torch.device:
-    """``"auto"`` → the (local) GPU if there is one, else CPU; ``"cuda"`` → ``cuda:local_rank``; errors are one line."""
+    """``"auto"`` → the (local) GPU if there is one, else CPU; ``"cuda"`` → ``cuda:local_rank``; errors are one line.
+
+    ``local_rank`` defaults to ``torchrun``'s ``LOCAL_RANK`` (0 without it), so that every process of a job started
+    with ``--nproc_per_node N`` gets its own GPU.
+    """
+    if local_rank is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank or 0)

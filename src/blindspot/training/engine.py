@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 
 from blindspot.errors import BlindspotError, PathLike
 from blindspot.fileio import append_jsonl, atomic_write_text, read_jsonl
-from blindspot.models.checkpoint import read_checkpoint_dict, save_checkpoint
+from blindspot.models.checkpoint import check_finite_weights, read_checkpoint_dict, save_checkpoint
 from blindspot.training.distributed import DistContext
 
 LossOutput = Union[Tensor, "tuple[Tensor, Mapping[str, float | Tensor]]"]
@@ -377,7 +377,15 @@ class Trainer:
         training = obj.get("training") or {}
         if "optimizer" not in training or "epoch" not in training:
             raise BlindspotError(self.last_path, "has no training state to resume from")
-        _unwrap(self.model).load_state_dict(obj["state_dict"], strict=True)
+        state = obj.get("state_dict")
+        if not isinstance(state, dict):
+            raise BlindspotError(self.last_path, "has no state dict to resume from")
+        check_finite_weights(self.last_path, state)  # a diverged run's weights are not resumed
+        try:
+            _unwrap(self.model).load_state_dict(state, strict=True)
+        except (RuntimeError, KeyError) as err:
+            raise BlindspotError(self.last_path, f"weights do not fit the model ({str(err).splitlines()[0][:150]})") \
+                from None
         try:
             self.optimizer.load_state_dict(training["optimizer"])
         except (ValueError, KeyError) as err:
@@ -438,6 +446,14 @@ class Trainer:
             value = record["train_loss"] if cfg.select_metric is None else metrics.get(cfg.select_metric)
             if value is None:
                 raise BlindspotError(None, f"validation returned no {cfg.select_metric!r} (got {sorted(metrics)})")
+            undefined = sorted(k for k, v in metrics.items() if math.isnan(v))
+            if undefined or not math.isfinite(value):
+                # degenerate validation data (all-zero or constant images) or a diverged network: such a figure
+                # must never choose best.pt (an all-zero slice once read SSIM 1.0 / PSNR 256 dB)
+                what = ", ".join(undefined) if undefined else f"{cfg.select_metric or 'train_loss'} = {value}"
+                raise BlindspotError(self.out_dir, f"epoch {epoch + 1}: validation gave undefined figures ({what}); "
+                                     "check the validation data for all-zero or constant images (the last good "
+                                     "checkpoint is kept)")
             better = (value > best_value) if (cfg.select_metric and cfg.select_mode == "max") else (value < best_value)
             if better or best_epoch < 0:
                 best_value, best_epoch = float(value), epoch
