@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
+# BLINDSPOT_MALLOC=keep: glibc keeps freed memory for reuse (faster attacks, more memory; blindspot.cli.keep_freed_memory)
 demo: $(STAMP)
-	$(VENV)/bin/blindspot demo --out $(OUT)
+	BLINDSPOT_MALLOC=keep $(VENV)/bin/blindspot demo --out $(OUT)
 
 test: $(STAMP)
 	$(PY) -m pytest -n $(JOBS) -q

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from blindspot.attacks.fnaf import FnafObjective
-from blindspot.attacks.records import load_features, save_features
+from blindspot.attacks.records import load_features
 from blindspot.attacks.search import GradientSearch, RandomSearch, ReplaySearch, replay_together
 from blindspot.cli import main
 from blindspot.models.adapters import as_network

@@ -44,3 +44,36 @@ def add_optimisation_arguments(p: argparse.ArgumentParser, batch_size: int, lr: 
     o.add_argument("--num-workers", type=non_negative_int, default=0, help="data loader workers per process")
     o.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (torchrun: the local GPU)")
     return o
+
+
+def add_robust_arguments(p: argparse.ArgumentParser) -> None:
+    """The FNAF-robust training options (``--robust …``; :class:`blindspot.training.robust.RobustConfig`)."""
+    r = p.add_argument_group("FNAF-robust training (blindspot.training.robust)")
+    r.add_argument("--robust", action="store_true", help="add the FNAF attack loss of on-the-fly features to the loss")
+    r.add_argument("--robust-fraction", type=unit_fraction, default=0.5,
+                   help="share of each batch given an FNAF (0.5)")
+    r.add_argument("--robust-families", nargs="+", default=["walk"], help="feature families (default walk)")
+    r.add_argument("--robust-weight", type=positive_float, default=1.0, help="weight of the attack loss (default 1)")
+    r.add_argument("--robust-search", choices=["draw", "rs", "grad"], default="rs",
+                   help="draw: one random feature; rs: worst of --robust-candidates; grad: rs then gradient steps")
+    r.add_argument("--robust-candidates", type=positive_int, default=4)
+    r.add_argument("--robust-grad-steps", type=non_negative_int, default=2)
+    r.add_argument("--robust-grad-step-size", type=positive_float, default=0.2)
+    r.add_argument("--robust-dilation", type=non_negative_int, default=3)
+    r.add_argument("--robust-walk-steps", nargs=2, type=positive_int, default=[10, 99], metavar=("MIN", "MAX"),
+                   help="pixels of a walk feature (default the seed's robust training: 10 99)")
+    r.add_argument("--robust-mixing", choices=["batch", "alternate"], default="batch",
+                   help="batch: every step replaces --robust-fraction of the batch by FNAF examples; alternate: the "
+                        "seed's mixing, a clean step then a feature step")
+
+
+def robust_config(args: argparse.Namespace):
+    """The :class:`~blindspot.training.robust.RobustConfig` of ``--robust …`` (``None`` without ``--robust``)."""
+    from blindspot.training.robust import RobustConfig
+
+    if not getattr(args, "robust", False):
+        return None
+    return RobustConfig(fraction=args.robust_fraction, families=tuple(args.robust_families), weight=args.robust_weight,
+                        search=args.robust_search, candidates=args.robust_candidates, grad_steps=args.robust_grad_steps,
+                        grad_step_size=args.robust_grad_step_size, dilation=args.robust_dilation,
+                        walk_steps=tuple(args.robust_walk_steps), mixing=args.robust_mixing)

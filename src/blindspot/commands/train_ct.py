@@ -73,7 +73,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from blindspot.commands.train_mri import check_hparams, parse_hparams
+    from blindspot.commands.train_mri import check_hparams
+    from blindspot.validate import hparam_dict
     from blindspot.models.vgg import load_vgg16
     from blindspot.physics.ct import parse_window
     from blindspot.training.ct import CTTrainSettings, train_ct
@@ -81,11 +82,11 @@ def run(args: argparse.Namespace) -> int:
     from blindspot.training.engine import TrainConfig
 
     check_output_folder(args.out, "--out", inputs=[args.data])
-    check_hparams(args.model, parse_hparams(args.hparam))
+    check_hparams(args.model, hparam_dict(args.hparam))
     parse_window(args.eval_window)
     parse_window(args.vgg_window)
     settings = CTTrainSettings(
-        model=args.model, hparams=parse_hparams(args.hparam), dose=args.dose, patch_size=args.patch_size,
+        model=args.model, hparams=hparam_dict(args.hparam), dose=args.dose, patch_size=args.patch_size,
         samples_per_epoch=args.samples_per_epoch, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
         split_seed=args.split_seed, eval_window=args.eval_window, val_batch_size=args.val_batch_size,
         vgg_layers=tuple(args.vgg_layers), vgg_window=args.vgg_window, n_critic=args.n_critic,

@@ -26,18 +26,12 @@ import argparse
 import sys
 from typing import Any
 
-from blindspot.commands.train import add_optimisation_arguments
+from blindspot.commands.train import add_optimisation_arguments, add_robust_arguments, robust_config
 from blindspot.errors import BlindspotError
 from blindspot.runs.train import PHANTOM_TRAIN_SEED, PHANTOM_VAL_SEED
 from blindspot.validate import (acceleration, check_array_bytes, check_crop, check_hparam_types, check_output_folder,
                                 fraction, hparam, hparam_dict, image_side, non_negative_int, positive_float,
                                 positive_int, unit_fraction)
-
-
-def parse_hparams(items: list[Any] | None) -> dict[str, Any]:
-    """``["chans=16", "dilations=[1,2]"]`` (or the pairs :func:`blindspot.validate.hparam` parsed) →
-    ``{"chans": 16, "dilations": [1, 2]}`` (values parsed as JSON)."""
-    return hparam_dict(items)
 
 
 def check_hparams(architecture: str, hparams: dict[str, Any]) -> None:
@@ -68,7 +62,7 @@ def arch_hparams(args: argparse.Namespace) -> dict[str, Any] | None:
         raise BlindspotError(None, "--hparam needs --arch (hyper-parameters of a bare state dict)")
     if not args.hparam:
         return None
-    hparams = parse_hparams(args.hparam)
+    hparams = hparam_dict(args.hparam)
     check_hparams(args.arch, hparams)
     return hparams
 
@@ -115,23 +109,7 @@ def register(subparsers) -> None:
     o = add_optimisation_arguments(p, batch_size=4, lr=1e-3, lr_gamma=0.1, seed_help="weights, shuffling and "
                                    "training masks", batch_help="global batch (split over processes)")
     o.add_argument("--loss", default="l1", choices=["l1", "mse", "ssim"])
-    r = p.add_argument_group("FNAF-robust training (blindspot.training.robust)")
-    r.add_argument("--robust", action="store_true", help="add the FNAF attack loss of on-the-fly features to the loss")
-    r.add_argument("--robust-fraction", type=unit_fraction, default=0.5,
-                   help="share of each batch given an FNAF (0.5)")
-    r.add_argument("--robust-families", nargs="+", default=["walk"], help="feature families (default walk)")
-    r.add_argument("--robust-weight", type=positive_float, default=1.0, help="weight of the attack loss (default 1)")
-    r.add_argument("--robust-search", choices=["draw", "rs", "grad"], default="rs",
-                   help="draw: one random feature; rs: worst of --robust-candidates; grad: rs then gradient steps")
-    r.add_argument("--robust-candidates", type=positive_int, default=4)
-    r.add_argument("--robust-grad-steps", type=non_negative_int, default=2)
-    r.add_argument("--robust-grad-step-size", type=positive_float, default=0.2)
-    r.add_argument("--robust-dilation", type=non_negative_int, default=3)
-    r.add_argument("--robust-walk-steps", nargs=2, type=positive_int, default=[10, 99], metavar=("MIN", "MAX"),
-                   help="pixels of a walk feature (default the seed's robust training: 10 99)")
-    r.add_argument("--robust-mixing", choices=["batch", "alternate"], default="batch",
-                   help="batch: every step replaces --robust-fraction of the batch by FNAF examples; alternate: the "
-                        "seed's mixing, a clean step then a feature step")
+    add_robust_arguments(p)
     lw = p.add_argument_group("lesion-weighted training (blindspot.training.lesion_weighted)")
     lw.add_argument("--boxes", metavar="CSV", help="lesion boxes (CSV or JSON) on the --data files")
     lw.add_argument("--box-weight", type=positive_float, default=10.0,
@@ -180,10 +158,9 @@ def phantom_options(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     from blindspot.runs.train import MRITrainData, run_train_mri
     from blindspot.training.engine import TrainConfig
-    from blindspot.training.robust import RobustConfig
 
     check_output_folder(args.out, "--out", inputs=[args.data, args.val_data])
-    check_hparams(args.model, parse_hparams(args.hparam))
+    check_hparams(args.model, hparam_dict(args.hparam))
 
     config = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
@@ -199,14 +176,7 @@ def run(args: argparse.Namespace) -> int:
         phantom_val_volumes=args.phantom_val_volumes, phantom_seed=args.phantom_seed,
         phantom_val_seed=args.phantom_val_seed, phantom=phantom,
     )
-    robust = None
-    if getattr(args, "robust", False):
-        robust = RobustConfig(fraction=args.robust_fraction, families=tuple(args.robust_families),
-                              weight=args.robust_weight, search=args.robust_search, candidates=args.robust_candidates,
-                              grad_steps=args.robust_grad_steps, grad_step_size=args.robust_grad_step_size,
-                              dilation=args.robust_dilation, walk_steps=tuple(args.robust_walk_steps),
-                              mixing=args.robust_mixing)
-    run_train_mri(args.model, args.out, spec, config, preset=args.preset, hparams=parse_hparams(args.hparam),
-                  loss=args.loss, robust=robust, boxes=getattr(args, "boxes", None), box_weight=args.box_weight,
+    run_train_mri(args.model, args.out, spec, config, preset=args.preset, hparams=hparam_dict(args.hparam),
+                  loss=args.loss, robust=robust_config(args), boxes=getattr(args, "boxes", None), box_weight=args.box_weight,
                   resume=args.resume, device=args.device, log=lambda line: print(line, file=sys.stdout, flush=True))
     return 0

@@ -85,7 +85,8 @@ def open_mri_dataset(
         path: ``None`` for the built-in phantoms, else an HDF5 / image file or folder (see the module docs).
         mask_func: under-sampling mask function (``None`` → fully sampled).
         crop: ``(h, w)`` of inputs and targets. fastMRI: the crop (default: the header's, capped to the data);
-            images: the working size (default 320×320); phantoms: passed through.
+            images: the working size (default 320×320: smaller images are zero padded; an explicit crop larger than
+            an image is an error naming it); phantoms: passed through.
         **options: passed to the source's constructor; options that are ``None`` (and ``kspace=False``) are dropped.
             fastMRI: ``challenge``, ``sample_rate``, ``volume_sample_rate``, ``use_seed``, ``seed``,
             ``mask_padding``, ``progress``, ``coil_maps``, ``kspace``. Images: ``resize``, ``use_seed``,
@@ -114,4 +115,11 @@ def open_mri_dataset(
         raise BlindspotError(path, f"option(s) {', '.join(unknown)} do not apply to {what}")
     if kind == FASTMRI:
         return FastMRISliceDataset(path, mask_func=mask_func, crop=crop, **options)
-    return ImageDataset(path, size=crop if crop is not None else (320, 320), mask_func=mask_func, **options)
+    dataset = ImageDataset(path, size=crop if crop is not None else (320, 320), mask_func=mask_func, **options)
+    if crop is not None and dataset.resize == "crop":  # an asked-for crop is never silently zero padding
+        for entry in dataset.entries:
+            h, w = entry.shape[1:]
+            if crop[0] > h or crop[1] > w:
+                raise BlindspotError(entry.path, f"is {h}x{w}, smaller than the crop {crop[0]}x{crop[1]}; choose a "
+                                                 "crop within every image")
+    return dataset

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from blindspot.errors import PathLike
 from blindspot.fileio import atomic_write_bytes
+from blindspot.validate import printable
 
 __all__ = ["DPI", "new_figure", "png_bytes", "png_data_uri", "save_png"]
 
@@ -26,7 +27,14 @@ def new_figure(width: float, height: float, layout: str | None = "constrained"):
 
 
 def png_bytes(fig) -> bytes:
-    """``fig`` encoded as PNG."""
+    """``fig`` encoded as PNG. Text holding bytes that are not UTF-8 (file names on some file systems, carried as
+    surrogate escapes) is drawn as ``\\xNN`` instead of failing."""
+    from matplotlib.text import Text
+
+    for text in fig.findobj(Text):
+        s = text.get_text()
+        if printable(s) != s:
+            text.set_text(printable(s))
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
