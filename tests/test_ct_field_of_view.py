@@ -196,3 +196,23 @@ def test_ldct_layout_carries_the_field_and_normalises_inside_it(tmp_path, low_do
     assert norm.mean == pytest.approx(inside.mean(), abs=1e-3) and norm.std == pytest.approx(inside.std(), rel=1e-4)
     batch = collate_ct([data[0], data[1]])
     assert batch.field.shape == (2, 1, SIZE, SIZE) and batch.field.dtype == torch.bool
+
+
+def test_ct_audit_table1_is_measured_inside_the_field(tmp_path, low_dose_slice):
+    """The CT audit's Table 1 on padded LDCT slices: the low-dose input's RMSE is the in-field RMSE of low against
+    full (out-of-field air would otherwise count as perfectly denoised pixels)."""
+    from blindspot.runs.audit import AuditConfig, run_audit
+
+    field = _circle()
+    study = tmp_path / "LDCT" / "L001" / "01-01-2020-NA-study-1"
+    full = np.clip(low_dose_slice + 40.0 * np.cos(np.arange(SIZE) / 3.0)[None, :], -1024, 3071)
+    write_padded_slice(study / "1.000000-Full Dose Images-1" / "1-001.dcm", full, field, series_uid="1.2.3.1")
+    write_padded_slice(study / "2.000000-Low Dose Images-2" / "1-001.dcm", low_dose_slice, field,
+                       series_uid="1.2.3.2")
+    config = AuditConfig(searches=("rs",), criteria=("recovery",), candidates=1, transfer=False, invariance_images=0,
+                         figures=False, beyond=False, device="cpu")
+    result = run_audit([(None, "cnn10")], tmp_path / "audit", data=tmp_path / "LDCT", config=config)
+    low_row = next(r for r in result.table1 if r["model"] == "Low-dose input")
+    stored_full = np.rint(full)  # the series stores integers
+    inside = (np.rint(low_dose_slice) - stored_full)[field]
+    assert low_row["rmse_hu_mean"] == pytest.approx(float(np.sqrt(np.mean(inside ** 2))), rel=1e-3)

@@ -274,7 +274,8 @@ def load_models(specs: Sequence[tuple[str | None, PathLike]], device: torch.devi
 def ct_quality_table(models: Sequence[LoadedModel], settings: Mapping[str, AttackSetting], seed: int,
                      low_dose_label: str = "Low-dose input") -> list[dict[str, Any]]:
     """RMSE (HU) and windowed PSNR / SSIM (:data:`CT_WINDOWS`, data range 1) against the full-dose truth, mean ± std
-    over images, for the low-dose input and every denoiser, on the inputs the attacks see (the same seeded noise)."""
+    over images, for the low-dose input and every denoiser, on the inputs the attacks see (the same seeded noise);
+    on real scanner slices over their field of view only (:attr:`blindspot.data.ldct.CTBatch.field`)."""
     per: dict[str, dict[str, list[float]]] = {}
     objective = FnafObjective(reference=True, fuse_reference=False)
     dose = None
@@ -288,10 +289,12 @@ def ct_quality_table(models: Sequence[LoadedModel], settings: Mapping[str, Attac
                 if not torch.isfinite(pred).all():
                     raise BlindspotError(m.source, f"output contains NaN or Inf on {ctx.keys[0]}")
                 pairs = [(m.name, pred)] + ([(low_dose_label, ctx.measurement.image)] if i == 0 else [])
+                field = getattr(batch, "field", None)  # real scanner slices: metrics inside the field of view only
+                field = None if field is None else field.to(pred.device)
                 for name, img in pairs:
                     vals = per.setdefault(name, {})
                     for w in CT_WINDOWS:
-                        sm = slice_metrics(img, ctx.target, WINDOWS[w])  # its RMSE (HU) does not depend on w
+                        sm = slice_metrics(img, ctx.target, WINDOWS[w], field)  # RMSE (HU) does not depend on w
                         for key, v in (("rmse_hu", sm["rmse_hu"]), (f"psnr_{w}", sm["psnr"]), (f"ssim_{w}", sm["ssim"])):
                             vals.setdefault(key, []).extend(v.tolist())
     rows = []
