@@ -128,3 +128,17 @@ def test_a_network_given_the_other_modality_is_a_one_line_error():
         _rs(LOW_CONTRAST)(Network(Blur(3.0), name="cnn10", modality="ct"), _mri_truths(), torch.ones(32))
     with pytest.raises(BlindspotError, match="needs an MRI acquisition"):
         _rs(LOW_CONTRAST)(TinyKspaceNet(), _ct_truths(1), _ct_acq())
+
+
+class _NaNOut(nn.Module):
+    """A damaged network: its output is NaN wherever the input is finite."""
+
+    def forward(self, x):
+        return x * float("nan")
+
+
+@pytest.mark.parametrize("criterion", ["recovery", "seed"])
+def test_a_network_with_non_finite_outputs_is_named_not_scored(criterion):
+    with pytest.raises(BlindspotError, match="NaN or Inf"):
+        _rs(LOW_CONTRAST, criterion=criterion, n=2)(Network(_NaNOut(), name="damaged", modality="ct"),
+                                                    _ct_truths(2), _ct_acq())

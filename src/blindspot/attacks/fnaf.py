@@ -29,7 +29,7 @@ from blindspot.attacks.features import Region, neighbourhood, string_key
 from blindspot.data.ldct import CTBatch
 from blindspot.data.sample import MRIBatch
 from blindspot.errors import BlindspotError
-from blindspot.models.adapters import Network, as_network, eval_mode, model_device
+from blindspot.models.adapters import Network, as_network, check_finite_output, eval_mode, model_device
 from blindspot.physics.acquisition import Acquisition, CartesianMRI, LowDoseCTScan, Measurement
 from blindspot.physics.mri import CartesianUndersampling, MaskFunc, NormStats, resample_mask
 
@@ -393,6 +393,7 @@ class FnafObjective:
         if self.uses_reference and not self.fuse_reference:
             with torch.no_grad():
                 clean_out = net(acq, meas, nx0, stats).detach()
+            check_finite_output(clean_out, net.name, "the clean input")  # once per batch
         return AttackContext(
             target=y,
             acquisition=acq,
@@ -471,6 +472,7 @@ class FnafObjective:
                        torch.cat([ctx.clean_input, nx]), _cat_stats(ctx.stats, stats_p))
             ctx.clean_output = both[:B].detach()
             ctx.needs_reference = False
+            check_finite_output(ctx.clean_output, net.name, "the clean input")  # once per batch
             out = both[B:]
         else:
             out = net(acq, meas_p, nx, stats_p)
