@@ -36,7 +36,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -293,6 +293,29 @@ def _bar(items: Sequence[Any], progress: bool | None, desc: str):
                 dynamic_ncols=True)
 
 
+def _attack_missing(models: Sequence[LoadedModel], settings: Settings, labels: Sequence[float], config: BeyondConfig,
+                    folder: RunFolder, rows: list[dict[str, Any]], progress: bool | None, desc: str,
+                    attack: Callable[[LoadedModel, float, AttackSetting, Truths, bool], list[dict[str, Any]]]) -> None:
+    """Run ``attack(model, label, setting, truths, first)`` on the first ``config.attack_images`` images of every
+    (setting, model) that ``rows`` does not hold yet (``first``: the batch holds the setting's first image); its
+    records, tagged with the setting's label, are appended to ``folder`` (durably, per batch) and to ``rows``."""
+    done = {(r["model"], float(r["acceleration"]), r["key"]) for r in rows}
+    for label in labels:
+        for m in models:
+            setting = settings[label][m.name]
+            batches = list(_batches(setting, config.batch_size, config.attack_images))
+            for bi, (truths, _) in enumerate(_bar(batches, progress, f"{desc} {m.name} {label:g}x")):
+                todo = [i for i, k in enumerate(truths.keys) if (m.name, float(label), k) not in done]
+                if not todo:
+                    continue
+                new = attack(m, label, setting, truths.subset(todo), bi == 0 and todo[0] == 0)
+                for r in new:
+                    r["acceleration"] = float(label)
+                folder.append(new)
+                rows.extend(new)
+                done.update((m.name, float(label), r["key"]) for r in new)
+
+
 def _modality(settings: Settings) -> str:
     return next(iter(next(iter(settings.values())).values())).modality
 
@@ -423,26 +446,12 @@ def run_worst_case(models: Sequence[LoadedModel], settings: Settings, out: PathL
     folder = _folder(out, "worst_case", config, models, settings, resume, overwrite)
     out = folder.path
     rows = folder.records()
-    done = {(r["model"], float(r["acceleration"]), r["key"]) for r in rows}
     modality = _modality(settings)
     attack = config.worst_case(modality)
     budgets = config.budgets_for(modality)
     labels = _attack_labels(settings, config)
-    for label in labels:
-        for m in models:
-            setting = settings[label][m.name]
-            batches = list(_batches(setting, config.batch_size, config.attack_images))
-            for truths, _ in _bar(batches, progress, f"worst case {m.name} {label:g}x"):
-                todo = [i for i, k in enumerate(truths.keys) if (m.name, float(label), k) not in done]
-                if not todo:
-                    continue
-                res = attack(m.network, truths.subset(todo), setting.physics)
-                new = res.records(m.name)
-                for r in new:
-                    r["acceleration"] = float(label)
-                folder.append(new)
-                rows.extend(new)
-                done.update((m.name, float(label), r["key"]) for r in new)
+    _attack_missing(models, settings, labels, config, folder, rows, progress, "worst case",
+                    lambda m, label, setting, truths, first: attack(m.network, truths, setting.physics).records(m.name))
     summary = []
     for label in labels:
         for m in models:
@@ -504,35 +513,21 @@ def run_false_positive(models: Sequence[LoadedModel], settings: Settings, out: P
     folder = _folder(out, "false_positive", config, models, settings, resume, overwrite)
     out = folder.path
     rows = folder.records()
-    done = {(r["model"], float(r["acceleration"]), r["key"]) for r in rows}
     modality = _modality(settings)
     ladder, fixed_budget = config.fp_ladder(modality)
     labels = _attack_labels(settings, config)
     panels: dict[tuple[float, str], dict[str, Any]] = {}  # the first image's attack, for the figure
 
-    def keep(res: Any, label: float, name: str) -> None:
-        if res.images:
+    def attack(m: LoadedModel, label: float, setting: AttackSetting, truths: Truths, first: bool) -> list[dict]:
+        res = config.false_positive(modality, keep_images=config.figures and first)(m.network, truths,
+                                                                                    setting.physics)
+        if res.images:  # the first image's attack, for the figure
             im = {k: v[0] for k, v in res.images.items() if k != "budget"}
             im["change"] = (im["output"] - im["clean_output"]).abs()
-            panels[(label, name)] = {"budget": float(res.images["budget"][0]), **im}
+            panels[(label, m.name)] = {"budget": float(res.images["budget"][0]), **im}
+        return res.records(m.name)
 
-    for label in labels:
-        for m in models:
-            setting = settings[label][m.name]
-            batches = list(_batches(setting, config.batch_size, config.attack_images))
-            for bi, (truths, _) in enumerate(_bar(batches, progress, f"false positive {m.name} {label:g}x")):
-                todo = [i for i, k in enumerate(truths.keys) if (m.name, float(label), k) not in done]
-                if not todo:
-                    continue
-                attack = config.false_positive(modality, keep_images=config.figures and bi == 0 and todo[0] == 0)
-                res = attack(m.network, truths.subset(todo), setting.physics)
-                keep(res, label, m.name)
-                new = res.records(m.name)
-                for r in new:
-                    r["acceleration"] = float(label)
-                folder.append(new)
-                rows.extend(new)
-                done.update((m.name, float(label), r["key"]) for r in new)
+    _attack_missing(models, settings, labels, config, folder, rows, progress, "false positive", attack)
     curve, summary = [], []
     for label in labels:
         for m in models:
@@ -584,9 +579,7 @@ def run_false_positive(models: Sequence[LoadedModel], settings: Settings, out: P
             for m in models:
                 if (label, m.name) not in panels:  # resumed: attack the first image again
                     truths, _ = next(_batches(settings[label][m.name], 1, 1))
-                    keep(config.false_positive(modality, keep_images=True)(m.network, truths,
-                                                                           settings[label][m.name].physics),
-                         label, m.name)
+                    attack(m, label, settings[label][m.name], truths, True)
                 im = panels[(label, m.name)]
                 panel.append((f"{m.name}\nε = {im['budget']:g}", im))
             p = image_panels(panel, (("clean_output", "reconstruction", "gray"), ("output", "attacked", "gray"),

@@ -17,6 +17,7 @@ from typing import Any, Iterable, Mapping
 
 from blindspot.errors import BlindspotError, PathLike
 from blindspot.fileio import append_jsonl, read_json, read_jsonl, write_json
+from blindspot.validate import check_output_folder
 
 RUN_FILE = "run.json"
 RECORDS = "records.jsonl"
@@ -71,15 +72,7 @@ class RunFolder:
         self.resume = bool(resume)
         if resume and overwrite:
             raise BlindspotError(None, "give --resume or --overwrite, not both")
-        if self.path.exists() and not self.path.is_dir():
-            raise BlindspotError(self.path, "is a file, not a run folder; choose another --out")
-        here = self.path.resolve()
-        for src in inputs:
-            if src is None:
-                continue
-            src = Path(src).resolve()
-            if here == src or (src.is_dir() and src in here.parents):
-                raise BlindspotError(self.path, f"lies inside the input data {src}; choose another --out")
+        check_output_folder(self.path, "--out", inputs=inputs)  # not a file, never in (or above) the input data
         run_json = self.path / RUN_FILE
         stored = read_json(run_json) if run_json.is_file() else None
         if stored is not None and stored.get("command") not in (None, command):
