@@ -31,3 +31,18 @@ class TinyMRIDataset(Dataset):
         v, s = self.samples[index]
         k = self.kspace[v][s]
         return KspaceTransform(self.mask_func, crop=None, use_seed=True)(k, None, f"vol{self.seed + v}.h5", s)
+
+
+def tiny_mri_checkpoints(folder, physics: dict) -> tuple:
+    """An untrained tiny U-Net and I-RIM saved as checkpoints in ``folder`` with ``physics`` (seed 0): fast models
+    for end-to-end runs of the commands. Returns the two paths."""
+    from blindspot.models.checkpoint import save_checkpoint
+    from blindspot.models.registry import build_model
+    from blindspot.training.engine import seed_everything
+
+    seed_everything(0)
+    unet_hp = {"chans": 4, "num_pool_layers": 2}
+    unet = save_checkpoint(folder / "unet.pt", build_model("unet", **unet_hp), "unet", unet_hp, physics=physics)
+    hp = {"n_steps": 1, "n_latent": 4, "hidden_channels": [4], "dilations": [1], "head_channels": 4}
+    irim = save_checkpoint(folder / "irim.pt", build_model("irim", **hp), "irim", hp, physics=physics)
+    return unet, irim

@@ -8,12 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from helpers_mri import tiny_mri_checkpoints
 from blindspot.runs.audit import AuditConfig, bundled_models, robustness_headline, run_audit
 from blindspot.cli import main
 from blindspot.fileio import read_jsonl
-from blindspot.models.checkpoint import save_checkpoint
-from blindspot.models.registry import build_model
-from blindspot.training.engine import seed_everything
 
 PHANTOM = {"shape": [32, 32], "recon_size": [32, 32]}
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,12 +22,7 @@ def checkpoints(tmp_path_factory):
     d = tmp_path_factory.mktemp("ckpt")
     physics = {"modality": "mri", "mask_type": "random", "accelerations": [4.0], "center_fractions": [0.08],
                "crop": [32, 32], "phantom": PHANTOM}
-    seed_everything(0)
-    unet = save_checkpoint(d / "unet.pt", build_model("unet", chans=4, num_pool_layers=2), "unet",
-                           {"chans": 4, "num_pool_layers": 2}, physics=physics)
-    hp = {"n_steps": 1, "n_latent": 4, "hidden_channels": [4], "dilations": [1], "head_channels": 4}
-    irim = save_checkpoint(d / "irim.pt", build_model("irim", **hp), "irim", hp, physics=physics)
-    return unet, irim
+    return tiny_mri_checkpoints(d, physics)
 
 
 @pytest.fixture(scope="module")

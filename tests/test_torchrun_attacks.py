@@ -21,15 +21,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers_mri import tiny_mri_checkpoints
 from blindspot.attacks.fnaf import FnafObjective
 from blindspot.attacks.records import load_features
 from blindspot.attacks.search import GradientSearch, RandomSearch, ReplaySearch, replay_together
 from blindspot.cli import main
 from blindspot.models.adapters import as_network
-from blindspot.models.checkpoint import save_checkpoint
-from blindspot.models.registry import build_model
 from blindspot.runs.fnaf import attack_setting, mri_settings
-from blindspot.training.engine import seed_everything
 
 PHYSICS = {"modality": "mri", "mask_type": "random", "accelerations": [4.0], "center_fractions": [0.08],
            "crop": [32, 32], "phantom": {"shape": [32, 32], "recon_size": [32, 32]}}
@@ -39,13 +37,7 @@ FNAF = ["--phantom-volumes", "3", "--phantom-slices", "2", "--accelerations", "4
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ckpt")
-    seed_everything(0)
-    unet = save_checkpoint(d / "unet.pt", build_model("unet", chans=4, num_pool_layers=2), "unet",
-                           {"chans": 4, "num_pool_layers": 2}, physics=PHYSICS)
-    hp = {"n_steps": 1, "n_latent": 4, "hidden_channels": [4], "dilations": [1], "head_channels": 4}
-    irim = save_checkpoint(d / "irim.pt", build_model("irim", **hp), "irim", hp, physics=PHYSICS)
-    return unet, irim
+    return tiny_mri_checkpoints(tmp_path_factory.mktemp("ckpt"), PHYSICS)
 
 
 @pytest.fixture(scope="module")
