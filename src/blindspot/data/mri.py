@@ -20,6 +20,7 @@ from blindspot.data.fastmri import HDF5_SUFFIXES, FastMRISliceDataset
 from blindspot.data.images import ImageDataset, image_kind
 from blindspot.data.phantom_dataset import PhantomDataset
 from blindspot.errors import BlindspotError, PathLike
+from blindspot.validate import check_crop
 from blindspot.physics.mri import MaskFunc
 
 FASTMRI = "fastmri"
@@ -118,8 +119,5 @@ def open_mri_dataset(
     dataset = ImageDataset(path, size=crop if crop is not None else (320, 320), mask_func=mask_func, **options)
     if crop is not None and dataset.resize == "crop":  # an asked-for crop is never silently zero padding
         for entry in dataset.entries:
-            h, w = entry.shape[1:]
-            if crop[0] > h or crop[1] > w:
-                raise BlindspotError(entry.path, f"is {h}x{w}, smaller than the crop {crop[0]}x{crop[1]}; choose a "
-                                                 "crop within every image")
+            check_crop(crop, entry.shape, entry.path)
     return dataset
