@@ -142,7 +142,7 @@ def tiny_kspace_4x4(tmp_path):
 def crop_larger_than_data(tmp_path):
     path = tmp_path / "small.h5"
     write_singlecoil(path, slices=1, size=(16, 16), recon=(16, 16))
-    return _inspect(path, "--crop", "1000", "1000"), path, "crop 1000x1000 is larger than the 16x16 image"
+    return _inspect(path, "--crop", "1000", "1000"), path, "1000 1000 is larger than the 16x16 image"
 
 
 # ----------------------------------------------------------------------------------------------------------------

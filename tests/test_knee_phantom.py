@@ -328,8 +328,8 @@ def test_cli_writes_files_and_panel(tmp_path, capsys):
 
 def test_cli_bad_input_exits_2(tmp_path, capsys):
     assert main(["data", "phantoms", "--out", str(tmp_path), "--volumes", "1", "--slices", "1",
-                 "--shape", "8", "8"]) == 2
-    assert "argument --shape: must be an integer in [16, 4096] pixels" in capsys.readouterr().err
+                 "--shape", "4", "4"]) == 2
+    assert "argument --shape: must be an integer in [8, 4096] pixels" in capsys.readouterr().err
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert main(["data", "phantoms", "--out", str(blocker), "--volumes", "1", "--slices", "1",

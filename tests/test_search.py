@@ -207,3 +207,32 @@ def test_bad_saved_features_and_configurations_are_user_errors(tmp_path):
         FiniteDifferenceSearch(coordinates=("angle",))
     with pytest.raises(BlindspotError):
         GradientSearch(step_size=0)
+
+
+def test_rs_under_both_criteria_shares_one_set_of_model_calls():
+    """RS draws the same candidates under either criterion: on one context the second criterion re-uses the first's
+    scores (no model call) and picks exactly what it picks on a context of its own."""
+    from blindspot.attacks.fnaf import FnafObjective
+
+    class Counting(Blur):
+        calls = 0
+
+        def forward(self, x):
+            Counting.calls += 1
+            return super().forward(x)
+
+    batch = make_batch(phantoms(3), MF)
+    net = Counting(2.0)
+    seed_rs = RandomSearch(n_candidates=5, seed=1, objective=FnafObjective(criterion="seed", reference=True))
+    rec_rs = RandomSearch(n_candidates=5, seed=1, objective=FnafObjective(criterion="recovery"))
+    assert seed_rs.context_key() == rec_rs.context_key()
+    ctx = seed_rs.prepare(net, batch, MF)
+    a = seed_rs.run(net, ctx)
+    calls = Counting.calls
+    b = rec_rs.run(net, ctx)
+    assert Counting.calls == calls  # scored once
+    alone = rec_rs(net, batch, MF)
+    assert b.rows() == alone.rows()
+    assert a.rows() == seed_rs(net, batch, MF).rows()
+    assert torch.isfinite(a.evaluation.recovery).all()  # the seed criterion's evaluation carries the recovery too
+    assert not torch.equal(a.evaluation.score, b.evaluation.score)  # each scored under its own criterion

@@ -129,6 +129,7 @@ def test_audit_under_torchrun_writes_what_one_process_writes(checkpoints, tmp_pa
     assert main([*args, "--out", str(one)]) == 0
     rc, out = _finish(_torchrun([*args, "--out", str(two)]))
     assert rc == 0, out[-3000:]
+    assert out.count("report: ") == 1 and out.count("audit finished") == 1, out[-3000:]  # rank 0 alone prints
     for name in ("records.jsonl", "records.csv", "table1.csv", "table2.csv", "ip_table.csv", "transfer.csv",
                  "tables.md"):
         assert (two / name).read_bytes() == (one / name).read_bytes(), name
@@ -164,8 +165,9 @@ def test_searches_share_one_clean_reference_per_image_and_keep_their_records(che
     alone = [r for batch in setting.loader(3) for s in searches for r in s(net, batch, setting.physics).rows(net.name)]
     alone_calls = calls["images"]
     net.module.forward = forward
-    # RS 3 + RS 3 + grad (2 starts + 1 step + last iterate) per image, plus one reference (shared) or three
-    assert shared_calls == 3 * (3 + 3 + 4 + 1) and alone_calls == 3 * (3 + 3 + 4 + 3)
+    # RS 3 (shared by both criteria: the same candidates) + grad (2 starts + 1 step + last iterate) per image, plus
+    # one reference; alone: RS 3 + RS 3 + grad 4 and three references
+    assert shared_calls == 3 * (3 + 4 + 1) and alone_calls == 3 * (3 + 3 + 4 + 3)
     assert [(r["key"], r["search"], r["criterion"]) for r in shared] == \
         [(r["key"], r["search"], r["criterion"]) for r in alone]
     for a, b in zip(shared, alone):

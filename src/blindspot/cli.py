@@ -132,6 +132,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 0
+    return run_command(args)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run a parsed command (``args.func``); its errors end as one line on stderr and an exit status."""
     try:
         return int(args.func(args) or 0)
     except BlindspotError as err:

@@ -31,8 +31,10 @@ from blindspot.errors import BlindspotError, PathLike
 #: Highest under-sampling factor accepted. Beyond it a 320-column image keeps fewer than 10 phase-encode columns and
 #: the default centre fraction (0.32 / R) rounds to a single column or none, so no reconstruction is meaningful.
 MAX_ACCELERATION = 32.0
-#: Smallest image (or crop, patch) side: a 4-level U-Net halves its input four times (16 → 1 pixel).
-MIN_IMAGE_SIDE = 16
+#: The smallest image side (pixels) the tool attacks, trains or evaluates on, for images read from files and for the
+#: sizes, crops and patches a user asks for: SSIM needs its 7×7 window, and a 1×1 or 4×4 "image" is no image to
+#: reconstruct or attack (networks pad anything smaller than their own multiple, e.g. the U-Net's 16, internally).
+MIN_IMAGE_SIDE = 8
 #: Largest image side (a 4096² float32 image is 64 MiB; clinical CT is 512², fastMRI k-space 640×368).
 MAX_IMAGE_SIDE = 4096
 #: Widest layer (channels, hidden units) a command-line option may ask for (the same limit as a checkpoint's integer

@@ -144,6 +144,10 @@ class Region:
         threshold: foreground threshold, a fraction of each image's maximum.
 
     An image whose region is empty (a blank slice with ``"foreground"``) falls back to the whole image.
+
+    With a field of view (CT: the reconstructed circle, :meth:`masks` ``field=``), only centres whose whole
+    neighbourhood of ``margin`` pixels lies inside the field are allowed, so a feature (and its dilation ``T``) never
+    covers a pixel that is not image; a region that misses the field falls back to the whole (shrunk) field.
     """
 
     kind: str = "center"
@@ -164,25 +168,51 @@ class Region:
         ch, cw = max(1, round(h * self.fraction)), max(1, round(w * self.fraction))
         return (h - ch) // 2, (w - cw) // 2, ch, cw
 
-    def masks(self, target: Tensor) -> Tensor:
-        """Allowed centre pixels for each image: bool ``(B, h, w)``; ``target`` is the truth ``(B, 1, h, w)``."""
+    def masks(self, target: Tensor, field: Tensor | None = None, margin: int = 0) -> Tensor:
+        """Allowed centre pixels for each image: bool ``(B, h, w)``.
+
+        Args:
+            target: the truth ``(B, 1, h, w)``.
+            field: the field of view, bool ``(B, 1, h, w)`` (``True`` = image), or ``None`` (every pixel is image).
+            margin: with a field, pixels (Chebyshev distance) that a centre's neighbourhood reaches: a centre is
+                allowed only when its whole ``(2·margin + 1)²`` square lies inside the field (and the image).
+        An image whose field holds no such centre gets an empty mask (the caller reports it).
+        """
         B, _, h, w = target.shape
         if self.kind == "center":
             top, left, ch, cw = self.box(h, w)
             m = torch.zeros(h, w, dtype=torch.bool, device=target.device)
             m[top : top + ch, left : left + cw] = True
-            return m.expand(B, h, w)
-        if self.kind == "mask":
+            m = m.expand(B, h, w)
+        elif self.kind == "mask":
             m = torch.as_tensor(self.mask, device=target.device).to(torch.bool)
             if tuple(m.shape[-2:]) != (h, w):
                 raise BlindspotError(None, f"region mask is {tuple(m.shape[-2:])} but images are {(h, w)}")
             m = m.reshape(-1, h, w).expand(B, h, w)
         else:
             y = target[:, 0]
-            peak = y.flatten(1).amax(1).reshape(B, 1, 1)
+            inside = None if field is None else field[:, 0].to(device=y.device, dtype=torch.bool)
+            peak = (y if inside is None else y.masked_fill(~inside, float("-inf"))).flatten(1).amax(1).reshape(B, 1, 1)
             m = y > self.threshold * peak
+        if field is None:
+            empty = ~m.flatten(1).any(1)
+            return torch.where(empty.reshape(B, 1, 1), torch.ones_like(m), m)
+        room = inner_field(field, margin)  # (B, h, w)
+        m = m & room
         empty = ~m.flatten(1).any(1)
-        return torch.where(empty.reshape(B, 1, 1), torch.ones_like(m), m)
+        return torch.where(empty.reshape(B, 1, 1), room, m)
+
+
+def inner_field(field: Tensor, margin: int) -> Tensor:
+    """The pixels whose ``(2·margin + 1)²`` square lies wholly inside the field of view (and the image): the field
+    eroded by ``margin`` pixels, bool ``(B, h, w)`` from ``field`` bool ``(B, 1, h, w)``."""
+    inside = field[:, 0].to(torch.bool)
+    d = int(margin)
+    if d <= 0:
+        return inside
+    outside = F.pad((~inside).to(torch.float32).unsqueeze(1), (d, d, d, d), value=1.0)  # beyond the border: no image
+    outside = _window_max(_window_max(outside, 2 * d + 1, dim=-1), 2 * d + 1, dim=-2)
+    return outside[:, 0] == 0
 
 
 def sample_locations(region_masks: Tensor, u: Tensor) -> Tensor:
@@ -442,6 +472,23 @@ class FeatureSampler:
     @property
     def max_steps(self) -> int:
         return int(math.ceil(self.sizes[0][1])) if self.family == "walk" else 1
+
+    @property
+    def reach(self) -> int:
+        """How far (pixels, Chebyshev distance) the support of any feature this sampler draws can extend from its
+        centre (a walk of ``n`` pixels: ``n − 1``; a shape: its largest extent, a blob's 3σ)."""
+        (_, hi0), (_, hi1) = self.sizes
+        if self.family == "walk":
+            extent = max(math.ceil(hi0) - 1, 0)
+        elif self.family == "disc":
+            extent = hi0
+        elif self.family == "line":
+            extent = math.hypot(hi0 / 2, max(hi1, 0.5) / 2)
+        elif self.family == "blob":
+            extent = 3.0 * max(hi0, hi1, 0.5)
+        else:  # ellipse
+            extent = max(hi0, hi1, 0.5)
+        return int(math.ceil(extent)) + (0 if self.family == "walk" else 1)  # +1: a centre between pixels
 
     def sample(self, keys: Tensor, region_masks: Tensor, dynamic_range: Tensor) -> Features:
         """One feature per key.

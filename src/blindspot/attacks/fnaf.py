@@ -20,18 +20,19 @@ them through acquisition, network and scoring as one tensor batch on the network
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from dataclasses import field as dataclass_field
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from blindspot.attacks.features import Region, neighbourhood, string_key
-from blindspot.data.ldct import CTBatch
+from blindspot.data.ldct import AIR_HU, CTBatch
 from blindspot.data.sample import MRIBatch
 from blindspot.errors import BlindspotError
 from blindspot.models.adapters import Network, as_network, check_finite_output, eval_mode, model_device
 from blindspot.physics.acquisition import Acquisition, CartesianMRI, LowDoseCTScan, Measurement
-from blindspot.physics.mri import CartesianUndersampling, MaskFunc, NormStats, resample_mask
+from blindspot.physics.mri import CartesianUndersampling, MaskFunc, NormStats, is_column_mask, mask_on_grid
 
 __all__ = ["CRITERIA", "CRITERION_TEXT", "NORMALIZATIONS", "AttackContext", "Evaluation", "FnafObjective", "Truths",
            "as_truths", "attack_acquisition", "eval_mode", "model_device", "subset_batch"]
@@ -58,6 +59,11 @@ class Truths:
         mask, acceleration: MRI only: the batch's own column masks ``(B, 1, 1, W)`` and accelerations ``(B,)``.
         sens_maps: multi-coil MRI only: complex coil sensitivities ``(B, C, H, W)`` on the truths' grid; the attack's
             acquisition is then multi-coil (a feature enters every coil as ``S_c · δ'``). ``None``: single coil.
+        field: CT only: the reconstruction field of view, bool ``(B, 1, H, W)`` (``True`` = image), or ``None`` when
+            every pixel is image. Outside it the truths hold air (:data:`~blindspot.data.ldct.AIR_HU`, set where the
+            data are read: a scanner measured the air there, never the padding value, so the simulated projections
+            see air); the attack never places a feature there and leaves those pixels out of ``T``, the dynamic range
+            and the IP statistic.
     """
 
     image: Tensor
@@ -67,6 +73,7 @@ class Truths:
     mask: Tensor | None = None
     acceleration: Tensor | None = None
     sens_maps: Tensor | None = None
+    field: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.image.shape[0])
@@ -80,21 +87,22 @@ class Truths:
         pick = lambda t: None if t is None else t[i.to(t.device)]  # noqa: E731
         il = i.tolist()
         return Truths(pick(self.image), [self.fname[k] for k in il], [self.slice_num[k] for k in il],
-                      pick(self.observed), pick(self.mask), pick(self.acceleration), pick(self.sens_maps))
+                      pick(self.observed), pick(self.mask), pick(self.acceleration), pick(self.sens_maps),
+                      pick(self.field))
 
 
 def as_truths(batch: "Truths | MRIBatch | CTBatch | Tensor") -> Truths:
     """Any batch an attack accepts as :class:`Truths`: an MRI batch (its ``target``, and its coil maps when the data
     set estimated them, :mod:`blindspot.data.sample`: multi-coil data then get a multi-coil acquisition), a CT batch
-    (``full`` with its ``low`` as the observed input), or a bare tensor ``(B, 1, H, W)`` (images named ``image-0``,
-    …)."""
+    (``full`` with its ``low`` as the observed input and its field of view), or a bare tensor ``(B, 1, H, W)``
+    (images named ``image-0``, …)."""
     if isinstance(batch, Truths):
         return batch
     if isinstance(batch, MRIBatch):
         return Truths(batch.target, list(batch.fname), [int(s) for s in batch.slice_num], None, batch.mask,
                       batch.acceleration, batch.sens_maps)
     if isinstance(batch, CTBatch):
-        return Truths(batch.full, list(batch.patient), [int(i) for i in batch.index], batch.low)
+        return Truths(batch.full, list(batch.patient), [int(i) for i in batch.index], batch.low, field=batch.field)
     if isinstance(batch, Tensor):
         return Truths(batch, [f"image-{i}" for i in range(batch.shape[0])], [0] * batch.shape[0])
     raise BlindspotError(None, f"cannot attack a {type(batch).__name__}; give Truths, an MRI or CT batch or a tensor")
@@ -111,16 +119,17 @@ def attack_acquisition(truths: Truths, physics: Any) -> Acquisition:
     Args:
         truths: the images (``image`` ``(B, 1, h, w)``), with their coil maps ``(B, C, h, w)`` when multi-coil.
         physics: an :class:`Acquisition` (used as it is; a one-mask MRI acquisition serves every image), a mask
-            function (drawn per image with ``mask_func(w, seed=fname)``, as fastMRI seeds by volume), an operator or
-            mask tensor (``(w,)``, ``(1, w)`` or ``(B, 1, 1, w)``), or ``None`` for the batch's own masks mapped onto
-            ``w`` columns (:func:`~blindspot.physics.mri.resample_mask`).
+            function (drawn per image on the truths' ``h × w`` grid with ``mask_func(w, seed=fname)``, 2-D mask
+            functions with ``height=h`` too, as fastMRI seeds by volume), an operator or mask tensor (column masks
+            ``(w,)``, ``(1, w)``, ``(B, 1, 1, w)``; 2-D masks ``(h, w)``, ``(B, 1, h, w)``), or ``None`` for the
+            batch's own masks mapped onto the truths' grid (:func:`~blindspot.physics.mri.mask_on_grid`).
 
     Unless ``physics`` is an :class:`Acquisition`, the MRI acquisition is multi-coil, ``CartesianMRI(mask,
     sens_maps=truths.sens_maps)``, when the truths carry coil maps, and single-coil otherwise. It works on the
     truths' grid (the crop the network sees): the maps are cropped like the truths and the mask is mapped onto its
     columns, as for single-coil data.
     """
-    B, _, _, w = truths.image.shape
+    B, _, h, w = truths.image.shape
     dev = truths.image.device
     if isinstance(physics, Acquisition):
         acq = physics.to(dev)
@@ -132,17 +141,18 @@ def attack_acquisition(truths: Truths, physics: Any) -> Acquisition:
             raise BlindspotError(None, f"coil maps {tuple(maps.shape)} do not match truths {tuple(truths.image.shape)}"
                                        " (expected (B, coils, h, w))")
     if isinstance(physics, MaskFunc):
-        return CartesianMRI.from_mask_func(physics, w, truths.fname, sens_maps=maps).to(dev)
+        return CartesianMRI.from_mask_func(physics, w, truths.fname, height=h, sens_maps=maps).to(dev)
     if physics is None:
         if truths.mask is None:
             raise BlindspotError(None, "no acquisition given and the batch carries no sampling masks")
-        m = resample_mask(truths.mask.to(dev).to(torch.float32), w).reshape(B, 1, 1, w)
+        m = mask_on_grid(truths.mask.to(dev), (h, w), B)
         return CartesianMRI(m, sens_maps=maps, accelerations=truths.acceleration.detach().cpu().to(torch.float32))
     m = physics.mask if isinstance(physics, CartesianUndersampling) else torch.as_tensor(physics)
     m = m.to(device=dev, dtype=torch.float32)
-    if m.shape[-1] != w:
-        raise BlindspotError(None, f"the attack's mask has {m.shape[-1]} columns but the truth is {w} wide")
-    return CartesianMRI(m.reshape(-1, 1, 1, w).expand(B, 1, 1, w).contiguous(), sens_maps=maps)
+    if m.shape[-1] != w or not (is_column_mask(m) or m.shape[-2] == h):
+        size = f"{m.shape[-2]}x{m.shape[-1]}" if not is_column_mask(m) else f"{m.shape[-1]} columns"
+        raise BlindspotError(None, f"the attack's mask is {size} but the truth is {h}x{w}")
+    return CartesianMRI(mask_on_grid(m, (h, w), B), sens_maps=maps)
 
 
 @dataclass
@@ -158,13 +168,20 @@ class AttackContext:
         clean_input: ``N(A(y))`` ``(B, 1, h, w)``.
         clean_output: ``f(N(A(y)))`` ``(B, 1, h, w)``, or ``None`` when the recovery criterion is off or until the
             first :meth:`FnafObjective.evaluate` of the batch computes it (``needs_reference``).
-        dynamic_range: ``max(y) − min(y)`` per image ``(B,)``.
-        region: allowed feature centres, bool ``(B, h, w)``.
+        dynamic_range: ``max(y) − min(y)`` per image ``(B,)``, over the field of view when there is one.
+        region: allowed feature centres, bool ``(B, h, w)`` (with a field of view: only centres whose feature and
+            its dilation ``T`` lie wholly inside it).
         image_keys: int64 ``(B,)`` 32-bit keys of (run seed, image, acceleration) for counter-based sampling.
         keys, fname, slice_num: identities (host lists).
         acceleration: float32 ``(B,)`` (host): MRI acceleration, CT dose-reduction factor ``1/dose``.
         reference_queries: model queries spent on ``clean_output`` per image (0 or 1).
         needs_reference: ``clean_output`` is still to be computed, inside the next model call.
+        field: CT only: the field of view, bool ``(B, 1, h, w)`` on the device (``True`` = image), or ``None``.
+            :meth:`FnafObjective.evaluate` counts no pixel outside it in ``T`` and does not accept a feature whose
+            support leaves it; the clean measurement carries it, so the CT noise level of the IP statistic is
+            measured inside it.
+        shared: what several searches of this context compute alike (e.g. RS's candidate scores, the same under
+            both criteria), keyed by the search's settings; :meth:`subset` starts it empty.
     """
 
     target: Tensor
@@ -182,6 +199,8 @@ class AttackContext:
     acceleration: Tensor
     reference_queries: int
     needs_reference: bool = False
+    field: Tensor | None = None
+    shared: dict = dataclass_field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
         return int(self.target.shape[0])
@@ -214,6 +233,8 @@ class AttackContext:
             fname=[self.fname[k] for k in il],
             slice_num=[self.slice_num[k] for k in il],
             acceleration=self.acceleration[i],
+            field=None if self.field is None else self.field[di],
+            shared={},
         )
 
 
@@ -339,6 +360,14 @@ class FnafObjective:
         if self.dilation < 0:
             raise BlindspotError(None, f"dilation must be >= 0, got {self.dilation}")
 
+    def score_of(self, attack_loss: Tensor, recovery: Tensor) -> Tensor:
+        """What the searches maximise under this criterion: ``L_atk`` (``seed``) or ``1 − recovery``."""
+        return attack_loss if self.criterion == "seed" else 1.0 - recovery
+
+    def rescore(self, ev: "Evaluation") -> "Evaluation":
+        """``ev``, scored under any criterion, with this objective's score (the rest does not depend on it)."""
+        return replace(ev, score=self.score_of(ev.attack_loss, ev.recovery))
+
     def effective_loss_threshold(self, shape: tuple[int, int]) -> float:
         """The ``L_atk`` threshold for images of ``shape = (h, w)`` (see ``threshold_pixels``)."""
         if not self.threshold_pixels:
@@ -357,6 +386,7 @@ class FnafObjective:
         physics: Any = None,
         region: Region = Region(),
         seed: int = 0,
+        reach: int = 0,
     ) -> AttackContext:
         """Move a batch to the network's device and compute what all its candidates share.
 
@@ -368,6 +398,10 @@ class FnafObjective:
             region: where features may be centred.
             seed: the run's seed; with the image identity and acceleration it keys every random draw (the CT noise
                 of a simulated low-dose input too).
+            reach: pixels a feature's support may extend from its centre
+                (:attr:`~blindspot.attacks.features.FeatureSampler.reach`): with a field of view (CT truths that
+                carry one), centres are kept ``reach + dilation`` pixels inside it, so neither the feature nor ``T``
+                touches a pixel that is not image.
         """
         net = as_network(model)
         truths = as_truths(batch)
@@ -378,17 +412,40 @@ class FnafObjective:
         if not torch.isfinite(y).all():
             bad = [k for k, ok in zip(truths.keys, torch.isfinite(y).flatten(1).all(1).tolist()) if not ok]
             raise BlindspotError(bad[0] if bad else None, "ground truth contains NaN or Inf")
-        truths = replace(truths, image=y)
+        field = None
+        if truths.field is not None:
+            field = truths.field.to(device=device, dtype=torch.bool)
+            if tuple(field.shape) != tuple(y.shape):
+                raise BlindspotError(None, f"field of view {tuple(field.shape)} does not fit truths {tuple(y.shape)}")
+            if bool(field.all()):
+                field = None
+            else:  # out-of-field pixels are air (idempotent for data read by blindspot.data.ldct)
+                y = torch.where(field, y, torch.full_like(y, AIR_HU))
+                if truths.observed is not None:
+                    observed = torch.where(field, truths.observed.to(y), torch.full_like(y, AIR_HU))
+                    truths = replace(truths, observed=observed)
+        truths = replace(truths, image=y, field=field)
         acq = attack_acquisition(truths, physics)
         net.check(acq)
         keys = truths.keys
         acc = acq.accelerations.expand(len(keys)) if len(acq.accelerations) == 1 else acq.accelerations
         image_keys_host = [string_key(seed, k, f"{float(a):g}") for k, a in zip(keys, acc.tolist())]
         meas = self._measure(acq, truths, image_keys_host)
+        if field is not None:
+            meas = replace(meas, field=field)  # the CT noise level (IP statistic) is measured inside the field
         stats = acq.normalization(meas)
         nx0 = stats.apply(meas.image)
         flat = y.flatten(1)
-        dyn = flat.amax(1) - flat.amin(1)
+        if field is None:
+            dyn = flat.amax(1) - flat.amin(1)
+        else:
+            inside = field.flatten(1)
+            dyn = flat.masked_fill(~inside, float("-inf")).amax(1) - flat.masked_fill(~inside, float("inf")).amin(1)
+        allowed = region.masks(y, field, int(reach) + self.dilation)
+        if field is not None and not bool(allowed.flatten(1).any(1).all()):
+            bad = [k for k, ok in zip(keys, allowed.flatten(1).any(1).tolist()) if not ok]
+            raise BlindspotError(bad[0], f"no place in its field of view for a feature reaching {int(reach)} px "
+                                 f"plus the {self.dilation} px neighbourhood T")
         clean_out = None
         if self.uses_reference and not self.fuse_reference:
             with torch.no_grad():
@@ -402,7 +459,7 @@ class FnafObjective:
             clean_input=nx0,
             clean_output=clean_out,
             dynamic_range=dyn,
-            region=region.masks(y),
+            region=allowed,
             image_keys=torch.tensor(image_keys_host, dtype=torch.int64).to(device),
             keys=keys,
             fname=list(truths.fname),
@@ -410,6 +467,7 @@ class FnafObjective:
             acceleration=acc.detach().cpu().to(torch.float32),
             reference_queries=1 if self.uses_reference else 0,
             needs_reference=self.uses_reference and self.fuse_reference,
+            field=field,
         )
 
     @staticmethod
@@ -477,6 +535,11 @@ class FnafObjective:
         else:
             out = net(acq, meas_p, nx, stats_p)
         T = acq.crop_image(neighbourhood(support, self.dilation))
+        in_field = None
+        if ctx.field is not None:  # CT field of view: no out-of-field pixel in T; a feature must lie inside it
+            fld = ctx.field.index_select(0, idx)
+            T = T * fld
+            in_field = ~(support.to(torch.bool) & ~fld).flatten(1).any(1)
         dims = (1, 2, 3)
         attack_loss = (T * (out - ny)).square().mean(dims)
         ip_loss = acq.information(meas, meas_p, stats)
@@ -493,7 +556,10 @@ class FnafObjective:
             recovery = torch.full_like(attack_loss, float("nan"))
             baseline_loss = torch.full_like(attack_loss, float("nan")).detach()
             lost_recovery = torch.zeros_like(attack_loss, dtype=torch.bool)
-        score = attack_loss if self.criterion == "seed" else 1.0 - recovery
+        score = self.score_of(attack_loss, recovery)
+        accepted = ip_loss.detach() > self.ip_cut(acq)
+        if in_field is not None:
+            accepted = accepted & in_field
         images = None
         if return_images:
             images = {"input": nx.detach(), "truth": ny.detach(), "output": out.detach(), "T": T.detach()}
@@ -502,7 +568,7 @@ class FnafObjective:
             baseline_loss=baseline_loss,
             recovery=recovery,
             ip_loss=ip_loss,
-            accepted=ip_loss.detach() > self.ip_cut(acq),
+            accepted=accepted,
             lost_seed=attack_loss.detach() >= self.effective_loss_threshold(tuple(T.shape[-2:])),
             lost_recovery=lost_recovery,
             score=score,

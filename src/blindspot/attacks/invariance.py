@@ -42,7 +42,7 @@ from blindspot.attacks.distances import Distance
 from blindspot.errors import BlindspotError
 from blindspot.models.adapters import Network, as_network, check_finite_output
 from blindspot.physics.acquisition import CartesianMRI
-from blindspot.physics.mri import NormStats, resample_mask
+from blindspot.physics.mri import NormStats, mask_on_grid
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -92,9 +92,10 @@ class MRITarget(nn.Module):
             :class:`~blindspot.models.adapters.Network`.
         truth: true magnitude images ``(B, 1, H, W)`` in the data's units.
         acquisition: a :class:`~blindspot.physics.acquisition.CartesianMRI` (one mask for all or one per image;
-            optional coils and crop), or column masks ``(B, 1, 1, W)``, ``(1, W)`` or ``(W,)`` — resampled to the
-            truth's ``w`` columns by spatial frequency when ``W ≠ w`` (k-space is then simulated from the truth as
-            ``F(y)``, as the FNAF attack does).
+            optional coils and crop), or masks — columns ``(B, 1, 1, W)``, ``(1, W)``, ``(W,)`` or 2-D ``(B, 1, H, W)``,
+            ``(H, W)`` — mapped onto the truth's grid by spatial frequency
+            (:func:`~blindspot.physics.mri.mask_on_grid`; k-space is then simulated from the truth as ``F(y)``, as the
+            FNAF attack does).
         renormalize: re-normalise each perturbed input with its own statistics (else keep the clean ones).
 
     Attributes:
@@ -106,11 +107,9 @@ class MRITarget(nn.Module):
         super().__init__()
         if truth.ndim != 4 or truth.shape[1] != 1:
             raise BlindspotError(None, f"MRI truth must be (B, 1, H, W), got {tuple(truth.shape)}")
-        B, _, _, w = truth.shape
+        B = truth.shape[0]
         if not isinstance(acquisition, CartesianMRI):
-            mask = torch.as_tensor(acquisition, dtype=torch.float32, device=truth.device)
-            mask = resample_mask(mask.reshape(-1, mask.shape[-1]), w).reshape(-1, 1, 1, w)
-            acquisition = CartesianMRI(mask)
+            acquisition = CartesianMRI(mask_on_grid(torch.as_tensor(acquisition, device=truth.device), truth.shape[-2:]))
         if len(acquisition) not in (1, B):
             raise BlindspotError(None, f"{len(acquisition)} masks for {B} images")
         acquisition = acquisition.to(truth.device)

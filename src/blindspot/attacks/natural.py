@@ -33,6 +33,13 @@ features map to a residual added to ``x`` (its last layer starts at zero, so tra
 It is fully convolutional: trained on patches, it samples whole images. ``z`` is one map
 ``(B, z_channels, H, W)``, so a new ``z`` changes every scale.
 
+**Field of view** (CT: the reconstructed circle of a real scanner's slice, ``field`` bool ``(N, 1, H, W)``, ``True``
+= image): pixels outside it are not image (air in the conditions, where the data were read). Training patches are
+drawn only where the whole patch lies inside the field (:class:`PatchSampler`), so no loss and no critic score ever
+sees them; on whole images the generator's change is cut to the field (:meth:`ImageTarget.realise`: out-of-field
+pixels keep their value) and :func:`evaluate_samples` measures every change, and the critic's tiles, inside it (an
+image smaller than a tile is scored whole: outside the field it is the same air in the condition and every sample).
+
 Critic (:class:`PatchCritic`): strided convolutions with leaky ReLUs, no normalisation layers (as WGAN-GP asks),
 and a spatial mean at the end, so it scores a patch (or a whole image) of any size ≥ 8 px with one number.
 
@@ -186,9 +193,12 @@ class PatchSampler:
         images: ``(N, 1, H, W)`` normalised network inputs (kept where they are; put them on the model's device).
         patch: patch side in pixels (≤ ``H, W``), or ``None`` for whole images.
         weights: optional ``(N,)`` sampling weights (e.g. equal probability per patient); uniform by default.
+        field: optional fields of view, bool ``(N, 1, H, W)`` (``True`` = image): patches are then drawn uniformly
+            among the positions where the whole patch lies inside the field (an image without one is an error).
     """
 
-    def __init__(self, images: Tensor, patch: int | None, weights: Tensor | None = None) -> None:
+    def __init__(self, images: Tensor, patch: int | None, weights: Tensor | None = None,
+                 field: Tensor | None = None) -> None:
         if images.ndim != 4 or images.shape[1] != 1 or images.shape[0] < 1:
             raise BlindspotError(None, f"training images must be (N, 1, H, W), got {tuple(images.shape)}")
         if patch is not None and patch > min(images.shape[-2:]):
@@ -198,6 +208,18 @@ class PatchSampler:
         self.images, self.patch = images, None if patch is None else int(patch)
         self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float32, device=images.device)
         self._ar = None if patch is None else torch.arange(self.patch, device=images.device)
+        self.corners: Tensor | None = None  # (N, H−P+1, W−P+1) bool: where a patch's top-left corner may go
+        self.row_weights: Tensor | None = None  # (N, H−P+1) float: allowed corners per row
+        if field is not None and self.patch is not None:
+            if tuple(field.shape) != tuple(images.shape):
+                raise BlindspotError(None, f"field of view {tuple(field.shape)} does not fit images "
+                                     f"{tuple(images.shape)}")
+            self.corners = patch_corners(field.to(images.device), self.patch)
+            self.row_weights = self.corners.sum(-1, dtype=torch.float32)
+            none = (self.row_weights.sum(1) == 0).nonzero().flatten().tolist()
+            if none:
+                raise BlindspotError(None, f"no {self.patch}x{self.patch} patch lies wholly inside the field of view "
+                                     f"of image {none[0]}; use a smaller patch")
 
     def draw(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """``n`` patches ``(n, 1, P, P)`` (whole images ``(n, 1, H, W)`` without a patch size) and the index
@@ -210,8 +232,12 @@ class PatchSampler:
             idx = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         if self.patch is None:
             return self.images[idx], idx
-        top = torch.randint(H - self.patch + 1, (n,), generator=generator, device=dev)
-        left = torch.randint(W - self.patch + 1, (n,), generator=generator, device=dev)
+        if self.corners is None:
+            top = torch.randint(H - self.patch + 1, (n,), generator=generator, device=dev)
+            left = torch.randint(W - self.patch + 1, (n,), generator=generator, device=dev)
+        else:  # uniform over the allowed corners: a row by its count of them, then one of the row's
+            top = torch.multinomial(self.row_weights[idx], 1, generator=generator).squeeze(1)
+            left = torch.multinomial(self.corners[idx, top].to(torch.float32), 1, generator=generator).squeeze(1)
         rows = (top[:, None] + self._ar)[:, :, None]
         cols = (left[:, None] + self._ar)[:, None, :]
         return self.images[idx[:, None, None], 0, rows, cols].unsqueeze(1), idx
@@ -219,6 +245,16 @@ class PatchSampler:
     def __call__(self, n: int, generator: torch.Generator) -> Tensor:
         """``n`` patches (see :meth:`draw`), without their image index."""
         return self.draw(n, generator)[0]
+
+
+def patch_corners(field: Tensor, patch: int) -> Tensor:
+    """Where a ``patch``×``patch`` patch may start so that it lies wholly inside the field of view: bool
+    ``(N, H − patch + 1, W − patch + 1)`` from ``field`` bool ``(N, 1, H, W)`` (an integral image of the pixels
+    outside: a window holding none of them)."""
+    out = F.pad((~field[:, 0].to(torch.bool)).to(torch.float64), (1, 0, 1, 0)).cumsum(-1).cumsum(-2)
+    p = int(patch)
+    count = out[:, p:, p:] - out[:, :-p, p:] - out[:, p:, :-p] + out[:, :-p, :-p]
+    return count < 0.5
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -231,11 +267,14 @@ class NaturalTarget:
         module: the network's ``nn.Module`` (frozen by the trainer).
         images: the conditions ``x`` ``(N, 1, H, W)``: normalised network inputs, on the network's device.
         whole_images: train on whole images rather than patches (the network needs the whole measurement).
+        field: the conditions' fields of view, bool ``(N, 1, H, W)`` on their device (``True`` = image), or ``None``
+            when every pixel is image (see the module docs).
     """
 
     module: nn.Module
     images: Tensor
     whole_images: bool = False
+    field: Tensor | None = None
 
     def realise(self, g: Tensor, items: Tensor) -> Tensor:
         """The network input ``(n, 1, H, W)`` that generator outputs ``g`` for images ``items`` ``(n,)`` become."""
@@ -253,19 +292,30 @@ class ImageTarget(NaturalTarget):
         model: the network on normalised images ``(n, 1, H, W)`` → ``(n, 1, H, W)`` (an ``nn.Module`` or an
             image-convention :class:`~blindspot.models.adapters.Network`).
         images: the conditions ``(N, 1, H, W)`` (normalised low-dose CT images, or normalised zero-filled MR images).
+        field: optional fields of view of the conditions, bool ``(N, 1, H, W)`` (CT).
     """
 
-    def __init__(self, model: "nn.Module | Network", images: Tensor) -> None:
+    def __init__(self, model: "nn.Module | Network", images: Tensor, field: Tensor | None = None) -> None:
         net = as_network(model)
         if net.convention != "image":
             raise BlindspotError(net.name, f"takes the {net.convention} convention; use an AcquisitionTarget")
-        self.module, self.images = net.module, images
+        if field is not None:
+            if tuple(field.shape) != tuple(images.shape):
+                raise BlindspotError(None, f"field of view {tuple(field.shape)} does not fit images "
+                                     f"{tuple(images.shape)}")
+            field = None if bool(field.all()) else field.to(device=images.device, dtype=torch.bool)
+        self.module, self.images, self.field = net.module, images, field
 
     def realise(self, g: Tensor, items: Tensor) -> Tensor:
-        return g
+        """``g`` itself; whole images (the conditions' shape) keep the conditions' values outside their field of
+        view. Patches need no cut: :class:`PatchSampler` draws them inside the field."""
+        if self.field is None or tuple(g.shape[-2:]) != tuple(self.images.shape[-2:]):
+            return g
+        return torch.where(self.field[items], g, self.images[items])
 
     def __call__(self, g: Tensor, items: Tensor) -> tuple[Tensor, Tensor]:
-        return g, self.module(g)
+        x = self.realise(g, items)
+        return x, self.module(x)
 
 
 class AcquisitionTarget(NaturalTarget):
@@ -415,7 +465,8 @@ class NaturalInvarianceTrainer:
             p.requires_grad_(False)
         images = self.target.images
         self.device = images.device
-        self.sampler = PatchSampler(images, None if self.target.whole_images else cfg.patch, weights)
+        self.sampler = PatchSampler(images, None if self.target.whole_images else cfg.patch, weights,
+                                    self.target.field)
         self.target_info = dict(target_info or {})
         self.checkpoint = None if checkpoint is None else Path(checkpoint)
         self.log_path = Path(log_path) if log_path is not None else (
@@ -692,34 +743,56 @@ def evaluate_samples(
     (mean pixel-wise std over samples, scaled); with a critic, ``critic_real`` (mean score of ``x``'s tiles),
     ``critic_samples`` (of the samples' tiles), ``critic_noise`` (of ``x`` plus white noise of the samples' RMS
     change: an unstructured change of equal size) and ``critic_gap`` = ``critic_real − critic_samples``.
-    ``x̃`` is the network input a sample becomes (the sample itself for an image-convention network).
+    ``x̃`` is the network input a sample becomes (the sample itself for an image-convention network). With the
+    target's field of view (CT), every mean is over the pixels inside it and the critic scores only the tiles that
+    lie wholly inside it, so out-of-field pixels change none of the figures.
     """
     target = as_natural_target(model, None if isinstance(model, NaturalTarget) else x)
     B, S = samples.shape[:2]
     items = torch.arange(B, device=x.device) if items is None else items
     inputs, f_s, f_x = realised if realised is not None else realise_samples(target, x, samples, items)
     flat = inputs.reshape(B * S, *inputs.shape[2:])
+    field = target.field
+    if field is not None and tuple(field.shape[-2:]) == tuple(x.shape[-2:]) == tuple(f_x.shape[-2:]):
+        w = field[items].to(x.dtype).flatten(1).unsqueeze(1)  # (B, 1, H·W): weights of the pixels that are image
+    else:
+        field, w = None, torch.ones(B, 1, x[0].numel(), device=x.device, dtype=x.dtype)
+    n_in = w.sum(-1)  # (B, 1)
+    mean = lambda t: (t * w).sum(-1) / n_in  # noqa: E731 — mean over the field, (B, S)
     d = (inputs - x.unsqueeze(1)).flatten(2)
     od = (f_s - f_x.unsqueeze(1)).flatten(2)
-    rms_in = d.square().mean(-1).sqrt()
+    rms_in = mean(d.square()).sqrt()
     out = {
-        "mean_abs_change": d.abs().mean(-1).mean(1) * scale,
+        "mean_abs_change": mean(d.abs()).mean(1) * scale,
         "rms_change": rms_in.mean(1) * scale,
-        "output_mean_abs_change": od.abs().mean(-1).mean(1) * scale,
-        "output_rms_change": od.square().mean(-1).sqrt().mean(1) * scale,
-        "change_ratio": (od.square().mean(-1).sqrt() / rms_in.clamp_min(1e-12)).mean(1),
-        "sample_std": (inputs.std(dim=1).flatten(1).mean(-1) * scale) if S > 1 else torch.zeros(B, device=x.device),
+        "output_mean_abs_change": mean(od.abs()).mean(1) * scale,
+        "output_rms_change": mean(od.square()).sqrt().mean(1) * scale,
+        "change_ratio": (mean(od.square()).sqrt() / rms_in.clamp_min(1e-12)).mean(1),
+        "sample_std": (mean(inputs.std(dim=1).flatten(1).unsqueeze(1))[:, 0] * scale) if S > 1
+        else torch.zeros(B, device=x.device),
     }
     if critic is not None:
         critic.eval()
-        score = lambda imgs: critic(tiles(imgs, patch))  # noqa: E731
-        per = lambda s, n: s.reshape(n, -1).mean(1)  # noqa: E731
         g = torch.Generator(device=x.device).manual_seed(int(seed))
         noise = torch.randn(flat.shape, generator=g, device=x.device, dtype=x.dtype)
+        if field is not None:
+            noise = noise * field[items].repeat_interleave(S, 0)
         noisy = x.repeat_interleave(S, 0) + noise * rms_in.reshape(-1, 1, 1, 1)
-        out["critic_real"] = per(score(x), B)
-        out["critic_samples"] = per(score(flat), B)
-        out["critic_noise"] = per(score(noisy), B)
+        if field is None:
+            score = lambda imgs, n: critic(tiles(imgs, patch)).reshape(n, -1).mean(1)  # noqa: E731
+        else:
+            keep = tiles(field[items].to(x.dtype), patch).flatten(1).amin(1).reshape(B, -1)  # tiles wholly inside
+            # an image without such a tile (smaller than the patch) is scored whole: outside its field the
+            # conditions, the samples and the noise baseline all hold the same (air) values
+            keep = torch.where(keep.sum(1, keepdim=True) > 0, keep, torch.ones_like(keep))
+
+            def score(imgs: Tensor, n: int) -> Tensor:
+                k = keep.repeat_interleave(n // B, 0)
+                return (critic(tiles(imgs, patch)).reshape(n, -1) * k).sum(1) / k.sum(1)
+
+        out["critic_real"] = score(x, B)
+        out["critic_samples"] = score(flat, B * S).reshape(B, S).mean(1)
+        out["critic_noise"] = score(noisy, B * S).reshape(B, S).mean(1)
         out["critic_gap"] = out["critic_real"] - out["critic_samples"]
     return {k: v.detach().cpu() for k, v in out.items()}
 

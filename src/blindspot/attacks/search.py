@@ -109,7 +109,7 @@ class Search:
         """The batch's :class:`~blindspot.attacks.fnaf.AttackContext` for this search (``batch`` and ``physics`` as
         in ``__call__``). Searches with equal :meth:`context_key` may share one context, and with it the clean
         reference ``f(N(A(y)))`` that the first of them computes."""
-        return self.objective.prepare(as_network(model), batch, physics, self.region, self.seed)
+        return self.objective.prepare(as_network(model), batch, physics, self.region, self.seed, self.sampler.reach)
 
     def context_key(self) -> tuple:
         """What :meth:`prepare` depends on besides the batch and the acquisition: equal keys, equal contexts. The
@@ -117,7 +117,7 @@ class Search:
         criteria share one."""
         o, r = self.objective, self.region
         return (replace(o, criterion="seed", reference=o.uses_reference), r.kind, r.fraction, r.threshold, id(r.mask),
-                self.seed)
+                self.seed, self.sampler.reach)
 
     def run(self, model: nn.Module, ctx: AttackContext) -> FnafResult:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -185,8 +185,13 @@ class RandomSearch(Search):
     def run(self, model: nn.Module, ctx: AttackContext) -> FnafResult:
         n, B = self.n_candidates, len(ctx)
         feats = self.sample(ctx, range(n))
-        idx = torch.arange(B, device=ctx.device).repeat_interleave(n)
-        ev = self.score(model, ctx, idx, feats)
+        # the candidates and their scores do not depend on the criterion: RS under both shares one set of model calls
+        shared_key = ("rs", n, self.sampler, replace(self.objective, criterion="seed"), self.chunk_size)
+        ev = ctx.shared.get(shared_key)
+        if ev is None:
+            idx = torch.arange(B, device=ctx.device).repeat_interleave(n)
+            ev = ctx.shared[shared_key] = self.score(model, ctx, idx, feats)
+        ev = self.objective.rescore(ev)
         best = _Best(B, ctx.device)
         best.update(feats, ev, n)
         return self.result(ctx, best, queries=n)
@@ -197,7 +202,8 @@ class FiniteDifferenceSearch(Search):
     """FD: finite-difference ascent on the feature's location (and its intensity), from ``restarts`` random starts.
 
     Each iteration probes every coordinate at ``±step/2`` (central differences), then moves the location by
-    ``move`` pixels along the normalised gradient (locations are kept inside the bounding box of the image's region) and the intensity by a factor ``exp(±intensity_step)`` (sign
+    ``move`` pixels along the normalised gradient (locations are kept inside the image's region: a step that would
+    leave it is not taken) and the intensity by a factor ``exp(±intensity_step)`` (sign
     ascent in log-intensity, kept within ``(0, hi × range]``). Every probe is itself a candidate; the best of all
     is kept. The intensity is searched only when ``"intensity"`` is in ``coordinates`` and the family's intensity
     range is not a single value (the seed's walk has its per-pixel values drawn from the image's range, so the
@@ -256,8 +262,15 @@ class FiniteDifferenceSearch(Search):
         lo, hi = self._region_boxes(ctx.region)
         lo, hi = lo.repeat_interleave(r, 0), hi.repeat_interleave(r, 0)
 
-        def inside(f: Features) -> Features:
-            return replace(f, center=torch.maximum(torch.minimum(f.center, hi), lo))
+        rows_img = torch.arange(B, device=dev).repeat_interleave(r)
+
+        def inside(f: Features, prev: Features) -> Features:
+            """Centres clamped to the region's box; one whose pixel is outside the region (e.g. a CT field of
+            view's margin) stays where it was (``prev``)."""
+            c = torch.maximum(torch.minimum(f.center, hi), lo)
+            pix = c.round().long()
+            ok = ctx.region[rows_img, pix[:, 0].clamp(0, h - 1), pix[:, 1].clamp(0, w - 1)]
+            return replace(f, center=torch.where(ok[:, None], c, prev.center))
 
         step = self.location_step if self.location_step is not None else max(1.0, 10.0 * min(h, w) / 320.0)
         move = self.move if self.move is not None else 2.0 * step
@@ -284,7 +297,7 @@ class FiniteDifferenceSearch(Search):
                     else:
                         off = torch.zeros(len(cur), 2, device=dev)
                         off[:, 0 if c == "row" else 1] = sign * step / 2
-                        probes.append(inside(cur.moved(off, (h, w))))
+                        probes.append(inside(cur.moved(off, (h, w)), cur))
             stacked = Features.cat(probes)  # (2k·B·r) ordered (probe, image, restart)
             order = torch.arange(len(stacked), device=dev).reshape(2 * k, B * r).t().reshape(-1)
             stacked = stacked[order]  # (image, restart, probe)
@@ -297,7 +310,7 @@ class FiniteDifferenceSearch(Search):
                 g = grad[:, :2] / step
                 norm = g.norm(dim=1, keepdim=True)
                 direction = torch.where(norm > 0, g / norm.clamp_min(1e-30), torch.zeros_like(g))
-                nxt = inside(nxt.moved(direction * move, (h, w)))
+                nxt = inside(nxt.moved(direction * move, (h, w)), nxt)
             if "intensity" in coords:
                 gi = grad[:, coords.index("intensity")]
                 nxt = nxt.with_intensity((nxt.intensity * torch.exp(torch.sign(gi) * self.intensity_step))

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from blindspot.commands.train_mri import add_mask_type_argument
 from blindspot.errors import BlindspotError
 from blindspot.validate import (acceleration, check_output_folder, dose, image_side, non_negative_int, positive_int,
                                 unit_fraction)
@@ -44,7 +45,7 @@ def add_audit_arguments(p: argparse.ArgumentParser, out_default: str | None = No
     p.add_argument("--accelerations", nargs="+", type=acceleration, default=[4.0, 8.0])
     p.add_argument("--center-fractions", nargs="+", type=unit_fraction,
                    help="one per acceleration (default 0.08, 0.04)")
-    p.add_argument("--mask-type", choices=["random", "equispaced"])
+    add_mask_type_argument(p, "default: the first checkpoint's, else random")
     p.add_argument("--crop", nargs=2, type=image_side, metavar=("H", "W"))
     p.add_argument("--search", nargs="+", choices=["rs", "fd", "grad"], default=["rs", "fd", "grad"])
     p.add_argument("--family", choices=FAMILIES, help="feature family (default: walk for MRI, disc for CT)")
@@ -59,6 +60,9 @@ def add_audit_arguments(p: argparse.ArgumentParser, out_default: str | None = No
     p.add_argument("--phantom-seed", type=non_negative_int, default=AUDIT_PHANTOM_SEED,
                    help=f"first phantom seed (default {AUDIT_PHANTOM_SEED}: seen neither in training nor validation)")
     p.add_argument("--limit", type=positive_int, help="only the first N images")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="CT series: leave out unreadable member files (and their partner slices), each listed on "
+                   "stderr and in run.json, instead of stopping at the first")
     p.add_argument("--lesion-phantoms", type=non_negative_int, default=lesion_phantoms, metavar="N",
                    help="plant lesions in N held-out phantom volumes (RUN_DIR/lesion_phantoms) and add the lesion "
                         f"section on them (default {lesion_phantoms})")
@@ -140,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
         mask_type=args.mask_type, dose=args.dose, ct_size=args.ct_size, searches=tuple(args.search),
         family=args.family, criteria=tuple(args.criteria),
         candidates=args.candidates, transfer=not args.no_transfer, phantom_volumes=args.phantom_volumes,
-        phantom_slices=args.phantom_slices, phantom_seed=args.phantom_seed, limit=args.limit,
+        phantom_slices=args.phantom_slices, phantom_seed=args.phantom_seed, limit=args.limit, skip_bad=args.skip_bad,
         lesion_phantoms=args.lesion_phantoms, invariance_images=args.invariance_images,
         invariance_iterations=args.invariance_iterations,
         batch_size=args.batch_size, seed=args.seed, device=args.device, figures=not args.no_figures,
@@ -150,11 +154,14 @@ def run(args: argparse.Namespace) -> int:
                        crop=tuple(args.crop) if args.crop else None, resume=args.resume,
                        log=lambda s: print(s, file=sys.stderr), boxes=boxes,
                        lesion_options=lesion_options, coil_maps=args.coil_maps, **bare)
+    if not result.main:  # another rank of a torchrun job: rank 0 prints the summary
+        return 0
     print(result.markdown)
     t = result.timings
-    print(f"audit finished in {time.perf_counter() - t0:.1f} s (Table 1 {t.get('table1', 0):.1f} s, attacks "
-          f"{t.get('attacks', 0):.1f} s, transfer {t.get('transfer', 0):.1f} s, figures {t.get('figures', 0):.1f} s"
-          + (f", lesions {t['lesions']:.1f} s)" if "lesions" in t else ")"))
+    parts = [("Table 1", "table1"), ("lesions", "lesions"), ("attacks", "attacks"), ("transfer", "transfer"),
+             ("invariances", "invariances"), ("beyond the seeds", "beyond"), ("figures", "figures")]
+    took = ", ".join(f"{name} {t[k]:.1f} s" for name, k in parts if t.get(k, 0) >= 0.05)
+    print(f"audit finished in {time.perf_counter() - t0:.1f} s ({took})")
     print(f"report: {result.report.resolve()}")
     print(f"results: {(Path(args.out) / 'results.json').resolve()}")
     return 0

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 
+from blindspot.commands.train_mri import add_mask_type_argument
 from blindspot.validate import (acceleration, dose, image_side, non_negative_float, non_negative_int, positive_float,
                                 positive_int, unit_fraction)
 
@@ -43,7 +44,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
                    "layout (default: built-in phantoms)")
     p.add_argument("--accelerations", nargs="+", type=acceleration, default=[4.0], help="MRI settings (default 4)")
     p.add_argument("--center-fractions", nargs="+", type=unit_fraction, help="one per acceleration")
-    p.add_argument("--mask-type", choices=["random", "equispaced"], help="default: the first checkpoint's")
+    add_mask_type_argument(p, "default: the first checkpoint's")
     p.add_argument("--crop", nargs=2, type=image_side, metavar=("H", "W"))
     p.add_argument("--coil-maps", choices=["full", "lowres", "espirit"], default="full")
     p.add_argument("--dose", type=dose, help="CT: dose fraction (default: the checkpoint's)")
@@ -51,6 +52,9 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--phantom-slices", type=positive_int, default=4)
     p.add_argument("--phantom-seed", type=non_negative_int, default=AUDIT_PHANTOM_SEED)
     p.add_argument("--limit", type=positive_int, help="only the first N images")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="CT series: leave out unreadable member files (and their partner slices), each listed on "
+                   "stderr and in run.json, instead of stopping at the first")
     p.add_argument("--normalization", choices=["perturbed", "clean"], default="perturbed",
                    help="statistics of a perturbed input: its own (default, as deployed) or the clean input's")
     p.add_argument("--batch-size", type=positive_int, default=8)
@@ -144,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
         raise BlindspotError(args.model[0], f"is a CT denoiser; {args.section} is for MRI networks")
     settings = build_settings(models, args.data, args.accelerations, args.center_fractions, args.mask_type,
                               tuple(args.crop) if args.crop else None, args.phantom_volumes, args.phantom_slices,
-                              args.phantom_seed, args.limit, args.dose, args.coil_maps, args.batch_size)
+                              args.phantom_seed, args.limit, args.dose, args.coil_maps, args.batch_size,
+                              skip_bad=args.skip_bad)
     result = RUNNERS[args.section](models, settings, args.out, config, progress=args.progress, resume=args.resume,
                                    overwrite=args.overwrite)
     print(result.markdown, end="")

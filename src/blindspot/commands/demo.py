@@ -19,8 +19,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import multiprocessing
+import os
 import shutil
+import sys
 from pathlib import Path
+
+import torch
 
 from blindspot.commands.audit import add_audit_arguments
 from blindspot.commands.audit import run as run_audit_command
@@ -58,11 +63,59 @@ def run(args: argparse.Namespace) -> int:
     for k, v in DEMO_MRI.items():
         if getattr(args, k) is None:
             setattr(args, k, copy.copy(v))
-    rc = run_audit_command(args)
-    if rc != 0 or args.model or args.ct_images < 1:
-        return rc
+    if args.model or args.ct_images < 1:
+        return run_audit_command(args)
     ct = copy.copy(args)
     ct.modality, ct.out, ct.lesion_phantoms, ct.family, ct.data, ct.crop = "ct", str(out / "ct"), 0, None, None, None
     ct.phantom_volumes, ct.phantom_slices = args.ct_images, 1
     ct.search = given["search"] or list(CT_SEARCHES)
-    return run_audit_command(ct)
+    ct.func = run_audit_command
+    threads = torch.get_num_threads()
+    if threads < 2:
+        rc = run_audit_command(args)
+        return rc if rc != 0 else run_audit_command(ct)
+    return _run_side_by_side(args, ct, threads)
+
+
+def _run_side_by_side(mri: argparse.Namespace, ct: argparse.Namespace, threads: int) -> int:
+    """The MRI audit in this process and the CT audit in a second one, each with half of the ``threads``.
+
+    The two audits share nothing, and two processes of ``threads/2`` threads keep the cores busier than one process
+    of ``threads`` running them in turn (the small networks' operations do not scale to two threads, and the report
+    and figures are single-threaded). The CT audit's output goes to ``ct/audit.log`` and is printed after the MRI
+    audit's. Exit status: the MRI audit's, else the CT audit's."""
+    log = Path(ct.out) / "audit.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    child = multiprocessing.get_context("spawn").Process(target=_ct_child, args=(ct, threads - threads // 2, str(log)),
+                                                         name="blindspot-ct-audit")
+    torch.set_num_threads(threads // 2)
+    child.start()
+    try:
+        rc = run_audit_command(mri)
+    except BaseException:
+        if not isinstance(sys.exc_info()[1], KeyboardInterrupt):  # Ctrl-C reaches the child itself
+            child.terminate()
+        child.join()
+        raise
+    finally:
+        torch.set_num_threads(threads)
+    child.join()
+    sys.stdout.flush()
+    text = log.read_text(encoding="utf-8", errors="backslashreplace") if log.exists() else ""
+    print(text, end="" if text.endswith("\n") or not text else "\n")
+    return rc if rc != 0 else int(child.exitcode or 0)
+
+
+def _ct_child(ct: argparse.Namespace, threads: int, log: str) -> None:
+    """The second process of :func:`_run_side_by_side`: the CT audit with ``threads`` threads, output to ``log``."""
+    from blindspot.cli import keep_freed_memory, run_command
+
+    keep_freed_memory()
+    torch.set_num_threads(threads)
+    with open(log, "w", encoding="utf-8") as fh:
+        os.dup2(fh.fileno(), 1)
+        os.dup2(fh.fileno(), 2)
+        rc = run_command(ct)
+        sys.stdout.flush()
+        sys.stderr.flush()
+    sys.exit(rc)

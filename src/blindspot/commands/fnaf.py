@@ -88,6 +88,9 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=positive_int, default=4, help="images per batch")
     p.add_argument("--chunk-size", type=positive_int, default=64, help="most candidates per model call (bounds memory)")
     p.add_argument("--limit", type=positive_int, help="attack only the first N images")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="CT series: leave out unreadable member files (and their partner slices), each listed on "
+                   "stderr and in run.json, instead of stopping at the first")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, …")
     p.add_argument("--resume", action="store_true", help="continue RUN_DIR, skipping images already recorded")
@@ -124,8 +127,11 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model, device, architecture=args.arch, hparams=arch_hparams(args), name=args.name)
     crop = tuple(args.crop) if args.crop else (tuple(model.physics["crop"]) if model.physics.get("crop") else None)
     if model.modality == "ct":
-        settings = ct_settings(model, args.data, args.dose, args.phantom_volumes, args.size, args.seed, args.limit)
+        settings = ct_settings(model, args.data, args.dose, args.phantom_volumes, args.size, args.seed, args.limit,
+                               skip_bad=args.skip_bad)
     else:
+        if args.skip_bad:
+            raise BlindspotError("--skip-bad", "is for CT series (LDCT layout); this is an MRI network")
         geometry = {**phantom_geometry_of(model), **phantom_options(args)}
         settings = mri_settings(args.data, args.accelerations, args.center_fractions,
                                 args.mask_type or model.physics.get("mask_type") or "random", crop, args.limit,

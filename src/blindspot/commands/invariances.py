@@ -18,6 +18,7 @@ import argparse
 from blindspot.attacks.distances import DISTANCES
 from blindspot.attacks.invariance import InvarianceConfig
 from blindspot.attacks.natural import NaturalConfig
+from blindspot.commands.train_mri import add_mask_type_argument
 from blindspot.errors import BlindspotError
 from blindspot.models.loading import load_model
 from blindspot.runs import invariances as runs
@@ -42,13 +43,16 @@ def _add_common(p: argparse.ArgumentParser, model_required: bool = False) -> Non
     p.add_argument("--size", type=image_side, help="phantom side in pixels (CT default: the checkpoint's training "
                                                       "size, else 512; MRI: its phantom geometry, else fastMRI's)")
     p.add_argument("--dose", type=dose, help="CT: dose of the network input (default: the checkpoint's, else 0.25)")
-    p.add_argument("--mask-type", choices=["random", "equispaced"], help="MRI mask (default: the checkpoint's)")
+    add_mask_type_argument(p, "MRI; default: the checkpoint's")
     p.add_argument("--acceleration", type=acceleration, help="MRI acceleration (default: checkpoint's first, else 4)")
     p.add_argument("--center-fraction", type=unit_fraction,
                    help="MRI centre fraction (default: standard for the acceleration)")
     p.add_argument("--crop", nargs=2, type=image_side, metavar=("H", "W"),
                    help="MRI image size (default: the checkpoint's)")
     p.add_argument("--limit", type=positive_int, help="use only the first N images")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="CT series in the LDCT layout: leave out unreadable member files (and their partner slices), "
+                   "each listed on stderr and in run.json, instead of stopping at the first")
     p.add_argument("--batch-size", type=positive_int, default=4, help="images per batch (default 4)")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--vgg-weights", help="torchvision-format VGG16 ImageNet weights (.pth) for --distance vgg")
@@ -134,7 +138,8 @@ def _setup(args: argparse.Namespace):
     device = resolve_device(args.device)
     model = load_model(args.model, device, args.arch, modality=args.modality) if args.model else None
     data = DataOptions(args.data, args.phantoms, args.size, args.dose, args.mask_type, args.acceleration,
-                            args.center_fraction, tuple(args.crop) if args.crop else None, args.limit, args.seed)
+                            args.center_fraction, tuple(args.crop) if args.crop else None, args.limit, args.seed,
+                            skip_bad=args.skip_bad)
     return device, model, data
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from blindspot.commands.train_mri import add_mask_type_argument
 from blindspot.validate import (acceleration, check_output_folder, non_negative_int, positive_int,
                                 unit_fraction)
 
@@ -47,8 +48,7 @@ def register(subparsers) -> None:
                    "flipped image)")
     p.add_argument("--acceleration", type=acceleration, default=4.0, help="default 4")
     p.add_argument("--center-fraction", type=unit_fraction, help="default: 4x → 0.08, 8x → 0.04")
-    p.add_argument("--mask-type", choices=["random", "equispaced"], default=None,
-                   help="default: the first checkpoint's, else random")
+    add_mask_type_argument(p, "default: the first checkpoint's, else random")
     p.add_argument("--threshold", type=unit_fraction, default=0.5,
                    help="preserved when the kept contrast fraction is at least this (default 0.5)")
     p.add_argument("--margin", type=non_negative_int, default=4, help="ring around each box, pixels (default 4)")

@@ -38,6 +38,9 @@ def register(subparsers) -> None:
     p.add_argument("--data", required=True, type=Path, help="LDCT-layout folder (real data or ct-phantoms output)")
     p.add_argument("--out", required=True, type=Path, metavar="RUN_DIR")
     p.add_argument("--dose", type=dose, help="low-dose series to train on (e.g. 0.25; needed when a study has several)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="leave out unreadable series members (and their partner slices), each listed on stderr and "
+                   "in summary.json, instead of stopping at the first")
     p.add_argument("--hparam", action="append", metavar="KEY=VALUE", type=hparam,
                    help="model hyper-parameter, repeatable (e.g. --hparam chans=48); values are JSON")
     d = p.add_argument_group("data")
@@ -92,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
         vgg_layers=tuple(args.vgg_layers), vgg_window=args.vgg_window, n_critic=args.n_critic,
         gp_weight=args.gp_weight, lambda_adv=args.lambda_adv, lambda_vgg=args.lambda_vgg, lambda_mse=args.lambda_mse,
         critic_lr=args.critic_lr, critic_widths=tuple(args.critic_widths), critic_hidden=args.critic_hidden,
+        skip_bad=args.skip_bad,
     )
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     config = TrainConfig(

@@ -67,12 +67,22 @@ def arch_hparams(args: argparse.Namespace) -> dict[str, Any] | None:
     return hparams
 
 
+def add_mask_type_argument(p: argparse.ArgumentParser, default_text: str) -> None:
+    """``--mask-type``: every mask family of :data:`blindspot.physics.mri.MASK_TYPES` (column masks and 2-D
+    variable-density masks), default ``None`` (described by ``default_text``)."""
+    from blindspot.physics.mri import MASK_TYPES
+
+    two_d = ", ".join(name for name, cls in MASK_TYPES.items() if cls.two_dimensional)
+    p.add_argument("--mask-type", choices=list(MASK_TYPES), default=None,
+                   help=f"sampling mask ({default_text}); {two_d} sample both phase-encode axes of a slice")
+
+
 def add_data_arguments(p: argparse.ArgumentParser):
     """Options shared by ``train mri`` and ``evaluate``: physics and the phantom geometry; returns the phantom group."""
     p.add_argument("--accelerations", nargs="+", type=acceleration, default=[4.0, 8.0], help="default 4 8")
     p.add_argument("--center-fractions", nargs="+", type=unit_fraction,
                    help="one per acceleration (default: 4x → 0.08, 8x → 0.04)")
-    p.add_argument("--mask-type", choices=["random", "equispaced"], default=None, help="default random")
+    add_mask_type_argument(p, "default random")
     p.add_argument("--crop", nargs=2, type=image_side, metavar=("H", "W"), help="image size (default: the data's)")
     g = p.add_argument_group("built-in phantoms (without --data)")
     g.add_argument("--phantom-shape", nargs=2, type=image_side, metavar=("H", "W"),

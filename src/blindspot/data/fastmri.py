@@ -44,10 +44,11 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from blindspot.data.sample import MAX_SLICE_ELEMENTS, MIN_IMAGE_SIZE, KspaceTransform, MRISample, check_coil_maps
+from blindspot.data.sample import MAX_SLICE_ELEMENTS, KspaceTransform, MRISample, check_coil_maps
 from blindspot.errors import BlindspotError, PathLike
 from blindspot.fileio import temporary_sibling
-from blindspot.physics.mri import Mask, MaskFunc, Seed
+from blindspot.physics.mri import Mask, MaskFunc, Seed, draw_mask
+from blindspot.validate import MIN_IMAGE_SIDE, check_crop
 
 SINGLECOIL = "singlecoil"
 MULTICOIL = "multicoil"
@@ -393,19 +394,16 @@ def read_volume_info(
             attrs[key] = value
 
     H, W = shape[-2:]
-    if min(H, W) < MIN_IMAGE_SIZE:
-        raise BlindspotError(path, f"k-space of {H}x{W} is smaller than the {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE} "
+    if min(H, W) < MIN_IMAGE_SIDE:
+        raise BlindspotError(path, f"k-space of {H}x{W} is smaller than the {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} "
                              "minimum any network here accepts")
     if crop is not None:
         want = (int(crop[0]), int(crop[1]))
-        if min(want) < MIN_IMAGE_SIZE:
-            raise BlindspotError(None, f"crop {want[0]}x{want[1]} is smaller than the {MIN_IMAGE_SIZE}x"
-                                 f"{MIN_IMAGE_SIZE} minimum any network here accepts")
-        caps_given = [(H, W)] + ([target_shape[1:]] if target_shape is not None else [])
-        if any(want[0] > c[0] or want[1] > c[1] for c in caps_given):
-            small = min(caps_given)
-            raise BlindspotError(path, f"crop {want[0]}x{want[1]} is larger than the {small[0]}x{small[1]} image; "
-                                 "give a crop that fits (what is cropped is what is recorded)")
+        if min(want) < MIN_IMAGE_SIDE:
+            raise BlindspotError(None, f"crop {want[0]}x{want[1]} is smaller than the {MIN_IMAGE_SIDE}x"
+                                 f"{MIN_IMAGE_SIDE} minimum any network here accepts")
+        for cap in [(H, W)] + ([target_shape[1:]] if target_shape is not None else []):
+            check_crop(want, cap, path)  # what is cropped is what is recorded: never capped silently
     elif header.recon_size is not None:
         want = (header.recon_size[0], header.recon_size[1])
     else:
@@ -459,13 +457,14 @@ class _PaddedMask:
 
     def __init__(self, inner: MaskFunc, left: int, right: int):
         self.inner, self.left, self.right = inner, left, right
+        self.two_dimensional = bool(getattr(inner, "two_dimensional", False))
 
-    def __call__(self, width: int, seed: Seed = None) -> Mask:
-        drawn = self.inner(width, seed=seed)
+    def __call__(self, width: int, seed: Seed = None, height: int | None = None) -> Mask:
+        drawn = draw_mask(self.inner, width, height or 0, seed)
         mask = drawn.mask.clone()
         mask[..., : self.left] = 0
         mask[..., self.right :] = 0
-        return Mask(mask, drawn.acceleration, drawn.center_fraction, drawn.num_low_frequencies)
+        return Mask(mask, drawn.acceleration, drawn.center_fraction, drawn.num_low_frequencies, drawn.calibration)
 
     def __repr__(self) -> str:
         return f"{self.inner!r} on columns [{self.left}, {self.right})"

@@ -48,9 +48,10 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from blindspot.data.dicom import INDEX_FILE_NAMES, check_pixel_data, is_dicom_file, open_dicom, read_dicom
-from blindspot.data.sample import MAX_SLICE_ELEMENTS, MIN_IMAGE_SIZE, KspaceTransform, MRISample
+from blindspot.data.sample import MAX_SLICE_ELEMENTS, KspaceTransform, MRISample
 from blindspot.errors import BlindspotError, PathLike
 from blindspot.physics.mri import MaskFunc, fft2c
+from blindspot.validate import MIN_IMAGE_SIDE
 
 PNG_SUFFIXES = (".png",)
 NUMPY_SUFFIXES = (".npy",)
@@ -264,9 +265,9 @@ def _inspect_file(path: Path, fname: str, kind: str) -> ImageEntry:
         ds = open_dicom(path)
         check_pixel_data(ds, path, single_frame=True)
         shape = (1, int(ds.Rows), int(ds.Columns))
-    if min(shape[1:]) < MIN_IMAGE_SIZE:
-        raise BlindspotError(path, f"image of {shape[1]}x{shape[2]} pixels is smaller than the {MIN_IMAGE_SIZE}x"
-                             f"{MIN_IMAGE_SIZE} minimum (it would be padded into a meaningless input)")
+    if min(shape[1:]) < MIN_IMAGE_SIDE:
+        raise BlindspotError(path, f"image of {shape[1]}x{shape[2]} pixels is smaller than the {MIN_IMAGE_SIDE}x"
+                             f"{MIN_IMAGE_SIDE} minimum (it would be padded into a meaningless input)")
     return ImageEntry(path, fname, kind, tuple(int(s) for s in shape))
 
 
@@ -297,9 +298,9 @@ class ImageDataset(Dataset):
             raise BlindspotError(None, f"unknown resize mode {resize!r}; choose from {list(RESIZE_MODES)}")
         if size is not None:
             size = (int(size[0]), int(size[1]))
-            if min(size) < MIN_IMAGE_SIZE:
-                raise BlindspotError(None, f"image size {size[0]}x{size[1]} is smaller than the {MIN_IMAGE_SIZE}x"
-                                     f"{MIN_IMAGE_SIZE} minimum")
+            if min(size) < MIN_IMAGE_SIDE:
+                raise BlindspotError(None, f"image size {size[0]}x{size[1]} is smaller than the {MIN_IMAGE_SIDE}x"
+                                     f"{MIN_IMAGE_SIDE} minimum")
         self.root = Path(path)
         self.size = size
         self.resize = resize

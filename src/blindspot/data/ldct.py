@@ -27,10 +27,14 @@ border as padding (:func:`field_of_view`). Out-of-field pixels are set to air (:
 would have reconstructed in the air around the patient, and what denoisers trained on HU clipped at −1024 expect —
 so the network never sees an artificial −3024 HU edge) and the field is carried with every image
 (:attr:`CTSample.field`, :attr:`CTBatch.field`, :attr:`CTImages.field`): normalisation statistics
-(:meth:`LDCTDataset.normalization`), metrics (:func:`blindspot.metrics.ct_slice_metrics`) and invariance attacks
-leave those pixels out. Every member of a series folder must be a readable CT image (a corrupt one is an error
-naming it; ``find_ldct(..., skip_bad=True)`` leaves it and its partner out and lists them in
-:attr:`LDCTPatient.skipped`).
+(:meth:`LDCTDataset.normalization`), metrics (:func:`blindspot.metrics.ct_slice_metrics`) and every attack (FNAF:
+features, ``T``, dynamic range and IP inside the field; image-domain and natural invariances) leave those pixels out.
+Setting them to air once, here, is also what the CT simulation needs: a scanner measured the air around the patient,
+never the padding value, so simulated projections of a padded slice see air.
+
+Every member of a series folder must be a readable CT image (a corrupt one is an error naming it);
+``find_ldct(..., skip_bad=True)`` — the commands' ``--skip-bad`` — leaves it and its partner out and lists them in
+:attr:`LDCTPatient.skipped` (:func:`skipped_files` for ``run.json``, :func:`announce_skipped` on stderr).
 
 Writing: :func:`write_ct_slice` writes a CT Image Storage file (uint16 with intercept −1024, as scanners do) — the
 built-in phantoms use it to produce the same layout (:mod:`blindspot.data.ct_phantom`).
@@ -40,7 +44,9 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -54,6 +60,7 @@ from blindspot.data.dicom import check_declared_size, open_dicom, read_dicom, sl
 from blindspot.errors import BlindspotError, PathLike
 from blindspot.fileio import atomic_write_bytes
 from blindspot.physics.ct import HUNormalization
+from blindspot.validate import MIN_IMAGE_SIDE, printable
 
 FULL_DOSE_MARK = "Full Dose Images"
 LOW_DOSE_MARK = "Low Dose Images"
@@ -413,6 +420,21 @@ def find_ldct(root: PathLike, dose: float | None = None, skip_bad: bool = False)
     return sorted(patients, key=lambda p: p.patient)
 
 
+def skipped_files(patients: Sequence[LDCTPatient]) -> list[dict[str, str]]:
+    """The files ``find_ldct(..., skip_bad=True)`` left out, as JSON rows ``{"file": …, "reason": …}`` (for a run's
+    ``run.json``), in patient order."""
+    return [{"file": printable(f), "reason": reason} for p in patients for f, reason in p.skipped]
+
+
+def announce_skipped(skipped: Sequence[dict[str, str]]) -> None:
+    """Print each skipped file with its reason on stderr, one line each (nothing is left out silently). Under
+    ``torchrun`` every process skips the same files and only rank 0 (``RANK``) prints them."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    for row in skipped:
+        print(f"blindspot: skipped {row['file']}: {row['reason']}", file=sys.stderr)
+
+
 def split_patients(
     patients: Sequence[LDCTPatient], val_fraction: float = 0.2, test_fraction: float = 0.0, seed: int = 0
 ) -> tuple[list[LDCTPatient], list[LDCTPatient], list[LDCTPatient]]:
@@ -545,12 +567,10 @@ def read_ct_hu(path: PathLike) -> tuple[np.ndarray, np.ndarray]:
 def check_field(source: PathLike | None, field: np.ndarray) -> None:
     """Raise :class:`BlindspotError` naming ``source`` when less than :data:`MIN_FIELD_FRACTION` of ``field`` ``(H,
     W)`` is inside the field of view (an all-padding image has nothing to denoise or measure), or the image is
-    smaller than :data:`~blindspot.data.sample.MIN_IMAGE_SIZE` on a side."""
-    from blindspot.data.sample import MIN_IMAGE_SIZE
-
-    if min(field.shape[-2:]) < MIN_IMAGE_SIZE:
+    smaller than :data:`~blindspot.validate.MIN_IMAGE_SIDE` on a side."""
+    if min(field.shape[-2:]) < MIN_IMAGE_SIDE:
         raise BlindspotError(source, f"image of {field.shape[-2]}x{field.shape[-1]} pixels is smaller than the "
-                             f"{MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE} minimum")
+                             f"{MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} minimum")
     frac = float(np.mean(field)) if field.size else 0.0
     if frac < MIN_FIELD_FRACTION:
         raise BlindspotError(source, f"only {100 * frac:.1f}% of the pixels lie inside the field of view (the rest is "

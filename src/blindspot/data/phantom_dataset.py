@@ -4,8 +4,8 @@
 written by :func:`~blindspot.data.knee_files.write_phantom_volumes` with the fastMRI slice reader would give: the
 same k-space (``F`` of the complex phantom image, complex64), the same stored target (``reconstruction_esc`` /
 ``reconstruction_rss``), the same file name (which seeds the mask, as in fastMRI), the same ``max_value``, the
-same crop (the requested one capped to the k-space and target sizes, else the reconstruction size) and the same
-``attrs`` (``max``, ``norm``, ``acquisition``, ``patient_id``, ``challenge``, ``padding``, ``crop``; only the reader's
+same crop (the requested one — an error when larger than the reconstruction size — else the reconstruction size)
+and the same ``attrs`` (``max``, ``norm``, ``acquisition``, ``patient_id``, ``challenge``, ``padding``, ``crop``; only the reader's
 ``path`` is absent), all passed through the same :class:`~blindspot.data.sample.KspaceTransform`.
 
 Generation is lazy and per volume: the first time a slice of volume ``v`` is asked for, the whole volume is rendered
@@ -35,6 +35,7 @@ from blindspot.data.knee_phantom import (
 from blindspot.data.sample import KspaceTransform, MRISample
 from blindspot.errors import BlindspotError
 from blindspot.physics.mri import MaskFunc
+from blindspot.validate import check_crop
 
 
 @dataclass
@@ -100,8 +101,8 @@ class PhantomDataset(Dataset):
         if crop is not None and (len(tuple(crop)) != 2 or min(int(c) for c in crop) < 1):
             raise BlindspotError(None, f"crop must be two positive sizes (h, w), got {tuple(crop)}")
         want = self.recon_size if crop is None else (int(crop[0]), int(crop[1]))
-        # Capped to the k-space and the stored target, as the fastMRI reader caps it.
-        self.crop = (min(want[0], self.recon_size[0]), min(want[1], self.recon_size[1]))
+        check_crop(want, self.recon_size, "the phantoms' reconstruction size (--phantom-recon-size)")
+        self.crop = want
         self.transform = KspaceTransform(mask_func, self.crop, use_seed, coil_maps=coil_maps, kspace=kspace)
         self._cache: dict[int, _Volume] = {}
 

@@ -29,12 +29,10 @@ from torch import Tensor
 
 from blindspot.errors import BlindspotError
 from blindspot.physics.coils import MAP_ESTIMATORS, estimate_maps
-from blindspot.physics.mri import (CartesianUndersampling, MaskFunc, NormStats, center_crop, ifft2c, normalize,
-                                  resample_mask, rss)
+from blindspot.physics.mri import (CartesianUndersampling, MaskFunc, NormStats, center_crop, draw_mask, ifft2c,
+                                  is_column_mask, mask_on_grid, normalize, rss)
+from blindspot.validate import check_crop
 
-#: The smallest image side accepted anywhere (SSIM needs its 7×7 window; a 1×1 or 4×4 "image" is no image to
-#: reconstruct or attack). Stored images and crops below it are one-line errors naming the file or the crop.
-MIN_IMAGE_SIZE = 8
 #: The largest slice read (elements of one k-space, target or image slice, e.g. 64 coils × 2048 × 2048): a file
 #: declaring more is refused from its header, before anything is allocated.
 MAX_SLICE_ELEMENTS = 2**28
@@ -47,7 +45,8 @@ class MRISample:
     Attributes:
         input: zero-filled magnitude ``(1, h, w)`` float32, in the data's own units (not normalised).
         target: ground-truth magnitude ``(1, h, w)`` float32, same units.
-        mask: column mask ``(1, W)`` float32 that produced ``input`` (``W`` = k-space width, may exceed ``w``).
+        mask: the mask that produced ``input``, float32 0/1 on the k-space grid (``H × W``, may exceed ``h × w``):
+            a column mask ``(1, W)``, or a 2-D mask ``(H, W)`` (2-D mask functions, e.g. ``gaussian2d``).
         mean: mean of ``input`` (scalar tensor), the normalisation's shift.
         std: std of ``input`` (scalar tensor), the normalisation's scale.
         fname: the volume's file name (also the mask seed).
@@ -61,6 +60,9 @@ class MRISample:
         sens_maps: coil sensitivity maps, complex64 ``(C, h, w)`` on the grid of ``input`` / ``target``,
             ``Σ_c |S_c|² = 1`` on the object; only for multi-coil data when the transform estimates them
             (``coil_maps``), else ``None``.
+        num_low_frequencies: the mask function's fully sampled centre columns (fastMRI's ``num_low_frequencies``;
+            a 2-D mask's calibration-box width), or 0 when unknown (fully sampled, or a mask function that does not
+            say); k-space networks get it (:func:`blindspot.training.mri.reconstruct_batch`).
     """
 
     input: Tensor
@@ -75,6 +77,7 @@ class MRISample:
     attrs: dict[str, Any] = field(default_factory=dict)
     kspace: Tensor | None = None
     sens_maps: Tensor | None = None
+    num_low_frequencies: int = 0
 
 
 @dataclass
@@ -84,13 +87,15 @@ class MRIBatch:
     Attributes:
         input: ``(B, 1, h, w)`` zero-filled magnitudes.
         target: ``(B, 1, h, w)`` ground truths.
-        mask: ``(B, 1, 1, W)`` column masks.
+        mask: ``(B, 1, 1, W)`` column masks or ``(B, 1, H, W)`` 2-D masks (float32 0/1, on the k-space grid).
         stats: per-item normalisation statistics of ``input``.
         fname, slice_num: per-item identity.
         max_value: ``(B,)`` per-volume data ranges.
         acceleration: ``(B,)`` accelerations.
         kspace: ``(B, C, H, W)`` complex64 masked k-space (its mask is ``mask``, ``W`` columns), or ``None``.
         sens_maps: ``(B, C, h, w)`` complex64 coil maps on the image grid, or ``None``.
+        num_low_frequencies: int64 ``(B,)``, the mask function's centre columns per item (0: unknown, detect them
+            from the mask), or ``None`` when the masks were mapped onto another grid.
     """
 
     input: Tensor
@@ -103,6 +108,7 @@ class MRIBatch:
     acceleration: Tensor
     kspace: Tensor | None = None
     sens_maps: Tensor | None = None
+    num_low_frequencies: Tensor | None = None
 
     def to(self, device: torch.device | str) -> "MRIBatch":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
@@ -117,6 +123,7 @@ class MRIBatch:
             self.acceleration.to(device),
             move(self.kspace),
             move(self.sens_maps),
+            move(self.num_low_frequencies),
         )
 
     def __len__(self) -> int:
@@ -149,25 +156,35 @@ class MRIBatch:
 def collate_mri(samples: Sequence[MRISample]) -> MRIBatch:
     """``DataLoader`` collate function: stacks :class:`MRISample` into an :class:`MRIBatch`.
 
-    Images must share one ``(h, w)`` (the crop). Masks keep their k-space width ``W`` when all samples share it;
-    volumes of different widths (fastMRI knee k-space is 368 or 372 columns wide, …) get their masks mapped onto the
-    image's ``w`` columns by nearest frequency (:func:`~blindspot.physics.mri.resample_mask`), which is what every
-    mask consumer does anyway.
+    Images must share one ``(h, w)`` (the crop). Masks keep their k-space grid when all samples share it (column
+    masks ``(B, 1, 1, W)``, 2-D masks ``(B, 1, H, W)``); volumes of different k-space sizes (fastMRI knee k-space is
+    368 or 372 columns wide, …) get their masks mapped onto the image's ``h × w`` grid by nearest frequency
+    (:func:`~blindspot.physics.mri.mask_on_grid`), which is what every mask consumer does anyway; their
+    ``num_low_frequencies`` (counted on the k-space grid) are then dropped.
     """
     shapes = {tuple(s.target.shape) for s in samples} | {tuple(s.input.shape) for s in samples}
     if len(shapes) > 1:
         raise BlindspotError(samples[0].fname, f"cannot batch images of different sizes {sorted(shapes)}; give a "
                                                "common crop")
-    widths = {s.mask.shape[-1] for s in samples}
-    w = samples[0].target.shape[-1]
-    masks = [s.mask.reshape(1, 1, -1) if len(widths) == 1 else resample_mask(s.mask.reshape(1, 1, -1), w)
-             for s in samples]
+    kinds = {is_column_mask(s.mask) for s in samples}
+    if len(kinds) > 1:
+        raise BlindspotError(samples[0].fname, "cannot batch column masks with 2-D masks; use one mask type")
+    column = kinds.pop()
+    grids = {s.mask.shape[-1] if column else tuple(s.mask.shape[-2:]) for s in samples}
+    h, w = samples[0].target.shape[-2:]
+    if len(grids) == 1:
+        masks = torch.stack([s.mask.reshape(1, 1, -1) if column else s.mask.reshape(1, *s.mask.shape[-2:])
+                             for s in samples])
+        low = torch.tensor([int(s.num_low_frequencies) for s in samples], dtype=torch.long)
+    else:
+        masks = torch.cat([mask_on_grid(s.mask, (h, w)) for s in samples])
+        low = None
     mean = torch.stack([torch.as_tensor(s.mean, dtype=torch.float32) for s in samples]).reshape(-1, 1, 1, 1)
     std = torch.stack([torch.as_tensor(s.std, dtype=torch.float32) for s in samples]).reshape(-1, 1, 1, 1)
     return MRIBatch(
         input=torch.stack([s.input for s in samples]),
         target=torch.stack([s.target for s in samples]),
-        mask=torch.stack(masks),
+        mask=masks,
         stats=NormStats(mean, std),
         fname=[s.fname for s in samples],
         slice_num=[int(s.slice_num) for s in samples],
@@ -175,6 +192,7 @@ def collate_mri(samples: Sequence[MRISample]) -> MRIBatch:
         acceleration=torch.tensor([float(s.acceleration) for s in samples], dtype=torch.float32),
         kspace=stack_optional(samples, "kspace", "k-space"),
         sens_maps=stack_optional(samples, "sens_maps", "coil maps"),
+        num_low_frequencies=low,
     )
 
 
@@ -210,8 +228,10 @@ class KspaceTransform:
     """Fully sampled k-space of one slice → :class:`MRISample`.
 
     Args:
-        mask_func: draws the column mask; ``None`` means fully sampled (input = target).
+        mask_func: draws the mask on the slice's k-space grid (:func:`~blindspot.physics.mri.draw_mask`: column
+            masks ``(1, W)``, 2-D masks ``(H, W)``); ``None`` means fully sampled (input = target).
         crop: ``(h, w)`` of input and target; ``None`` → the target's shape if a target is given, else the image's.
+            A crop larger than the k-space (or the target) is an error naming ``--crop`` and the file.
         use_seed: seed the mask with the file name (fastMRI: the same volume always gets the same mask);
             otherwise the mask function's own generator advances.
         coil_maps: estimate the coil sensitivities of multi-coil slices with this estimator
@@ -247,17 +267,23 @@ class KspaceTransform:
         attrs: file attributes (``path`` names the file in errors).
         Raises:
             BlindspotError: naming the file and slice, when the coil-map estimator cannot work on this slice (e.g.
-            too few auto-calibration columns for ESPIRiT).
+            too few auto-calibration columns for ESPIRiT); naming ``--crop`` and the file for a crop that does not
+            fit.
         """
         k = kspace.unsqueeze(0) if kspace.ndim == 2 else kspace  # (C, H, W)
+        source = (attrs or {}).get("path", fname)
         crop = self.crop or (tuple(target.shape[-2:]) if target is not None else tuple(k.shape[-2:]))
-        crop = (min(crop[0], k.shape[-2]), min(crop[1], k.shape[-1]))
+        check_crop(crop, k.shape, source)
+        if target is not None:
+            check_crop(crop, target.shape, source)
+        crop = (int(crop[0]), int(crop[1]))
+        num_low = 0
         if self.mask_func is None:
             mask_t = torch.ones(1, k.shape[-1])
             acceleration = 1.0
         else:
-            drawn = self.mask_func(k.shape[-1], seed=fname if self.use_seed else None)
-            mask_t, acceleration = drawn.mask, drawn.acceleration
+            drawn = draw_mask(self.mask_func, k.shape[-1], k.shape[-2], fname if self.use_seed else None)
+            mask_t, acceleration, num_low = drawn.mask, drawn.acceleration, int(drawn.num_low_frequencies)
         op = CartesianUndersampling(mask_t, crop)
         masked, zero_filled = op.from_kspace(k.unsqueeze(0))
         zero_filled = zero_filled[0]  # (1, h, w)
@@ -271,12 +297,12 @@ class KspaceTransform:
         attrs = dict(attrs or {})
         maps = None
         if self.coil_maps is not None and k.shape[0] > 1:
-            maps = self.estimate(k, masked, mask_t, crop, attrs.get("path", fname), slice_num)
+            maps = self.estimate(k, masked, mask_t, crop, source, slice_num)
             attrs["coil_maps"] = self.coil_maps
         return MRISample(
             input=zero_filled.to(torch.float32),
             target=target_t,
-            mask=mask_t.reshape(1, -1),
+            mask=mask_t.reshape(1, -1) if is_column_mask(mask_t) else mask_t.reshape(mask_t.shape[-2:]),
             mean=stats.mean.reshape(()),
             std=stats.std.reshape(()),
             fname=fname,
@@ -286,6 +312,7 @@ class KspaceTransform:
             attrs=attrs,
             kspace=masked[0].to(torch.complex64) if self.kspace else None,
             sens_maps=maps,
+            num_low_frequencies=num_low,
         )
 
     def estimate(self, kspace: Tensor, masked: Tensor, mask: Tensor, crop: tuple[int, int], source: Any,
@@ -294,8 +321,9 @@ class KspaceTransform:
 
         Args:
             kspace: fully sampled k-space ``(C, H, W)`` (``"full"`` uses it).
-            masked: the masked k-space ``(1, C, H, W)`` (``"lowres"`` / ``"espirit"`` use only its ACS columns).
-            mask: its column mask ``(1, W)``.
+            masked: the masked k-space ``(1, C, H, W)`` (``"lowres"`` / ``"espirit"`` use only its auto-calibration
+                data: the ACS columns of a column mask, the calibration box of a 2-D mask).
+            mask: its column mask ``(1, W)`` or 2-D mask ``(H, W)``.
             crop: ``(h, w)``.
             source, slice_num: for errors.
         """
@@ -303,7 +331,9 @@ class KspaceTransform:
             if self.coil_maps == "full":
                 maps = estimate_maps(kspace.unsqueeze(0).to(torch.complex64), None, "full")
             else:
-                maps = estimate_maps(masked.to(torch.complex64), mask.reshape(1, 1, 1, -1), self.coil_maps)
+                m = mask.reshape(1, 1, 1, -1) if is_column_mask(mask) else mask.reshape(1, 1, *mask.shape[-2:])
+                maps = estimate_maps(masked.to(torch.complex64), m, self.coil_maps)
         except BlindspotError as err:
-            raise BlindspotError(source, f"slice {slice_num}: {err.problem}") from None
+            hint = "" if is_column_mask(mask) else " (a 2-D mask: see --coil-maps, --mask-type, --center-fractions)"
+            raise BlindspotError(source, f"slice {slice_num}: {err.problem}{hint}") from None
         return center_crop(maps[0], crop).to(torch.complex64).contiguous()

@@ -8,8 +8,8 @@ invertible chain::
     DC → [coupling_1 … coupling_L] → DC → … (n_steps times) … → DC
 
 * **DC** (data-consistency update) adds the gradient of the data term ``½‖M F η − M F x‖²`` with respect to ``η``,
-  ``P(η − x)`` with ``P = F⁻¹ M F`` on the image grid (the column mask resampled onto the image width by
-  :func:`blindspot.physics.mri.resample_mask`), as two channels (real and imaginary part) to state channels 1–2.
+  ``P(η − x)`` with ``P = F⁻¹ M F`` on the image grid (the column or 2-D mask resampled onto the image grid by
+  :func:`blindspot.physics.mri.mask_on_grid`), as two channels (real and imaginary part) to state channels 1–2.
   It reads only channel 0 and writes only channels 1–2, so it is inverted by subtracting the same gradient.
   ``P`` commutes with the affine input normalisation because the k-space centre (DC) column is always sampled.
 * **coupling** layers are additive couplings conjugated by a learned orthogonal 1×1 mixing ``Q`` (a product of
@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from blindspot.models.registry import register_model
-from blindspot.physics.mri import fft2c, ifft2c, resample_mask
+from blindspot.physics.mri import fft2c, ifft2c, mask_on_grid
 
 #: Hyper-parameter presets for :class:`IRIM` (keyword arguments of its constructor).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -182,7 +182,8 @@ class MixedCoupling(nn.Module):
 class DataConsistencyUpdate(nn.Module):
     """Adds ``[Re, Im] P(η − x)`` (``η`` = state channel 0, ``P = F⁻¹ M F``) to state channels 1–2.
 
-    ``x``: normalised zero-filled input ``(B, 1, H, W)``; ``m``: column mask on the image grid ``(B|1, 1, 1, W)``.
+    ``x``: normalised zero-filled input ``(B, 1, H, W)``; ``m``: mask on the image grid, column ``(B|1, 1, 1, W)`` or
+    2-D ``(B|1, 1, H, W)``.
     """
 
     uses_data = True
@@ -289,7 +290,8 @@ class IRIM(nn.Module):
             plain autograd graph (same gradients, memory linear in ``n_steps``).
 
     ``forward(x, mask)``: normalised zero-filled input ``(B, 1, H, W)`` and column mask ``(B, 1, 1, W_k)`` (``W_k``
-    = k-space width, resampled onto ``W``) → normalised reconstruction ``(B, 1, H, W)``.
+    = k-space width, resampled onto ``W``) or 2-D mask ``(B, 1, H_k, W_k)`` (resampled onto ``H × W``) → normalised
+    reconstruction ``(B, 1, H, W)``.
     """
 
     uses_mask = True
@@ -364,13 +366,15 @@ class IRIM(nn.Module):
     # -- model contract --------------------------------------------------------------------------------------------
     @staticmethod
     def grid_mask(mask: Tensor, batch: int, width: int, like: Tensor) -> Tensor:
-        """Column mask ``(B|1, 1, 1, W_k)`` (or ``(W_k,)``, ``(1, W_k)``) → ``(B|1, 1, 1, width)`` on ``like``'s device."""
+        """The mask on the image grid of ``like`` ``(B, 1, H, width)``, on its device and dtype
+        (:func:`~blindspot.physics.mri.mask_on_grid`): a column mask ``(B|1, 1, 1, W_k)`` (or ``(W_k,)``,
+        ``(1, W_k)``) → ``(B|1, 1, 1, width)``; a 2-D mask ``(B|1, 1, H_k, W_k)`` (or ``(H_k, W_k)``) →
+        ``(B|1, 1, H, width)``."""
         mask = torch.as_tensor(mask, device=like.device)
         lead = mask.shape[0] if mask.ndim == 4 else 1
-        mask = mask.reshape(lead, 1, 1, mask.shape[-1]).to(like.dtype)
         if lead not in (1, batch):
             raise ValueError(f"mask batch {lead} does not match input batch {batch}")
-        return resample_mask(mask, width)
+        return mask_on_grid(mask, (like.shape[-2], width)).to(like.dtype)
 
     def initial_state(self, x: Tensor) -> Tensor:
         """``[x, 0, …, 0]``: ``(B, 1, H, W)`` → ``(B, n_latent, H, W)``."""
@@ -378,7 +382,8 @@ class IRIM(nn.Module):
         return torch.cat([x, x.new_zeros(B, self.n_latent - 1, H, W)], dim=1)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        """``(B, 1, H, W)`` normalised zero-filled input + ``(B, 1, 1, W_k)`` mask → ``(B, 1, H, W)``."""
+        """``(B, 1, H, W)`` normalised zero-filled input + ``(B, 1, 1, W_k)`` or ``(B, 1, H_k, W_k)`` mask →
+        ``(B, 1, H, W)``."""
         if x.ndim != 4 or x.shape[1] != 1:
             raise ValueError(f"I-RIM expects (B, 1, H, W) input, got {tuple(x.shape)}")
         m = self.grid_mask(mask, x.shape[0], x.shape[-1], x)

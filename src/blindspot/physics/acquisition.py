@@ -80,12 +80,15 @@ class Measurement:
             k-space is ``fft2c(coil_images)``); ``None`` for CT.
         mask: MRI only, the masks ``(B, 1, 1, W)`` over columns or ``(B, 1, H, W)`` (2-D masks), 0/1 float.
         noise: CT only, the noise realisation in the image domain, HU ``(B, 1, H, W)``.
+        field: CT only, the reconstruction field of view, bool ``(B, 1, H, W)`` (``True`` = image), or ``None`` when
+            every pixel is image: the noise level and the detectability are measured inside it.
     """
 
     image: Tensor
     coil_images: Tensor | None = None
     mask: Tensor | None = None
     noise: Tensor | None = None
+    field: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.image.shape[0])
@@ -100,11 +103,12 @@ class Measurement:
     def select(self, idx: Tensor) -> "Measurement":
         """The measurements of items ``idx`` (int64 ``(n,)``, repeats allowed)."""
         pick = lambda t: None if t is None else t.index_select(0, idx.to(t.device))  # noqa: E731
-        return Measurement(pick(self.image), pick(self.coil_images), pick(self.mask), pick(self.noise))
+        return Measurement(pick(self.image), pick(self.coil_images), pick(self.mask), pick(self.noise),
+                           pick(self.field))
 
     def detach(self) -> "Measurement":
         f = lambda t: None if t is None else t.detach()  # noqa: E731
-        return Measurement(f(self.image), f(self.coil_images), f(self.mask), f(self.noise))
+        return Measurement(f(self.image), f(self.coil_images), f(self.mask), f(self.noise), self.field)
 
     @staticmethod
     def cat(items: Sequence["Measurement"]) -> "Measurement":
@@ -112,7 +116,9 @@ class Measurement:
             vals = [getattr(m, name) for m in items]
             return None if vals[0] is None else torch.cat(vals)
 
-        return Measurement(c("image"), c("coil_images"), c("mask"), c("noise"))
+        fields = None if all(m.field is None for m in items) else torch.cat(
+            [m.field if m.field is not None else torch.ones_like(m.image, dtype=torch.bool) for m in items])
+        return Measurement(c("image"), c("coil_images"), c("mask"), c("noise"), fields)
 
 
 class Acquisition:
@@ -589,13 +595,23 @@ class LowDoseCTScan(Acquisition):
         return stats.apply(hu, clamp=False).reshape(-1, 2)
 
     def noise_sigma(self, measurement: Measurement) -> Tensor:
-        """Per-item standard deviation (HU) of the input's noise, ``(B,)``."""
+        """Per-item standard deviation (HU) of the input's noise, ``(B,)``, inside the measurement's field of view
+        when it carries one (out-of-field pixels were never measured)."""
         if measurement.noise is None:
             raise BlindspotError(None, "this CT measurement carries no noise realisation")
-        return measurement.noise.flatten(1).std(dim=1)
+        n = measurement.noise.flatten(1)
+        if measurement.field is None:
+            return n.std(dim=1)
+        w = measurement.field.flatten(1).to(n.dtype)
+        count = w.sum(1)
+        mean = (n * w).sum(1) / count.clamp_min(1.0)
+        return (((n - mean[:, None]) * w).square().sum(1) / (count - 1.0).clamp_min(1.0)).sqrt()
 
     def information(self, clean: Measurement, perturbed: Measurement, stats: NormStats) -> Tensor:
-        signal = (perturbed.image - clean.image).flatten(1).norm(dim=1)
+        change = perturbed.image - clean.image
+        if clean.field is not None:  # only what reaches the image inside the field of view
+            change = change * clean.field
+        signal = change.flatten(1).norm(dim=1)
         return signal / self.noise_sigma(clean).clamp_min(1e-6)
 
     # ---- measurement perturbations (issue 15). Additions only. --------------------------------------------------

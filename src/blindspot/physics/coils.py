@@ -52,7 +52,7 @@ All functions are batched torch code on the tensors' device; k-space is centred 
 complex ``(B, C, H, W)`` with the phase-encode columns on the last axis. Masks are 0/1 column masks ``(B, 1, 1, W)``
 (``(W,)``, ``(1, W)`` and fastMRI's boolean ``(B, 1, 1, W, 1)`` are accepted too); :func:`lowres_maps` and
 :func:`calibration_box` also take 2-D masks ``(B, 1, H, W)``, whose calibration data is a fully sampled central box
-(ESPIRiT takes column masks only).
+(ESPIRiT calibrates on that box).
 """
 
 from __future__ import annotations
@@ -314,7 +314,8 @@ def espirit_maps(kspace: Tensor, mask: Tensor | None = None, num_low_frequencies
 
     Args:
         kspace: masked (or fully sampled) multi-coil k-space, complex ``(B, C, H, W)``.
-        mask: its column masks (``None``: fully sampled).
+        mask: its column masks (``None``: fully sampled), or 2-D masks ``(B, 1, H, W)``: then the calibration region
+            is their fully sampled central box (:func:`calibration_box`; ``calib_rows`` defaults to its height).
         num_low_frequencies: the ACS width when known, else detected from ``mask``.
         kernel_size: ESPIRiT kernel width ``k`` (k-space samples); the ACS block needs at least ``k + 1`` columns.
         calib_rows: rows of the calibration region, centred (``None``: as many as ACS columns, a square region).
@@ -328,6 +329,20 @@ def espirit_maps(kspace: Tensor, mask: Tensor | None = None, num_low_frequencies
         raise BlindspotError(None, f"the ESPIRiT kernel size must be an integer >= 2, got {kernel_size}")
     if not 0.0 <= threshold < 1.0 or not 0.0 <= crop < 1.0:
         raise BlindspotError(None, f"ESPIRiT threshold and crop must lie in [0, 1), got {threshold} and {crop}")
+    m = None if mask is None else (mask[..., 0] if mask.ndim == 5 else mask)
+    if m is not None and m.ndim >= 2 and m.shape[-2] > 1:  # a 2-D mask: calibrate on its central box only
+        _check_kspace(kspace)
+        if tuple(m.shape[-2:]) != tuple(kspace.shape[-2:]):
+            raise BlindspotError(None, f"the 2-D mask is {m.shape[-2]}x{m.shape[-1]} but the k-space is "
+                                       f"{kspace.shape[-2]}x{kspace.shape[-1]}")
+        box = calibration_box(m, num_low_frequencies)[:, 0]  # (B|1, H, W)
+        box_rows, box_cols = box.any(2).sum(1), box.any(1).sum(1)
+        if int(torch.minimum(box_rows, box_cols).min()) < kernel_size + 1:
+            raise BlindspotError(None, f"the calibration box is only {int(box_rows.min())}x{int(box_cols.min())}; the "
+                                       f"ESPIRiT coil-map estimator needs at least {kernel_size + 1}x{kernel_size + 1}")
+        kspace = kspace * box.unsqueeze(1).to(kspace.real.dtype)
+        mask, num_low_frequencies = None, box_cols
+        calib_rows = int(box_rows.min()) if calib_rows is None else min(int(calib_rows), int(box_rows.min()))
     start, n = acs_columns(kspace, mask, num_low_frequencies, kernel_size + 1, "ESPIRiT")
     B, C, H, W = kspace.shape
     k = kernel_size

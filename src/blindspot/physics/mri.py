@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Sequence, Union
+from typing import Callable, Iterable, Sequence, Union
 
 import numpy as np
 import torch
@@ -138,7 +138,8 @@ class MaskFunc:
     Calling ``mask_func(width, seed=...)`` returns a :class:`Mask`; the same seed (a file name or an int) gives the
     same mask as fastMRI's mask function of the same name (``EquispacedMaskFunc``: fastMRI's
     ``EquispacedMaskFractionFunc``, the equispaced masks of the public multi-coil data), and the function's own
-    generator state is left untouched by a seeded call.
+    generator state is left untouched by a seeded call. A centre fraction that gives the width asked for no fully
+    sampled centre column is an error naming ``--center-fractions`` (:func:`centre_lines`).
     """
 
     def __init__(self, center_fractions: Iterable[float], accelerations: Iterable[float], seed: Seed = None):
@@ -175,7 +176,7 @@ class MaskFunc:
         rng = self.rng if seed is None else seed_to_rng(seed)
         choice = rng.randint(len(self.accelerations))
         acceleration, center_fraction = self.accelerations[choice], self.center_fractions[choice]
-        num_low = int(round(width * center_fraction))
+        num_low = centre_lines(width, center_fraction, "columns")
         columns = self._outer_columns(rng, width, acceleration, num_low)
         pad = (width - num_low + 1) // 2
         columns[pad : pad + num_low] = True
@@ -190,6 +191,21 @@ class MaskFunc:
             f"{type(self).__name__}(center_fractions={self.center_fractions}, "
             f"accelerations={self.accelerations})"
         )
+
+
+def centre_lines(size: int, center_fraction: float, what: str = "columns") -> int:
+    """The fully sampled centre lines of a mask along an axis of ``size`` lines: ``round(size · center_fraction)``.
+
+    Raises:
+        BlindspotError: naming ``--center-fractions`` when that rounds to 0: a mask without a fully sampled centre
+        has no auto-calibration data and, for column masks, need not sample DC at all.
+    """
+    n = int(round(size * center_fraction))
+    if n < 1:
+        raise BlindspotError("--center-fractions", f"{center_fraction:g} of {size} {what} rounds to no fully sampled "
+                                                   f"centre {what[:-1]}; give a centre fraction above "
+                                                   f"{0.5 / size:.3g} (or a larger image)")
+    return n
 
 
 class RandomMaskFunc(MaskFunc):
@@ -231,8 +247,9 @@ class VariableDensityMaskFunc(MaskFunc):
     Same arguments, argument order and seeding as the column masks (:class:`MaskFunc`). Each call draws one
     (acceleration, centre fraction) pair, then:
 
-    * the calibration box: the central ``round(H·cf) × round(W·cf)`` samples (at least 1×1), placed like the column
-      masks' centre block (first row ``(H − h + 1) // 2``, first column ``(W − w + 1) // 2``), always sampled;
+    * the calibration box: the central ``round(H·cf) × round(W·cf)`` samples (a fraction that rounds to no line is
+      an error, :func:`centre_lines`), placed like the column masks' centre block (first row ``(H − h + 1) // 2``,
+      first column ``(W − w + 1) // 2``), always sampled;
     * the rest: drawn by the subclass so that the whole mask holds ``round(H·W / R)`` samples (exactly for
       :class:`Gaussian2DMaskFunc`, to within ``tol`` for :class:`PoissonDisc2DMaskFunc`).
 
@@ -265,7 +282,7 @@ class VariableDensityMaskFunc(MaskFunc):
         choice = rng.randint(len(self.accelerations))
         acceleration, center_fraction = self.accelerations[choice], self.center_fractions[choice]
         H, W = int(height), int(width)
-        ch, cw = max(1, int(round(H * center_fraction))), max(1, int(round(W * center_fraction)))
+        ch, cw = centre_lines(H, center_fraction, "rows"), centre_lines(W, center_fraction, "columns")
         calib = np.zeros((H, W), dtype=bool)
         top, left = (H - ch + 1) // 2, (W - cw + 1) // 2
         calib[top : top + ch, left : left + cw] = True
@@ -642,3 +659,48 @@ def resample_mask(mask: Tensor, width: int, height: int | None = None) -> Tensor
     if height is not None and mask.ndim >= 2 and mask.shape[-2] > 1 and mask.shape[-2] != height:
         mask = mask.index_select(-2, nearest(mask.shape[-2], height))
     return mask
+
+
+def draw_mask(mask_func: MaskFunc | Callable[..., Mask], width: int, height: int, seed: Seed = None) -> Mask:
+    """``mask_func``'s mask for a ``height × width`` k-space.
+
+    2-D mask functions (``two_dimensional`` true: :class:`VariableDensityMaskFunc` and wrappers of one) are called as
+    ``mask_func(width, seed=seed, height=height)`` and return an ``(H, W)`` mask; column mask functions — including
+    a user's fastMRI-style callable that takes no ``height`` — as ``mask_func(width, seed=seed)``, ``(1, W)``.
+    """
+    if getattr(mask_func, "two_dimensional", False):
+        return mask_func(int(width), seed=seed, height=int(height))
+    return mask_func(int(width), seed=seed)
+
+
+def mask_on_grid(mask: Tensor, shape: Sequence[int], batch: int | None = None) -> Tensor:
+    """A batch's sampling masks on an ``(h, w)`` image grid: the one mapping every consumer of a batch's masks uses
+    (the attack's acquisition, image sets, FNAF-robust training, I-RIM's data consistency).
+
+    The masks are mapped by nearest spatial frequency (:func:`resample_mask`): exact when the grid is the k-space's
+    own; for a cropped image it is an approximation (cropping in image space mixes neighbouring frequencies, so the
+    crop's k-space is not exactly a subset of the measured samples) — the same approximation for column and 2-D
+    masks.
+
+    Args:
+        mask: 0/1 column masks ``(W,)``, ``(1, W)``, ``(B, 1, 1, W)`` or 2-D masks ``(H, W)``, ``(B, 1, H, W)``.
+        shape: ``(h, w)`` of the image grid.
+        batch: the number of items ``B`` a single mask is expanded to (``None``: as many as given).
+    Returns:
+        float32 on ``mask``'s device: column masks ``(B, 1, 1, w)``, 2-D masks ``(B, 1, h, w)``.
+    Raises:
+        BlindspotError: a tensor of another shape, or ``B`` masks for another number of items.
+    """
+    m = torch.as_tensor(mask).to(torch.float32)
+    if m.ndim in (1, 2):
+        m = m.reshape(1, 1, -1 if m.ndim == 1 else m.shape[0], m.shape[-1])
+    if m.ndim != 4 or m.shape[1] != 1:
+        raise BlindspotError(None, f"a sampling mask must be (W,), (1, W), (B, 1, 1, W), (H, W) or (B, 1, H, W), got "
+                                   f"{tuple(mask.shape)}")
+    h, w = int(shape[0]), int(shape[1])
+    m = resample_mask(m, w, h)
+    if batch is not None and m.shape[0] != batch:
+        if m.shape[0] != 1:
+            raise BlindspotError(None, f"{m.shape[0]} sampling masks for {batch} images")
+        m = m.expand(batch, -1, -1, -1)
+    return m.contiguous()

@@ -125,6 +125,8 @@ class AuditConfig:
         phantom_volumes, phantom_slices, phantom_seed: the phantom data (without ``data``): MRI volumes × slices
             (geometry of the first checkpoint's training phantoms); CT ``phantom_volumes × phantom_slices`` slices.
         limit: attack / evaluate only the first ``limit`` images.
+        skip_bad: CT series: leave out member files that are not readable CT images (and their partner slices),
+            each printed on stderr and listed in ``run.json`` (``skipped``), instead of stopping at the first.
         lesion_phantoms: MRI, without ``boxes``: plant lesions in this many held-out phantom volumes
             (:func:`blindspot.runs.lesions.write_held_out_lesion_phantoms`, in ``out_dir/lesion_phantoms``) and add the
             lesion section on them; 0 for none.
@@ -160,6 +162,7 @@ class AuditConfig:
     phantom_slices: int = 6
     phantom_seed: int = AUDIT_PHANTOM_SEED
     limit: int | None = None
+    skip_bad: bool = False
     lesion_phantoms: int = 0
     invariance_images: int = 1
     invariance_iterations: int = 200
@@ -212,6 +215,8 @@ class AuditResult:
         report: path of ``report.html``.
         timings: seconds per stage.
         modality: ``mri`` or ``ct``.
+        main: this process is rank 0 (or the only one): the one that wrote the tables and prints them. The other
+            ranks of a ``torchrun`` job get empty tables and print nothing.
     """
 
     table1: list[dict[str, Any]]
@@ -225,6 +230,7 @@ class AuditResult:
     timings: dict[str, float] = field(default_factory=dict)
     attack_rates_by_criterion: dict[str, dict[str, Any]] = field(default_factory=dict)
     modality: str = "mri"
+    main: bool = True
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -359,12 +365,15 @@ def run_audit(
     settings_json: dict[str, Any] = {
         "modality": modality,
         "models": [{"name": m.name, "source": m.source, "architecture": m.architecture} for m in audited],
-        **{k: v for k, v in asdict(config).items() if k not in ("device", "progress", "figures", "beyond_config")},
+        **{k: v for k, v in asdict(config).items() if k not in ("device", "progress", "figures", "beyond_config",
+                                                                 "skip_bad")},
     }
     settings_json.update(criteria=list(config.criteria), searches=list(config.searches),
                          accelerations=[float(a) for a in config.accelerations])
     lesion_section = None
     if modality == "mri":
+        if config.skip_bad:
+            raise BlindspotError("--skip-bad", "is for CT series (LDCT layout); these are MRI networks")
         mask_type = config.mask_type or physics0.get("mask_type") or "random"
         if crop is None and physics0.get("crop"):
             crop = tuple(int(c) for c in physics0["crop"])
@@ -378,6 +387,10 @@ def run_audit(
         n_ct = config.phantom_volumes * config.phantom_slices
         settings_json.update(data=str(data) if data is not None else f"built-in CT phantoms, {n_ct} slices from seed "
                              f"{config.phantom_seed}")
+        (ct_base,) = ct_settings(audited[0], data, config.dose, n_ct, config.ct_size, config.phantom_seed, config.limit,
+                                 skip_bad=config.skip_bad)
+        if ct_base.skipped:
+            settings_json["skipped"] = ct_base.skipped
     # under torchrun: rank 0 alone writes Table 1, lesions, tables and the report; the attacks and the transfer are
     # shared by batches (blindspot.runs.ranks)
     ranks = join(device)
@@ -427,12 +440,11 @@ def run_audit(
         settings_json["acquisition"] = {"coils": 1 if maps0 is None else int(maps0.shape[1]),
                                         "coil_maps": None if maps0 is None else coil_maps}
     else:
-        (base,) = ct_settings(audited[0], data, config.dose, config.phantom_volumes * config.phantom_slices,
-                              config.ct_size, config.phantom_seed, config.limit)
-        base = base.materialised(config.batch_size)
-        first = as_truths(base.batch_list[0]).image
+        base = ct_base.materialised(config.batch_size)
+        truths0 = as_truths(base.batch_list[0])
+        first = truths0.image[:1] if truths0.field is None else truths0.image[:1][truths0.field[:1]]  # in-field pixels
         settings[base.label] = {m.name: base.with_physics(ct_acquisition(m, base.physics.dose,
-                                                                          tuple(first.shape[-2:]), first[:1]))
+                                                                          tuple(truths0.image.shape[-2:]), first))
                                 for m in audited}
         say("Table 1: denoising quality")
         t1_rows, t1_md = [], ""
@@ -554,7 +566,8 @@ def run_audit(
     timings["invariances"] = time.perf_counter() - t_inv
     if not ranks.is_main:  # rank 0 writes the tables, figures and report
         leave(ranks)
-        return AuditResult([], [], [], {}, transfer, rows, "", out / "report.html", timings, {}, modality)
+        return AuditResult([], [], [], {}, transfer, rows, "", out / "report.html", timings, {}, modality,
+                           main=False)
 
     # ---- beyond the seeds: hallucinations, measurement attacks, sampling rate (blindspot.runs.beyond) -----------
     t_bey = time.perf_counter()

@@ -234,10 +234,11 @@ def build_settings(models: Sequence[LoadedModel], data: PathLike | None = None, 
                    center_fractions: Sequence[float] | None = None, mask_type: str | None = None,
                    crop: tuple[int, int] | None = None, volumes: int = 2, slices: int = 4, seed: int = 100,
                    limit: int | None = None, dose: float | None = None, coil_maps: str | None = "full",
-                   batch_size: int = 8) -> dict[float, dict[str, AttackSetting]]:
+                   batch_size: int = 8, skip_bad: bool = False) -> dict[float, dict[str, AttackSetting]]:
     """``{label: {model name: setting}}`` as the audit builds them: MRI one shared setting per acceleration (masks
     seeded per volume; geometry of the first network's training phantoms without ``data``), CT one dose with each
-    denoiser's own normalisation."""
+    denoiser's own normalisation (``skip_bad``: see :func:`~blindspot.runs.fnaf.ct_settings`; what it left out is
+    recorded in every section's ``run.json``)."""
     if not models:
         raise BlindspotError(None, "no models")
     modalities = {m.modality for m in models}
@@ -245,11 +246,15 @@ def build_settings(models: Sequence[LoadedModel], data: PathLike | None = None, 
         raise BlindspotError(None, "give networks of one modality")
     first = models[0]
     if first.modality == "ct":
-        (base,) = ct_settings(first, data, dose, volumes * slices, None, seed, limit)
+        (base,) = ct_settings(first, data, dose, volumes * slices, None, seed, limit, skip_bad=skip_bad)
         base = base.materialised(batch_size)
-        img = as_truths(base.batch_list[0]).image
-        return {base.label: {m.name: base.with_physics(ct_acquisition(m, base.physics.dose, tuple(img.shape[-2:]),
-                                                                      img[:1])) for m in models}}
+        truths = as_truths(base.batch_list[0])
+        img = truths.image[:1] if truths.field is None else truths.image[:1][truths.field[:1]]  # in-field pixels
+        return {base.label: {m.name: base.with_physics(ct_acquisition(m, base.physics.dose,
+                                                                      tuple(truths.image.shape[-2:]), img))
+                             for m in models}}
+    if skip_bad:
+        raise BlindspotError("--skip-bad", "is for CT series (LDCT layout); these are MRI networks")
     if crop is None and first.physics.get("crop"):
         crop = tuple(int(c) for c in first.physics["crop"])
     kind = mask_type or first.physics.get("mask_type") or "random"
@@ -285,6 +290,9 @@ def _folder(out: PathLike, section: str, config: BeyondConfig, models: Sequence[
                                                                     "sections")}
     stored = {k: (list(v) if isinstance(v, tuple) else v) for k, v in stored.items()}
     stored.update(models=[m.name for m in models], settings=[float(s) for s in settings], **dict(extra or {}))
+    skipped = [row for per in settings.values() for row in next(iter(per.values())).skipped]
+    if skipped:  # --skip-bad: what was left out of the data
+        stored["skipped"] = skipped
     return RunFolder(out, f"beyond-{section}", stored, resume=resume, overwrite=overwrite)
 
 

@@ -44,7 +44,7 @@ from blindspot.attacks.records import (RECORD_COLUMNS, group_rows, ip_table, loa
 from blindspot.attacks.search import (ReplaySearch, Search, build_search, check_searches, example_images,
                                       replay_together)
 from blindspot.data.ct_phantom import PhantomPairs, PhantomPatient, scanner_of
-from blindspot.data.ldct import LDCTDataset, collate_ct, find_ldct
+from blindspot.data.ldct import LDCTDataset, announce_skipped, collate_ct, find_ldct, skipped_files
 from blindspot.data.mri import open_mri_dataset
 from blindspot.data.sample import collate_mri
 from blindspot.errors import BlindspotError, PathLike
@@ -79,6 +79,8 @@ class AttackSetting:
         modality: ``"mri"`` or ``"ct"``.
         batch_list: the batches, already made (shared by the settings of several networks on the same data, e.g. in
             the audit); ``None`` loads them from ``dataset`` on every pass.
+        skipped: CT series read with ``skip_bad``: the files left out, ``{"file", "reason"}`` rows (recorded in the
+            run's ``run.json``).
     """
 
     label: float
@@ -87,6 +89,7 @@ class AttackSetting:
     collate: Callable
     modality: str
     batch_list: list | None = None
+    skipped: list[dict[str, str]] = field(default_factory=list)
 
     def loader(self, batch_size: int) -> "DataLoader | list":
         """The batches: ``batch_list`` when given, else a loader over ``dataset``."""
@@ -112,12 +115,13 @@ class AttackSetting:
 
     def with_physics(self, physics: Any) -> "AttackSetting":
         """The same data (and batches) under another acquisition object (e.g. another network's normalisation)."""
-        return AttackSetting(self.label, physics, self.dataset, self.collate, self.modality, self.batch_list)
+        return AttackSetting(self.label, physics, self.dataset, self.collate, self.modality, self.batch_list,
+                             self.skipped)
 
     def materialised(self, batch_size: int) -> "AttackSetting":
         """This setting with its batches made once, to be shared."""
         return AttackSetting(self.label, self.physics, self.dataset, self.collate, self.modality,
-                             list(self.loader(batch_size)))
+                             list(self.loader(batch_size)), self.skipped)
 
 
 def _limit(ds: Dataset, limit: int | None, what: PathLike | None) -> Dataset:
@@ -187,19 +191,30 @@ def ct_settings(
     size: int | None = None,
     seed: int = 0,
     limit: int | None = None,
+    skip_bad: bool = False,
 ) -> list[AttackSetting]:
     """The CT setting of a denoiser: the LDCT layout's (full, low-dose) pairs of ``data`` at ``dose`` (real noise),
     or ``phantoms`` built-in phantom slices (:class:`~blindspot.data.ct_phantom.PhantomPairs`) simulated through the
-    network's own scanner model at full and low dose (seeded by ``seed`` and the slice)."""
+    network's own scanner model at full and low dose (seeded by ``seed`` and the slice).
+
+    ``skip_bad``: leave out series members that are not readable CT images (and their partner slices) instead of
+    failing on the first; each is printed on stderr and kept in the setting's ``skipped`` (and the run's
+    ``run.json``). A network without a stored normalisation gets one fitted to the first slice's in-field pixels."""
     dose = float(dose if dose is not None else (model.physics or {}).get("dose", 0.25))
     if data is not None:
         path = Path(data)
         if not path.is_dir():
             raise BlindspotError(path, "CT FNAF data must be a folder in the LDCT layout (full- and low-dose series)")
-        ds: Dataset = LDCTDataset(find_ldct(path, dose), preload=False)
-        first = ds[0].full
-        acq = ct_acquisition(model, dose, tuple(first.shape[-2:]), sample_hu=first)
-        return [AttackSetting(1.0 / dose, acq, _limit(ds, limit, path), collate_ct, "ct")]
+        patients = find_ldct(path, dose, skip_bad=skip_bad)
+        skipped = skipped_files(patients)
+        announce_skipped(skipped)
+        ds: Dataset = LDCTDataset(patients, preload=False)
+        first = ds[0]
+        sample = first.full if first.field is None else first.full[first.field]  # no out-of-field air in the fit
+        acq = ct_acquisition(model, dose, tuple(first.full.shape[-2:]), sample_hu=sample)
+        return [AttackSetting(1.0 / dose, acq, _limit(ds, limit, path), collate_ct, "ct", skipped=skipped)]
+    if skip_bad:
+        raise BlindspotError("--skip-bad", "is for CT series in the LDCT layout (give --data)")
     size = size or int((model.physics.get("image_shape") or [512])[0])
     sample = PhantomPatient("abdomen", seed * 1000).render(0.5, size=size).reshape(1, 1, size, size)
     acq = ct_acquisition(model, dose, (size, size), sample_hu=sample)
@@ -505,6 +520,9 @@ def run_fnaf(
               "region": config.region if isinstance(config.region, str) else "mask",
               "settings": [s.label for s in settings], "modality": modality, "replay": str(replay) if replay else None,
               **dict(run_settings or {})}
+    skipped = [row for s in settings for row in s.skipped]
+    if skipped:  # --skip-bad: what was left out of the data is part of the run's identity
+        stored["skipped"] = skipped
     device = model_device(network.module, torch.device("cpu"))
     with joined(device) as ranks:
         folder = open_folder(ranks, lambda writer: RunFolder(out_dir, "fnaf", stored, resume=resume,

@@ -27,7 +27,7 @@ from blindspot.errors import BlindspotError, PathLike
 from blindspot.models.loading import LoadedModel
 from blindspot.physics.acquisition import CartesianMRI
 from blindspot.physics.ct import HUNormalization
-from blindspot.physics.mri import create_mask_func, resample_mask
+from blindspot.physics.mri import create_mask_func, mask_on_grid
 
 __all__ = ["CTImageSet", "CTItem", "DataOptions", "ImageBatch", "MRIImageSet", "as_image_set", "open_images"]
 
@@ -48,6 +48,8 @@ class DataOptions:
             the standard centre fraction) and image size ``(h, w)``.
         limit: use only the first ``limit`` images.
         seed: CT phantoms: patient seeds ``seed·1000 + i`` and the noise seeds of the low-dose simulation.
+        skip_bad: CT series in the LDCT layout: leave out member files that are not readable CT images (and their
+            partner slices), each printed on stderr and listed in the run's settings (``skipped``).
     """
 
     data: PathLike | None = None
@@ -60,10 +62,13 @@ class DataOptions:
     crop: tuple[int, int] | None = None
     limit: int | None = None
     seed: int = 0
+    skip_bad: bool = False
 
     def settings(self) -> dict[str, Any]:
-        """JSON-able settings for run folders (``seed`` as ``data_seed``)."""
+        """JSON-able settings for run folders (``seed`` as ``data_seed``; what ``skip_bad`` left out is recorded by
+        :func:`open_ct_images` instead of the flag)."""
         d = dataclasses.asdict(self)
+        d.pop("skip_bad")
         d["data"] = None if self.data is None else str(self.data)
         d["crop"] = None if self.crop is None else [int(c) for c in self.crop]
         d["data_seed"] = d.pop("seed")
@@ -240,13 +245,14 @@ class MRIImageSet:
     def from_tensor(cls, truth: Tensor, acquisition: "CartesianMRI | Tensor",
                     keys: Sequence[str] | None = None) -> "MRIImageSet":
         """Truths ``(N, 1, H, W)`` (data units) and their acquisition: a :class:`CartesianMRI` of 1 or ``N`` items
-        (its mask ``W`` columns wide), or column masks ``(N, 1, 1, W')`` / ``(W',)`` mapped onto the ``W`` columns."""
+        (its mask on the ``H × W`` grid), or masks mapped onto that grid (:func:`~blindspot.physics.mri.mask_on_grid`):
+        column masks ``(N, 1, 1, W')`` / ``(W',)``, 2-D masks ``(N, 1, H', W')`` / ``(H', W')``."""
         if truth.ndim != 4 or truth.shape[1] != 1:
             raise BlindspotError(None, f"MRI truths must be (N, 1, H, W), got {tuple(truth.shape)}")
-        N, w = int(truth.shape[0]), int(truth.shape[-1])
+        N = int(truth.shape[0])
         if not isinstance(acquisition, CartesianMRI):
             mask = torch.as_tensor(acquisition, dtype=torch.float32)
-            acquisition = CartesianMRI(resample_mask(mask.reshape(-1, mask.shape[-1]), w).reshape(-1, 1, 1, w))
+            acquisition = CartesianMRI(mask_on_grid(mask, tuple(truth.shape[-2:])))
         if len(acquisition) not in (1, N):
             raise BlindspotError(None, f"{len(acquisition)} acquisitions for {N} images")
         if len(acquisition) == 1:
@@ -269,8 +275,8 @@ class MRIImageSet:
         loader = DataLoader(self.dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_mri, num_workers=0)
         start = 0
         for b in loader:
-            B, w = len(b), int(b.target.shape[-1])
-            masks = resample_mask(b.mask.to(torch.float32), w).reshape(B, 1, 1, w)
+            B = len(b)
+            masks = mask_on_grid(b.mask, tuple(b.target.shape[-2:]), B)
             batch = ImageBatch(b.keys, list(range(start, start + B)), b.target,
                                CartesianMRI(masks, accelerations=b.acceleration))
             start += B
@@ -301,7 +307,10 @@ def open_ct_images(model: LoadedModel, options: DataOptions) -> CTImageSet:
     """CT images: built-in phantoms through the low-dose simulation, or the images of ``options.data``."""
     physics = model.physics
     dose = options.dose if options.dose is not None else float(physics.get("dose", 0.25))
+    skipped: list[dict[str, str]] = []
     if options.data is None:
+        if options.skip_bad:
+            raise BlindspotError("--skip-bad", "is for CT series in the LDCT layout (give --data)")
         if not 0 < dose <= 1:
             raise BlindspotError(None, f"--dose must be in (0, 1], got {dose}")
         size = options.size or int((physics.get("image_shape") or [512])[0])
@@ -312,10 +321,13 @@ def open_ct_images(model: LoadedModel, options: DataOptions) -> CTImageSet:
             raise BlindspotError(path, "no such file or folder")
         want = options.dose if options.dose is not None else physics.get("dose")
         dose = None if want is None else float(want)
-        items = _file_items(path, dose, options.dose is not None)
+        items, skipped = _file_items(path, dose, options.dose is not None, options.skip_bad)
     if options.limit is not None:
         items = items[: options.limit]
-    return CTImageSet(items, dose, settings=options.settings())
+    settings = options.settings()
+    if skipped:  # what --skip-bad left out is part of the run's identity (run.json)
+        settings["skipped"] = skipped
+    return CTImageSet(items, dose, settings=settings)
 
 
 def _phantom_items(n: int, size: int, dose: float, physics: Mapping[str, Any], seed: int) -> list[CTItem]:
@@ -325,28 +337,35 @@ def _phantom_items(n: int, size: int, dose: float, physics: Mapping[str, Any], s
     return [CTItem(f"phantom-{i}-{size}px-dose{dose:g}", (lambda i=i: pairs[i].low)) for i in range(n)]
 
 
-def _file_items(path: Path, dose: float | None, dose_given: bool) -> list[CTItem]:
+def _file_items(path: Path, dose: float | None, dose_given: bool,
+                skip_bad: bool = False) -> tuple[list[CTItem], list[dict[str, str]]]:
     """CT images of a path: the LDCT layout (its low-dose images, patient-balanced weights), ``.npy`` images in HU
-    (a file or a folder), or one DICOM file / series (HU from the rescale tags)."""
+    (a file or a folder), or one DICOM file / series (HU from the rescale tags); and the files ``skip_bad`` left out
+    of an LDCT layout (printed on stderr)."""
     if path.is_dir() and ldct.series_folders(path):
         try:
-            patients = ldct.find_ldct(path, dose)
+            patients = ldct.find_ldct(path, dose, skip_bad=skip_bad)
         except BlindspotError:
             if dose is None or dose_given:
                 raise
-            patients = ldct.find_ldct(path, None)  # the model's dose is not there: take the only low-dose series
+            patients = ldct.find_ldct(path, None, skip_bad=skip_bad)  # the model's dose is not there: the only one
+        skipped = ldct.skipped_files(patients)
+        ldct.announce_skipped(skipped)
         data = ldct.LDCTDataset(patients, preload=False)
         weights = data.patient_weights()
         return [CTItem(f"{s.patient}:{s.index}", (lambda i=i: _low_and_field(data, i)), float(weights[i]))
-                for i, s in enumerate(data.slices)]
+                for i, s in enumerate(data.slices)], skipped
+    if skip_bad:
+        raise BlindspotError("--skip-bad", f"is for CT series in the LDCT layout; {path} is not one")
     npy = [path] if path.suffix.lower() == ".npy" else (
         sorted(p for p in path.rglob("*.npy") if not any(t.startswith(".") for t in p.relative_to(path).parts))
         if path.is_dir() else [])
     if npy:
-        return [CTItem(f.name if f == path else str(f.relative_to(path)), (lambda f=f: _read_npy_hu(f))) for f in npy]
+        return [CTItem(f.name if f == path else str(f.relative_to(path)), (lambda f=f: _read_npy_hu(f)))
+                for f in npy], []
     images = ldct.load_ct_images(path)
     return [CTItem(f"{path.name}:{name}", (lambda i=i: (images.hu[i], None if images.field is None else images.field[i])))
-            for i, name in enumerate(images.names)]
+            for i, name in enumerate(images.names)], []
 
 
 def _low_and_field(data: ldct.LDCTDataset, i: int) -> tuple[Tensor, Tensor]:
@@ -381,6 +400,8 @@ def _read_npy_hu(f: Path) -> tuple[Tensor, Tensor]:
 def open_mri_images(model: LoadedModel, options: DataOptions) -> MRIImageSet:
     """MRI images: the built-in knee phantoms (``options.phantoms`` volumes) or ``options.data``, with masks drawn
     per volume (seeded by file name, as fastMRI) from the options' or the checkpoint's sampling."""
+    if options.skip_bad:
+        raise BlindspotError("--skip-bad", "is for CT series in the LDCT layout; this is an MRI network")
     phys = model.physics
     mask_type = options.mask_type or phys.get("mask_type") or "random"
     acc = options.acceleration or float((phys.get("accelerations") or [4.0])[0])

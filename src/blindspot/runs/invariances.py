@@ -430,8 +430,9 @@ def natural_target(net: Network, batch: ImageBatch, norm: HUNormalization | None
     """The network and the conditions of natural invariances for a batch (see the module docs): CT and
     image-convention MRI networks on (patches of) their normalised inputs; mask and k-space MRI networks on whole
     images, through the acquisition."""
-    if batch.acquisition is None:
-        return ImageTarget(net, norm.to_network(batch.images.to(device)))
+    if batch.acquisition is None:  # CT: the field of view (if any) keeps patches and scores inside it
+        return ImageTarget(net, norm.to_network(batch.images.to(device)),
+                           None if batch.field is None else batch.field.to(device))
     acq, truth = batch.acquisition.to(device), batch.images.to(device)
     if net.convention != "image":
         return AcquisitionTarget(net, acq, truth)
@@ -516,6 +517,8 @@ def run_train_generator(
         "data": options.describe() if options is not None else "tensor",
         "data_options": options.settings() if options is not None else None,
     }
+    if source.settings.get("skipped"):  # --skip-bad: what was left out of the training data
+        info["skipped"] = source.settings["skipped"]
     if norm is not None:
         info.update(normalization=norm.as_dict(), dose=source.dose)
     else:

@@ -32,7 +32,8 @@ import torch.distributed as tdist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from blindspot.data.ldct import LDCTDataset, PatchDataset, collate_ct, find_ldct, split_patients
+from blindspot.data.ldct import (LDCTDataset, PatchDataset, announce_skipped, collate_ct, find_ldct, skipped_files,
+                                 split_patients)
 from blindspot.errors import BlindspotError, PathLike
 from blindspot.fileio import atomic_write_bytes, read_json, write_json
 from blindspot.losses import gradient_penalty
@@ -238,6 +239,8 @@ class CTTrainSettings:
         vgg_window: HU window mapped to the VGG input.
         n_critic, gp_weight, lambda_adv, lambda_vgg, lambda_mse, critic_lr: WGAN-VGG settings.
         critic_widths, critic_hidden: critic size.
+        skip_bad: leave out series members that are not readable CT images (and their partner slices), each
+            printed on stderr and listed in ``summary.json`` (``skipped``), instead of stopping at the first.
     """
 
     model: str = "cnn10"
@@ -260,6 +263,7 @@ class CTTrainSettings:
     critic_lr: float = 1e-4
     critic_widths: tuple[int, int, int] = (64, 128, 256)
     critic_hidden: int = 1024
+    skip_bad: bool = False
 
 
 def find_phantom_physics(data: Path) -> dict[str, Any]:
@@ -295,7 +299,9 @@ def train_ct(
         raise BlindspotError(None, f"unknown CT model {settings.model!r}; choose from {', '.join(CT_MODELS)}")
     dist = dist or DistContext()
     data, out_dir = Path(data), Path(out_dir)
-    patients = find_ldct(data, dose=settings.dose)
+    patients = find_ldct(data, dose=settings.dose, skip_bad=settings.skip_bad)
+    skipped = skipped_files(patients)
+    announce_skipped(skipped)
     split_seed = config.seed if settings.split_seed is None else settings.split_seed
     train_p, val_p, test_p = split_patients(patients, settings.val_fraction, settings.test_fraction, split_seed)
     train_set = LDCTDataset(train_p, progress=progress and dist.is_main)
@@ -397,6 +403,7 @@ def train_ct(
             "test": test_metrics,
             "train_loss": [r["train_loss"] for r in result.history],
             "checkpoints": {"best": str(result.best_path), "last": str(result.last_path)},
+            "skipped": skipped,
         }
         write_json(out_dir / "summary.json", summary)
     return result, summary

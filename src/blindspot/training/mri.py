@@ -34,7 +34,7 @@ from blindspot.errors import BlindspotError, PathLike
 from blindspot.fileio import write_json
 from blindspot.metrics import VolumeMetrics, ssim
 from blindspot.models.adapters import kspace_forward, network_convention, reconstruct
-from blindspot.physics.mri import Mask, MaskFunc, Seed
+from blindspot.physics.mri import Mask, MaskFunc, Seed, draw_mask
 from blindspot.training.distributed import DistContext
 from blindspot.training.engine import CheckpointInfo, FitResult, StepContext, TrainConfig, Trainer
 
@@ -52,10 +52,13 @@ def reconstruct_batch(model: nn.Module, batch: MRIBatch) -> Tensor:
 
     * ``image`` / ``image+mask`` networks: :func:`~blindspot.models.adapters.reconstruct` of ``N(input)`` (and the
       column mask);
-    * ``kspace`` networks (fastMRI's VarNet): ``model(view_as_real(batch.kspace), batch.mask.bool().unsqueeze(-1))``
-      — masked multi-coil k-space ``(B, C, H, W, 2)`` and mask ``(B, 1, 1, W, 1)`` — whose image ``(B, H, W)`` in
-      the data's units is centre-cropped to the target's ``(h, w)`` and normalised with the input's statistics
-      (unclamped), so every network's output compares with ``N(target)`` alike.
+    * ``kspace`` networks (fastMRI's VarNet): ``model(view_as_real(batch.kspace), batch.mask.bool().unsqueeze(-1),
+      num_low_frequencies)`` — masked multi-coil k-space ``(B, C, H, W, 2)``, mask ``(B, 1, 1, W, 1)`` (2-D masks
+      ``(B, 1, H, W, 1)``) and, when the forward takes a third argument, the mask function's centre columns per
+      item (``batch.num_low_frequencies``, as the attacks pass their acquisition's;
+      :func:`~blindspot.models.adapters.kspace_forward`) — whose image ``(B, H, W)`` in the data's units is
+      centre-cropped to the target's ``(h, w)`` and normalised with the input's statistics (unclamped), so every
+      network's output compares with ``N(target)`` alike.
 
     Raises:
         BlindspotError: a k-space network and a batch without multi-coil k-space (single-coil data, or a data set
@@ -65,7 +68,7 @@ def reconstruct_batch(model: nn.Module, batch: MRIBatch) -> Tensor:
         return reconstruct(model, batch.stats.apply(batch.input), batch.mask)
     name = type(getattr(model, "module", model)).__name__
     return kspace_forward(model, batch.multicoil_kspace(name), batch.mask, tuple(batch.target.shape[-2:]), batch.stats,
-                          name)
+                          name, num_low_frequencies=batch.num_low_frequencies)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -159,12 +162,14 @@ class EpochMasks:
 
     def __init__(self, inner: MaskFunc, seed: int = 0) -> None:
         self.inner, self.seed, self.epoch = inner, int(seed), 0
+        #: 2-D mask functions are called with the k-space height too (:func:`~blindspot.physics.mri.draw_mask`)
+        self.two_dimensional = bool(getattr(inner, "two_dimensional", False))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def __call__(self, width: int, seed: Seed = None) -> Mask:
-        return self.inner(width, seed=f"{seed}|{self.seed}|{self.epoch}")
+    def __call__(self, width: int, seed: Seed = None, height: int | None = None) -> Mask:
+        return draw_mask(self.inner, width, height or 0, f"{seed}|{self.seed}|{self.epoch}")
 
     def __repr__(self) -> str:
         return f"EpochMasks({self.inner!r}, seed={self.seed})"

@@ -51,7 +51,7 @@ from blindspot.attacks.fnaf import AttackContext, FnafObjective, subset_batch
 from blindspot.data.sample import MRIBatch
 from blindspot.errors import BlindspotError
 from blindspot.models.adapters import as_network, eval_mode, network_convention, reconstruct
-from blindspot.physics.mri import NormStats, resample_mask
+from blindspot.physics.mri import NormStats, mask_on_grid
 
 ROBUST_SEARCHES: tuple[str, ...] = ("draw", "rs", "grad")
 #: Which steps carry FNAF examples: every step (``batch``) or every other one, after a clean step (``alternate``).
@@ -276,7 +276,8 @@ def perturbed_batch(batch: MRIBatch, ex: FnafExamples, objective: FnafObjective)
     (:meth:`~blindspot.attacks.fnaf.FnafObjective.perturbed_input`); the other rows are unchanged.
 
     Returns:
-        ``(mixed batch, masks (B, 1, 1, w))`` — the masks on the image's ``w`` columns, as the attack maps them.
+        ``(mixed batch, masks)`` — the masks on the image's grid as the attack maps them
+        (:func:`~blindspot.physics.mri.mask_on_grid`): ``(B, 1, 1, w)`` column masks or ``(B, 1, h, w)`` 2-D masks.
     """
     fctx = ex.ctx
     acq = fctx.acquisition.select(ex.image_idx)
@@ -289,11 +290,7 @@ def perturbed_batch(batch: MRIBatch, ex: FnafExamples, objective: FnafObjective)
     target_p = fctx.target.index_select(0, ex.image_idx) + ex.feature
     mixed = replace(batch, input=batch.input.index_copy(0, rows, meas_p.image.to(batch.input)),
                     target=batch.target.index_copy(0, rows, target_p.to(batch.target)), stats=stats)
-    mask = batch.mask.to(dev, torch.float32)
-    w = batch.input.shape[-1]
-    if mask.shape[-1] != w:
-        mask = resample_mask(mask, w)
-    return mixed, mask.reshape(len(batch), 1, 1, w)
+    return mixed, mask_on_grid(batch.mask.to(dev), tuple(batch.input.shape[-2:]), len(batch))
 
 
 def _split(out) -> tuple[Tensor, Mapping[str, Any]]:
