@@ -172,6 +172,12 @@ def test_training_passes_the_mask_functions_centre_columns_to_kspace_networks():
         torch.testing.assert_close(batch.stats.invert(out), batch.input, atol=1e-4, rtol=1e-4)
         ctx = FnafObjective(reference=False).prepare(spy, batch, masks.inner)
         assert ctx.acquisition.num_low_frequencies.tolist() == low.tolist()
+        own = FnafObjective(reference=False).prepare(spy, batch, None)  # the batch's own masks, on their own grid
+        assert own.acquisition.num_low_frequencies.tolist() == low.tolist()
+    ds = PhantomDataset(volumes=1, slices=1, shape=(32, 40), recon_size=(32, 32), crop=(32, 32), kspace=True,
+                        challenge="multicoil", num_coils=3, mask_func=create_mask_func("random", [4], [0.16]))
+    batch = collate_mri([ds[0]])  # masks on 40 k-space columns, truths on 32: their centre count does not carry over
+    assert FnafObjective(reference=False).prepare(KspaceSpy(), batch, None).acquisition.num_low_frequencies is None
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -32,7 +32,8 @@ from blindspot.data.sample import MRIBatch
 from blindspot.errors import BlindspotError
 from blindspot.models.adapters import Network, as_network, check_finite_output, eval_mode, model_device
 from blindspot.physics.acquisition import Acquisition, CartesianMRI, LowDoseCTScan, Measurement
-from blindspot.physics.mri import CartesianUndersampling, MaskFunc, NormStats, is_column_mask, mask_on_grid
+from blindspot.physics.mri import (CartesianUndersampling, MaskFunc, NormStats, is_column_mask, low_frequencies_on_grid,
+                                   mask_on_grid)
 
 __all__ = ["CRITERIA", "CRITERION_TEXT", "NORMALIZATIONS", "AttackContext", "Evaluation", "FnafObjective", "Truths",
            "as_truths", "attack_acquisition", "eval_mode", "model_device", "subset_batch"]
@@ -56,7 +57,9 @@ class Truths:
         image: truths ``(B, 1, H, W)`` in the data's units (MRI magnitude; CT full-dose HU).
         fname, slice_num: per-image identity (volume or patient, slice); ``keys`` are ``"fname:slice"``.
         observed: CT only: the scanner's low-dose images ``(B, 1, H, W)`` HU of a real pair (``None``: simulate).
-        mask, acceleration: MRI only: the batch's own column masks ``(B, 1, 1, W)`` and accelerations ``(B,)``.
+        mask, acceleration: MRI only: the batch's own masks — columns ``(B, 1, 1, W)`` or 2-D ``(B, 1, H, W)`` on the
+            k-space grid — and accelerations ``(B,)``.
+        num_low_frequencies: MRI only: the masks' fully sampled centre lines ``(B,)`` int64, or ``None`` (unknown).
         sens_maps: multi-coil MRI only: complex coil sensitivities ``(B, C, H, W)`` on the truths' grid; the attack's
             acquisition is then multi-coil (a feature enters every coil as ``S_c · δ'``). ``None``: single coil.
         field: CT only: the reconstruction field of view, bool ``(B, 1, H, W)`` (``True`` = image), or ``None`` when
@@ -74,6 +77,7 @@ class Truths:
     acceleration: Tensor | None = None
     sens_maps: Tensor | None = None
     field: Tensor | None = None
+    num_low_frequencies: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.image.shape[0])
@@ -88,7 +92,7 @@ class Truths:
         il = i.tolist()
         return Truths(pick(self.image), [self.fname[k] for k in il], [self.slice_num[k] for k in il],
                       pick(self.observed), pick(self.mask), pick(self.acceleration), pick(self.sens_maps),
-                      pick(self.field))
+                      pick(self.field), pick(self.num_low_frequencies))
 
 
 def as_truths(batch: "Truths | MRIBatch | CTBatch | Tensor") -> Truths:
@@ -100,7 +104,7 @@ def as_truths(batch: "Truths | MRIBatch | CTBatch | Tensor") -> Truths:
         return batch
     if isinstance(batch, MRIBatch):
         return Truths(batch.target, list(batch.fname), [int(s) for s in batch.slice_num], None, batch.mask,
-                      batch.acceleration, batch.sens_maps)
+                      batch.acceleration, batch.sens_maps, num_low_frequencies=batch.num_low_frequencies)
     if isinstance(batch, CTBatch):
         return Truths(batch.full, list(batch.patient), [int(i) for i in batch.index], batch.low, field=batch.field)
     if isinstance(batch, Tensor):
@@ -146,7 +150,9 @@ def attack_acquisition(truths: Truths, physics: Any) -> Acquisition:
         if truths.mask is None:
             raise BlindspotError(None, "no acquisition given and the batch carries no sampling masks")
         m = mask_on_grid(truths.mask.to(dev), (h, w), B)
-        return CartesianMRI(m, sens_maps=maps, accelerations=truths.acceleration.detach().cpu().to(torch.float32))
+        return CartesianMRI(m, sens_maps=maps, accelerations=truths.acceleration.detach().cpu().to(torch.float32),
+                            num_low_frequencies=low_frequencies_on_grid(truths.mask, (h, w),
+                                                                        truths.num_low_frequencies))
     m = physics.mask if isinstance(physics, CartesianUndersampling) else torch.as_tensor(physics)
     m = m.to(device=dev, dtype=torch.float32)
     if m.shape[-1] != w or not (is_column_mask(m) or m.shape[-2] == h):

@@ -673,6 +673,16 @@ def draw_mask(mask_func: MaskFunc | Callable[..., Mask], width: int, height: int
     return mask_func(int(width), seed=seed)
 
 
+def low_frequencies_on_grid(mask: Tensor, shape: Sequence[int], num_low_frequencies: Tensor | None) -> Tensor | None:
+    """The masks' ``num_low_frequencies`` (counted on their k-space grid) when :func:`mask_on_grid` leaves them as
+    they are on the ``(h, w)`` grid, else ``None`` (a k-space network then finds the centre in the mapped mask)."""
+    if num_low_frequencies is None:
+        return None
+    h, w = int(shape[0]), int(shape[1])
+    same = mask.shape[-1] == w and (is_column_mask(mask) or mask.shape[-2] == h)
+    return num_low_frequencies if same else None
+
+
 def mask_on_grid(mask: Tensor, shape: Sequence[int], batch: int | None = None) -> Tensor:
     """A batch's sampling masks on an ``(h, w)`` image grid: the one mapping every consumer of a batch's masks uses
     (the attack's acquisition, image sets, FNAF-robust training, I-RIM's data consistency).

@@ -27,7 +27,7 @@ from blindspot.errors import BlindspotError, PathLike
 from blindspot.models.loading import LoadedModel
 from blindspot.physics.acquisition import CartesianMRI
 from blindspot.physics.ct import HUNormalization
-from blindspot.physics.mri import create_mask_func, mask_on_grid
+from blindspot.physics.mri import create_mask_func, low_frequencies_on_grid, mask_on_grid
 
 __all__ = ["CTImageSet", "CTItem", "DataOptions", "ImageBatch", "MRIImageSet", "as_image_set", "open_images"]
 
@@ -276,9 +276,10 @@ class MRIImageSet:
         start = 0
         for b in loader:
             B = len(b)
-            masks = mask_on_grid(b.mask, tuple(b.target.shape[-2:]), B)
-            batch = ImageBatch(b.keys, list(range(start, start + B)), b.target,
-                               CartesianMRI(masks, accelerations=b.acceleration))
+            grid = tuple(b.target.shape[-2:])
+            acq = CartesianMRI(mask_on_grid(b.mask, grid, B), accelerations=b.acceleration,
+                               num_low_frequencies=low_frequencies_on_grid(b.mask, grid, b.num_low_frequencies))
+            batch = ImageBatch(b.keys, list(range(start, start + B)), b.target, acq)
             start += B
             sel = [j for j, k in enumerate(batch.keys) if todo(k)]
             if sel:

@@ -399,7 +399,7 @@ def _mri_invariances(loaded: LoadedModel, net: Network, source: MRIImageSet, con
             name = safe_name(key)
             save_npz(folder.file("arrays", f"{name}.npz"), x=res.x[b, 0], x_inv=res.x_inv[b, :, 0], f_x=res.f_x[b, 0],
                      f_x_inv=res.f_x_inv[b, :, 0], null_abs=null_abs[b, :, 0], range_abs=range_abs[b, :, 0],
-                     mask=target.mask[b].reshape(-1).cpu(), units="normalised",
+                     mask=_saved_mask(target.mask[b, 0]).cpu(), units="normalised",
                      norm_mean=target.mean[b].reshape(()).cpu(), norm_std=target.std[b].reshape(()).cpu())
             if (idx < figures) if log.sharded else (figures_made < figures):  # ranks: the first images' figures
                 mri_invariance_figure(res.x[b, 0], res.x_inv[b, 0, 0], res.f_x[b, 0], res.f_x_inv[b, 0, 0],
@@ -634,3 +634,8 @@ def run_sample(
                "config": {"samples": samples, "seed": seed, "distance": "generator"}}
     summary.update({"dose": source.dose} if norm is not None else source.info)
     return _finish(folder, rows, summary, figures)
+
+
+def _saved_mask(mask: Tensor) -> Tensor:
+    """One image's sampling mask as saved with its invariances: columns ``(w,)``, a 2-D mask ``(h, w)``."""
+    return mask.reshape(-1) if mask.shape[0] == 1 else mask
