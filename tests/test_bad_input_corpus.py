@@ -237,6 +237,8 @@ CASES: dict[str, tuple[Case, Callable[[Ctx], None] | None]] = {
     # data phantoms / ct-phantoms / lesion-phantoms
     "phantoms-shape-1": (lambda c: ([*c.phantoms, "--shape", "1", "1"], "--shape"), None),
     "phantoms-volumes-0": (lambda c: ([*c.phantoms, "--volumes", "0"], "--volumes"), None),
+    "phantoms-coils-single-coil": (lambda c: ([*c.phantoms, "--challenge", "singlecoil", "--coils", "4"], "--coils"),
+                                   None),
     "phantoms-memory": (lambda c: ([*c.phantoms, "--slices", "99999", "--shape", "4096", "4096"], "--slices"), None),
     "phantoms-other-data-kept": (lambda c: ([*c.phantoms, "--slices", "2"], "file_phantom_000000.h5"), _phantom_file),
     "phantoms-panel-exists": (lambda c: ([*c.phantoms, "--panel", str(c.file)], str(c.file)), None),

@@ -294,3 +294,36 @@ def test_a_2d_mask_the_sensitivity_network_keeps_only_the_calibration_box():
     assert torch.allclose(out, rss(ifft2c(k), dim=1)[:, 0], atol=1e-4 * float(out.abs().max()))
     with pytest.raises(BlindspotError, match="2-D mask"):
         net(torch.view_as_real(k), torch.ones(2, 1, 5, 32, 1, dtype=torch.bool))
+
+
+def test_audit_of_bare_state_dicts_on_multicoil_files(tmp_path, capsys):
+    """``blindspot audit --model <state dict> --arch varnet --data <multi-coil phantoms>`` writes a full report (the
+    VarNet's hyper-parameters read off its weights), and so does a bare U-Net state dict with inferred ``chans`` and
+    ``num_pool_layers`` on the same files; a single-coil file given to VarNet is a one-line error."""
+    import json
+
+    from blindspot.cli import main
+
+    data, single = tmp_path / "mc", tmp_path / "sc"
+    geometry = ["--volumes", "1", "--slices", "2", "--shape", "32", "32", "--recon-size", "32", "32"]
+    assert main(["data", "phantoms", "--out", str(data), "--coils", "3", *geometry]) == 0
+    assert main(["data", "phantoms", "--out", str(single), *geometry]) == 0
+    torch.manual_seed(0)
+    torch.save(VarNet(**TINY).state_dict(), tmp_path / "varnet.pt")
+    torch.save(build_model("unet", chans=4, num_pool_layers=2).state_dict(), tmp_path / "unet.pt")
+    common = ["--accelerations", "4", "--search", "rs", "--candidates", "2", "--lesion-phantoms", "0", "--no-beyond"]
+    for arch in ("varnet", "unet"):
+        out = tmp_path / f"audit_{arch}"
+        assert main(["audit", "--model", str(tmp_path / f"{arch}.pt"), "--arch", arch, "--data", str(data),
+                     "--out", str(out), *common]) == 0
+        html = (out / "report.html").read_text()
+        assert "<img" in html and "Table 1" in html
+        rows = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+        assert len(rows) == 2 * 2 and {r["search"] for r in rows} == {"rs"}  # 2 slices × 2 criteria
+        assert ("3-coil, maps full, " + ("k-space + mask" if arch == "varnet" else "RSS image")) in html
+    capsys.readouterr()
+    assert main(["audit", "--model", str(tmp_path / "varnet.pt"), "--arch", "varnet", "--data", str(single),
+                 "--out", str(tmp_path / "bad"), *common]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "".join(err) and [e for e in err if "error" in e] == err[-1:]
+    assert err[-1].startswith("blindspot: error: ") and "single-coil" in err[-1] and "file_phantom_000000.h5" in err[-1]

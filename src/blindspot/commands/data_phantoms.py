@@ -25,6 +25,9 @@ from blindspot.fileio import atomic_write_bytes
 from blindspot.validate import (check_array_bytes, check_crop, check_output_file, check_output_folder,
                                 image_side, non_negative_int, positive_int)
 
+#: Coils of multi-coil phantom volumes unless ``--coils`` says otherwise.
+DEFAULT_COILS = 8
+
 
 def save_panel(images: Sequence[tuple[np.ndarray, str]], path: str | Path, cols: int = 4, dpi: int = 100) -> Path:
     """Save magnitude images ``(h, w)`` with titles as a grey-scale grid PNG, atomically.
@@ -69,7 +72,14 @@ def panel_from_files(paths: Sequence[str | Path], out: str | Path, max_volumes: 
 
 
 def check_volume_arguments(args: argparse.Namespace) -> None:
-    """What :func:`add_volume_arguments` asked for fits in memory: one volume's complex64 k-space."""
+    """What :func:`add_volume_arguments` asked for is consistent and fits in memory (one volume's complex64 k-space).
+    ``--coils`` alone means multi-coil volumes; with ``--challenge singlecoil`` it is an error."""
+    if args.coils is not None and args.challenge == "singlecoil":
+        raise BlindspotError("--coils", "is for multi-coil volumes; drop it or give --challenge multicoil")
+    if args.challenge is None:
+        args.challenge = "singlecoil" if args.coils is None else "multicoil"
+    if args.coils is None:
+        args.coils = DEFAULT_COILS
     coils = 1 if args.challenge == "singlecoil" else args.coils
     check_array_bytes((args.slices, coils, *args.shape), 8, "--slices/--coils/--shape")
     check_crop(args.recon_size, args.shape, "--shape", "--recon-size")  # only when given: the default is clipped
@@ -105,8 +115,10 @@ def add_volume_arguments(parser: argparse.ArgumentParser) -> None:
                         help="k-space size, rows (readout) and columns (phase encode); default 640 368")
     parser.add_argument("--recon-size", type=image_side, nargs=2, metavar=("h", "w"),
                         help="reconstruction crop, at most --shape (default 320 320, clipped to --shape)")
-    parser.add_argument("--challenge", choices=CHALLENGES, default="singlecoil")
-    parser.add_argument("--coils", type=positive_int, default=8, help="coils of multi-coil volumes (default 8)")
+    parser.add_argument("--challenge", choices=CHALLENGES,
+                        help="singlecoil (the default) or multicoil (the default when --coils is given)")
+    parser.add_argument("--coils", type=positive_int,
+                        help=f"coils of multi-coil volumes (default {DEFAULT_COILS}; implies --challenge multicoil)")
 
 
 def register(subparsers) -> None:
