@@ -11,6 +11,8 @@
    phantom slices whose 25 % dose is simulated in the projection domain: denoising quality, FNAF-on-CT attack rates
    with low-contrast features, IP (detectability above the noise) and transfer: ``runs/demo/ct/report.html``.
 
+The CT audit runs beside the MRI audit, in a second process with half of the CPU threads (:func:`_run_side_by_side`;
+its output, in ``ct/audit.log``, is printed after the MRI audit's); with one thread they run one after the other.
 An existing demo folder is replaced (the demo is a fresh run each time).
 """
 

@@ -76,45 +76,53 @@ def _circle(X: Tensor, Y: Tensor, cx: float, cy: float, r: float) -> Tensor:
     return torch.sqrt((X - cx) ** 2 + (Y - cy) ** 2) - r
 
 
-def _capsules(
-    X: Tensor, Y: Tensor, p0: np.ndarray, p1: np.ndarray, r0: np.ndarray, r1: np.ndarray, chunk: int = 24
+def capsules(
+    X: Tensor, Y: Tensor, p0: np.ndarray, p1: np.ndarray, r0: np.ndarray, r1: np.ndarray, chunk: int = 32
 ) -> Tensor:
     """Signed distance to the union of ``K`` tapered capsules (segments ``p0→p1``, radius ``r0→r1``), ``(H, W)``.
 
-    Evaluated in chunks of ``chunk`` capsules over a crop around them, so memory stays ``chunk · H · W``.
+    Each capsule is evaluated only in its own window, its bounding box grown by its radius and two pixels, so the
+    result is the exact minimum over the capsules wherever that is below two pixels (all that painting with
+    one-pixel coverage reads) and at least two pixels (or 1e4, far from every capsule) elsewhere. Capsules are
+    taken ``chunk`` at a time, in order of window size, each chunk with one window shape; the windows' values are
+    merged with a scatter-min, so memory stays ``chunk ·`` (largest window).
     """
-    out = torch.full_like(X, 1e4)
+    H, W = X.shape
+    out = torch.full((H, W), 1e4, dtype=X.dtype, device=X.device)
     if len(p0) == 0:
         return out
     dev = X.device
-    P0 = torch.as_tensor(np.asarray(p0), dtype=torch.float32, device=dev)
-    P1 = torch.as_tensor(np.asarray(p1), dtype=torch.float32, device=dev)
-    R0 = torch.as_tensor(np.asarray(r0), dtype=torch.float32, device=dev)
-    R1 = torch.as_tensor(np.asarray(r1), dtype=torch.float32, device=dev)
-    # crop to the capsules' bounding box (+ a margin) to save work
-    xs, ys = X[0], Y[:, 0]
-    rmax = float(torch.maximum(R0, R1).max()) + 2.0 * float(xs[1] - xs[0]) if xs.numel() > 1 else 1.0
-    lo_x = float(torch.minimum(P0[:, 0], P1[:, 0]).min()) - rmax
-    hi_x = float(torch.maximum(P0[:, 0], P1[:, 0]).max()) + rmax
-    lo_y = float(torch.minimum(P0[:, 1], P1[:, 1]).min()) - rmax
-    hi_y = float(torch.maximum(P0[:, 1], P1[:, 1]).max()) + rmax
-    cols = torch.nonzero((xs >= lo_x) & (xs <= hi_x)).flatten()
-    rows = torch.nonzero((ys >= lo_y) & (ys <= hi_y)).flatten()
-    if cols.numel() == 0 or rows.numel() == 0:
-        return out
-    c0, c1, r0_, r1_ = int(cols[0]), int(cols[-1]) + 1, int(rows[0]), int(rows[-1]) + 1
-    Xc, Yc = X[r0_:r1_, c0:c1].unsqueeze(0), Y[r0_:r1_, c0:c1].unsqueeze(0)
-    best = torch.full_like(Xc[0], 1e4)
-    for k in range(0, len(P0), chunk):
-        a, b = P0[k : k + chunk].view(-1, 2, 1, 1), P1[k : k + chunk].view(-1, 2, 1, 1)
-        ra, rb = R0[k : k + chunk].view(-1, 1, 1), R1[k : k + chunk].view(-1, 1, 1)
+    P0 = torch.as_tensor(np.asarray(p0), dtype=torch.float32, device=dev).reshape(-1, 2)
+    P1 = torch.as_tensor(np.asarray(p1), dtype=torch.float32, device=dev).reshape(-1, 2)
+    R0 = torch.as_tensor(np.asarray(r0), dtype=torch.float32, device=dev).reshape(-1)
+    R1 = torch.as_tensor(np.asarray(r1), dtype=torch.float32, device=dev).reshape(-1)
+    xs, ys = X[0].contiguous(), Y[:, 0].contiguous()  # increasing pixel-centre coordinates, mm
+    px = float(xs[1] - xs[0]) if xs.numel() > 1 else 1.0
+    margin = torch.maximum(R0, R1) + 2.0 * px
+    # each window's pixel range [lo, hi) in columns and rows
+    c_lo = torch.searchsorted(xs, torch.minimum(P0[:, 0], P1[:, 0]) - margin)
+    c_hi = torch.searchsorted(xs, torch.maximum(P0[:, 0], P1[:, 0]) + margin, right=True)
+    r_lo = torch.searchsorted(ys, torch.minimum(P0[:, 1], P1[:, 1]) - margin)
+    r_hi = torch.searchsorted(ys, torch.maximum(P0[:, 1], P1[:, 1]) + margin, right=True)
+    width, height = c_hi - c_lo, r_hi - r_lo
+    order = torch.argsort(width * height)
+    order = order[(width[order] > 0) & (height[order] > 0)]
+    flat = out.view(-1)
+    for k in range(0, order.numel(), chunk):
+        idx = order[k : k + chunk]
+        wc, wr = int(width[idx].max()), int(height[idx].max())
+        cols = torch.minimum(c_lo[idx], torch.full_like(c_lo[idx], W - wc))[:, None] + torch.arange(wc, device=dev)
+        rows = torch.minimum(r_lo[idx], torch.full_like(r_lo[idx], H - wr))[:, None] + torch.arange(wr, device=dev)
+        Xc, Yc = xs[cols][:, None, :], ys[rows][:, :, None]  # (k, 1, wc), (k, wr, 1)
+        a, b = P0[idx].view(-1, 2, 1, 1), P1[idx].view(-1, 2, 1, 1)
+        ra, rb = R0[idx].view(-1, 1, 1), R1[idx].view(-1, 1, 1)
         ba = b - a
         denom = (ba * ba).sum(1).clamp_min(1e-9)  # (k, 1, 1)
-        px, py = Xc - a[:, 0], Yc - a[:, 1]
-        h = ((px * ba[:, 0] + py * ba[:, 1]) / denom).clamp(0.0, 1.0)
-        dist = torch.sqrt((px - h * ba[:, 0]) ** 2 + (py - h * ba[:, 1]) ** 2 + 1e-12) - (ra + h * (rb - ra))
-        best = torch.minimum(best, dist.min(dim=0).values)
-    out[r0_:r1_, c0:c1] = best
+        px_, py_ = Xc - a[:, 0], Yc - a[:, 1]
+        h = ((px_ * ba[:, 0] + py_ * ba[:, 1]) / denom).clamp(0.0, 1.0)
+        dist = torch.sqrt((px_ - h * ba[:, 0]) ** 2 + (py_ - h * ba[:, 1]) ** 2 + 1e-12) - (ra + h * (rb - ra))
+        where = (rows[:, :, None] * W + cols[:, None, :]).flatten()
+        flat.scatter_reduce_(0, where, dist.flatten(), "amin")
     return out
 
 
@@ -310,9 +318,9 @@ def _vertebra(c: _Canvas, cx: float, cy: float, r: float, rng: np.random.Generat
     p1 = np.array([[cx - 9, post + 12], [cx + 9, post + 12], [cx, post + 20], [cx, post + 20],
                    [cx - 32, post + 2 + rng.uniform(-3, 3)], [cx + 32, post + 2 + rng.uniform(-3, 3)]])
     rr = np.array([3.5, 3.5, 3.2, 3.2, 4.0, 4.0])
-    arch = _capsules(X, Y, p0, p1, rr, rr * 0.8)
-    spinous = _capsules(X, Y, np.array([[cx, post + 18]]), np.array([[cx, post + 18 + 2.0 * r]]),
-                        np.array([4.0]), np.array([3.0]))
+    arch = capsules(X, Y, p0, p1, rr, rr * 0.8)
+    spinous = capsules(X, Y, np.array([[cx, post + 18]]), np.array([[cx, post + 18 + 2.0 * r]]),
+                       np.array([4.0]), np.array([3.0]))
     bone = torch.minimum(arch, spinous)
     c.paint(bone, CORTICAL * 0.85)
     c.paint(bone + 1.5, CANCELLOUS + 60.0)
@@ -386,7 +394,7 @@ def _lung_vessels(c: _Canvas, rng: np.random.Generator, hila: list[tuple[float, 
         r = max(0.4, rng.uniform(0.8, 3.0) * (1.0 - 0.8 * dist / reach))
         tail = rng.normal(0, 1.5 * r, 2) if rng.uniform() < 0.5 else np.zeros(2)
         p0.append((x, y)), p1.append((x + tail[0], y + tail[1])), r0.append(r), r1.append(r * 0.9)
-    vessels = _capsules(c.X, c.Y, np.array(p0), np.array(p1), np.array(r0), np.array(r1))
+    vessels = capsules(c.X, c.Y, np.array(p0), np.array(p1), np.array(r0), np.array(r1))
     # airways: thin-walled air tubes beside some proximal vessels (bronchus next to its artery)
     a0, a1, ar = [], [], []
     for i in range(len(p0)):
@@ -397,8 +405,8 @@ def _lung_vessels(c: _Canvas, rng: np.random.Generator, hila: list[tuple[float, 
             a0.append((p0[i][0] + d[0], p0[i][1] + d[1]))
             a1.append((p1[i][0] + d[0], p1[i][1] + d[1]))
             ar.append(r0[i] * 0.9)
-    airways = _capsules(c.X, c.Y, np.array(a0).reshape(-1, 2), np.array(a1).reshape(-1, 2), np.array(ar),
-                        np.array(ar) * 0.8)
+    airways = capsules(c.X, c.Y, np.array(a0).reshape(-1, 2), np.array(a1).reshape(-1, 2), np.array(ar),
+                       np.array(ar) * 0.8)
     return vessels, airways
 
 
@@ -480,8 +488,8 @@ def _render_chest(c: _Canvas, an: dict, z: float, z_mm: float, rng: np.random.Ge
     # great vessels, airway, oesophagus
     c.paint(_circle(X, Y, aorta_x, aorta_y, aorta_r), BLOOD + 2.0)
     if z < 0.3:  # aortic arch and superior vena cava
-        arch = _capsules(X, Y, np.array([[-12.0, top + 34.0]]), np.array([[aorta_x - 4.0, aorta_y - 24.0]]),
-                         np.array([12.5]), np.array([aorta_r]))
+        arch = capsules(X, Y, np.array([[-12.0, top + 34.0]]), np.array([[aorta_x - 4.0, aorta_y - 24.0]]),
+                        np.array([12.5]), np.array([aorta_r]))
         c.paint(arch, BLOOD + 2.0)
         c.paint(_circle(X, Y, -30.0, top + 30.0, 9.0), BLOOD)
     elif heart_s < 0.85:
@@ -546,7 +554,7 @@ def _render_abdomen(c: _Canvas, an: dict, z: float, z_mm: float, rng: np.random.
     n_dots = int(rng.integers(25, 50))
     pts = np.stack([rng.uniform(-0.7, 0.7, n_dots) * cav_a, cav_cy + rng.uniform(-0.8, 0.4, n_dots) * cav_b], 1)
     rr = rng.uniform(0.8, 2.5, n_dots)
-    c.paint(_capsules(X, Y, pts, pts + rng.normal(0, 2.0, pts.shape), rr, rr * 0.8), 140.0, within=inside)
+    c.paint(capsules(X, Y, pts, pts + rng.normal(0, 2.0, pts.shape), rr, rr * 0.8), 140.0, within=inside)
     # bowel loops (small bowel and colon): enhancing wall, content air / fluid / air-fluid level / stool
     n_loops = int(rng.integers(8, 16)) if z > 0.25 else int(rng.integers(3, 7))
     for _ in range(n_loops):
@@ -608,7 +616,7 @@ def _render_abdomen(c: _Canvas, an: dict, z: float, z_mm: float, rng: np.random.
         pts0 = np.array([[-25.0, y_v - r_v - 34.0], [0.0, y_v - r_v - 30.0], [30.0, y_v - r_v - 26.0]])
         pts1 = np.array([[0.0, y_v - r_v - 30.0], [30.0, y_v - r_v - 26.0], [60.0, y_v - r_v - 14.0]])
         rr = np.array([11.0, 9.0, 8.0]) * ps
-        c.paint(_capsules(X, Y, pts0, pts1, rr, rr * 0.9), 95.0 + 8.0 * c.noise(1.0), within=inside)
+        c.paint(capsules(X, Y, pts0, pts1, rr, rr * 0.9), 95.0 + 8.0 * c.noise(1.0), within=inside)
     # stomach: air above an air-fluid level, enhancing wall
     ss = _profile(z, -0.2, 0.1, 0.5)
     if ss > 0.05:
@@ -638,7 +646,7 @@ def _render_abdomen(c: _Canvas, an: dict, z: float, z_mm: float, rng: np.random.
         p0 = np.stack([cx0 + rng.normal(0, 8, n_v), cy0 + rng.normal(0, 8, n_v)], 1)
         p1 = p0 + np.stack([np.cos(angs), np.sin(angs)], 1) * lens[:, None]
         rr = rng.uniform(2.0, 5.5, n_v)
-        c.paint(_capsules(X, Y, p0, p1, rr, rr * 0.5), PORTAL_CE, within=(liv_cov > 0.99).to(torch.float32))
+        c.paint(capsules(X, Y, p0, p1, rr, rr * 0.5), PORTAL_CE, within=(liv_cov > 0.99).to(torch.float32))
         for les in an["liver_lesions"]:
             dz = (z - les["z"]) * KINDS["abdomen"]
             if abs(dz) >= les["r"]:
@@ -782,14 +790,14 @@ def write_phantom_dataset(
         for k0 in range(0, len(zs), batch):
             chunk = list(range(k0, min(len(zs), k0 + batch)))
             hu = torch.stack([patient.render(zs[k], size=spec.size, device=device) for k in chunk]).unsqueeze(1)
-            sino = ct.line_integrals(hu)  # batched projection; noise per slice from the slice's own generator
+            # one batched projection and FBP for the chunk; each slice's noise from its own generator
+            gens = [torch.Generator(device=device).manual_seed(int(plan["seed"]) * 1009 + k) for k in chunk]
+            images = ct.simulate(hu, (1.0, *spec.doses), generator=gens)
             for j, k in enumerate(chunk):
-                gen = torch.Generator(device=device).manual_seed(int(plan["seed"]) * 1009 + k)
-                images = ct.simulate(hu[j : j + 1], (1.0, *spec.doses), generator=gen, line_integrals=sino[j : j + 1])
                 for d, img in images.items():
                     folder, uid, number, desc = folders[d]
                     write_ct_slice(
-                        files[d][k], img[0, 0], patient_id=pid, study_uid=study_uid, series_uid=uid,
+                        files[d][k], img[j, 0], patient_id=pid, study_uid=study_uid, series_uid=uid,
                         frame_uid=frame_uid, sop_uid=ldct_uid("sop", spec.seed, pid, d, k), series_number=number,
                         series_description=desc, instance_number=k + 1, z_mm=-zs[k] * length,
                         pixel_spacing_mm=px, study_date="20200101", study_description=f"Synthetic {kind} phantom",
