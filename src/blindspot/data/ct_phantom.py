@@ -542,9 +542,8 @@ def _abdomen_anatomy(rng: np.random.Generator) -> dict[str, Any]:
 
 def _render_abdomen(c: _Canvas, an: dict, z: float, z_mm: float, rng: np.random.Generator) -> None:
     X, Y = c.X, c.Y
-    cy = an["cy"]
     inner = _body_wall(c, an, rng)
-    top, bottom, cav_cy, r_v, y_v = inner["top"], inner["bottom"], inner["cy"], an["r_vert"], inner["y_v"]
+    top, cav_cy, r_v, y_v = inner["top"], inner["cy"], an["r_vert"], inner["y_v"]
     _back_muscles(c, inner, an)
     cav_a, cav_b = inner["a"], inner["b"]
     cavity = _ellipse(X, Y, 0.0, cav_cy, cav_a, cav_b, wobble=an["muscle_wobble"])
@@ -585,7 +584,7 @@ def _render_abdomen(c: _Canvas, an: dict, z: float, z_mm: float, rng: np.random.
     for sx in (-1, 1):
         c.paint(_ellipse(X, Y, sx * (r_v + 14.0 * psoas_s + 4.0), y_v - 2.0, 13.0 * psoas_s + 3.0, 17.0 * psoas_s + 4.0,
                          angle=sx * 0.3), MUSCLE)
-    spine = _vertebra(c, 0.0, y_v, r_v, rng)
+    _vertebra(c, 0.0, y_v, r_v, rng)
     ao = _circle(X, Y, 9.0, y_v - r_v - 10.0, 11.0)
     c.paint(ao, AORTA_CE + 8.0 * c.noise(4.0))
     if an["aorta_calcified"]:
