@@ -96,21 +96,29 @@ def zero_filled(kspace: np.ndarray, mask: torch.Tensor, crop: tuple[int, int]) -
     return image.abs()
 
 
-def make_dicom(pixels: np.ndarray, bits_stored: int | None = None, **elements) -> "object":
-    """A minimal MR image DICOM dataset (explicit VR little endian) holding ``pixels`` (uint8/uint16 ``(H, W)``)."""
+def dicom_header(modality: str, patient: str, study_uid: str, series_uid: str) -> "object":
+    """A DICOM dataset with its file meta and identity: a new SOP instance of the MR or CT image storage class
+    (``modality`` ``"MR"`` or ``"CT"``), the patient, study and series."""
     from pydicom import uid
     from pydicom.dataset import Dataset, FileMetaDataset
 
+    sop_class = uid.MRImageStorage if modality == "MR" else uid.CTImageStorage
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = uid.MRImageStorage
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
     ds.file_meta.MediaStorageSOPInstanceUID = uid.generate_uid()
-    ds.SOPClassUID = uid.MRImageStorage
+    ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.1"
-    ds.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.2"
-    ds.Modality = "MR"
-    ds.PatientID = "test"
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.Modality = modality
+    ds.PatientID = patient
+    return ds
+
+
+def make_dicom(pixels: np.ndarray, bits_stored: int | None = None, **elements) -> "object":
+    """A minimal MR image DICOM dataset (explicit VR little endian) holding ``pixels`` (uint8/uint16 ``(H, W)``)."""
+    ds = dicom_header("MR", "test", "1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.2")
     if bits_stored is None:
         bits_stored = 8 if pixels.dtype == np.uint8 else 12
     ds.set_pixel_data(np.ascontiguousarray(pixels), photometric_interpretation="MONOCHROME2", bits_stored=bits_stored)

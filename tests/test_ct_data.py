@@ -23,6 +23,7 @@ from blindspot.data.ldct import (
 )
 from blindspot.errors import BlindspotError
 from blindspot.physics.ct import HUNormalization
+from helpers_data import dicom_header
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -30,19 +31,7 @@ from blindspot.physics.ct import HUNormalization
 # ----------------------------------------------------------------------------------------------------------------
 def _ct_file(path: Path, stored: np.ndarray, z: float, series_uid: str, description: str, *, slope=2.0,
              intercept=-1000.0, rescale=True, patient="P"):
-    from pydicom import uid
-    from pydicom.dataset import Dataset, FileMetaDataset
-
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = uid.CTImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = uid.generate_uid()
-    ds.SOPClassUID = uid.CTImageStorage
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CT"
-    ds.PatientID = patient
-    ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.7"
-    ds.SeriesInstanceUID = series_uid
+    ds = dicom_header("CT", patient, "1.2.826.0.1.3680043.8.498.7", series_uid)
     ds.SeriesDescription = description
     ds.ImagePositionPatient = [-10.0, -10.0, z]
     ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]

@@ -20,6 +20,7 @@ from torch import Tensor
 from blindspot.data.dicom import pixel_padding_mask, read_dicom
 from blindspot.data.ldct import AIR_HU, field_of_view, load_ct_images, read_ct_hu
 from blindspot.errors import BlindspotError
+from helpers_data import dicom_header
 
 SIZE = 64
 RADIUS = 30.5  # px: the field's circle, centred on the image
@@ -48,22 +49,10 @@ def write_padded_slice(path: Path, hu: np.ndarray, field: np.ndarray | None, z: 
                        padding_tag: bool = True, pad_stored: int = PAD_STORED, series_uid: str = "1.2.3.4.5") -> Path:
     """One CT slice as a scanner writes it: int16 stored values, intercept −1024, ``pad_stored`` outside ``field``
     (declared as ``PixelPaddingValue`` when ``padding_tag``)."""
-    from pydicom import uid
-    from pydicom.dataset import Dataset, FileMetaDataset
-
     stored = np.rint(hu).astype(np.int32) + 1024
     if field is not None:
         stored = np.where(field, stored, pad_stored)
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = uid.CTImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = uid.generate_uid()
-    ds.SOPClassUID = uid.CTImageStorage
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CT"
-    ds.PatientID = "FOV"
-    ds.StudyInstanceUID = "1.2.3.4"
-    ds.SeriesInstanceUID = series_uid
+    ds = dicom_header("CT", "FOV", "1.2.3.4", series_uid)
     ds.ImagePositionPatient = [-32.0, -32.0, z]
     ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
     ds.PixelSpacing = [1.0, 1.0]
