@@ -59,8 +59,8 @@ from torch import Tensor
 
 from blindspot.errors import BlindspotError
 from blindspot.physics.ct import WINDOWS, HUNormalization, LowDoseCT
-from blindspot.physics.mri import (MaskFunc, NormStats, center_crop, fft2c, ifft2c, masked_image, normalize,
-                                   resample_mask, rss)
+from blindspot.physics.mri import (MaskFunc, NormStats, center_crop, draw_mask, fft2c, ifft2c, masked_image,
+                                   normalize, resample_mask, rss)
 
 #: The Rose criterion: a known signal is reliably detectable in white noise when its SNR reaches 5.
 ROSE_DETECTABILITY = 5.0
@@ -283,8 +283,7 @@ class CartesianMRI(Acquisition):
         """One mask per item drawn by ``mask_func`` for ``width`` columns (and ``height`` rows: 2-D mask functions
         need it), seeded per item (fastMRI seeds by file name, so the same volume always gets the same mask). The
         masks' ``num_low_frequencies`` are kept for k-space networks."""
-        two_d = bool(getattr(mask_func, "two_dimensional", False))
-        drawn = [mask_func(width, seed=s, height=height) if two_d else mask_func(width, seed=s) for s in seeds]
+        drawn = [draw_mask(mask_func, width, height, s) for s in seeds]
         masks = torch.stack([d.mask.reshape(1, -1, width) for d in drawn])
         acc = torch.tensor([d.acceleration for d in drawn], dtype=torch.float32)
         low = torch.tensor([d.num_low_frequencies for d in drawn], dtype=torch.long)

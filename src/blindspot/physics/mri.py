@@ -661,14 +661,17 @@ def resample_mask(mask: Tensor, width: int, height: int | None = None) -> Tensor
     return mask
 
 
-def draw_mask(mask_func: MaskFunc | Callable[..., Mask], width: int, height: int, seed: Seed = None) -> Mask:
+def draw_mask(mask_func: MaskFunc | Callable[..., Mask], width: int, height: int | None, seed: Seed = None) -> Mask:
     """``mask_func``'s mask for a ``height × width`` k-space.
 
     2-D mask functions (``two_dimensional`` true: :class:`VariableDensityMaskFunc` and wrappers of one) are called as
-    ``mask_func(width, seed=seed, height=height)`` and return an ``(H, W)`` mask; column mask functions — including
-    a user's fastMRI-style callable that takes no ``height`` — as ``mask_func(width, seed=seed)``, ``(1, W)``.
+    ``mask_func(width, seed=seed, height=height)`` and return an ``(H, W)`` mask (``height`` is then required);
+    column mask functions — including a user's fastMRI-style callable that takes no ``height`` — as
+    ``mask_func(width, seed=seed)``, ``(1, W)``.
     """
     if getattr(mask_func, "two_dimensional", False):
+        if height is None:
+            raise BlindspotError(None, "a 2-D mask function needs the k-space height")
         return mask_func(int(width), seed=seed, height=int(height))
     return mask_func(int(width), seed=seed)
 
