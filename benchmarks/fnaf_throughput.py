@@ -34,31 +34,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import statistics
 import sys
-import time
 
 import torch
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from timing import median_time, median_times, peak_mb, reset_peak, sync
 
 
-def _timeit(fn, device: torch.device, repeats: int, warmup: int) -> float:
-    """Median wall time of ``fn()`` in seconds."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+
+
 
 
 def _phantom_batch(n: int, size: int, mask_func):
@@ -77,33 +61,10 @@ def _phantom_batch(n: int, size: int, mask_func):
     return collate_mri(samples)
 
 
-def _timeit_interleaved(fns: dict, device: torch.device, repeats: int, warmup: int) -> dict:
-    """Median wall time of each ``fn()``, measured in alternating rounds so that drift (other load, clocks) hits all
-    of them alike."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    _sync(device)
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
-def _peak_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB → MiB (process lifetime)
 
 
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
 
 
 def bench_size(model, size: int, args, device: torch.device) -> dict:
@@ -139,15 +100,15 @@ def bench_size(model, size: int, args, device: torch.device) -> dict:
             torch.autograd.grad(out.square().sum(), v)
 
     model.eval()
-    _reset_peak(device)
+    reset_peak(device)
     bare_forward()
-    _sync(device)
-    peak_bare = _peak_mb(device)
-    _reset_peak(device)
+    sync(device)
+    peak_bare = peak_mb(device)
+    reset_peak(device)
     rs(model, batch, mask_func)
-    _sync(device)
-    peak_rs = _peak_mb(device)
-    timed = _timeit_interleaved(
+    sync(device)
+    peak_rs = peak_mb(device)
+    timed = median_times(
         {
             "bare": bare_forward,
             "rs": lambda: rs(model, batch, mask_func),
@@ -183,17 +144,17 @@ def bench_size(model, size: int, args, device: torch.device) -> dict:
     def pipeline_without_network():
         rs(_Echo(), batch, mask_func)
 
-    t_render = _timeit(render_only, device, args.repeats, args.warmup)
-    t_physics = _timeit(physics_only, device, args.repeats, args.warmup)
-    t_overhead = _timeit(pipeline_without_network, device, args.repeats, args.warmup)
+    t_render = median_time(render_only, device, args.repeats, args.warmup)
+    t_physics = median_time(physics_only, device, args.repeats, args.warmup)
+    t_overhead = median_time(pipeline_without_network, device, args.repeats, args.warmup)
 
     grad_entry = {}
     if args.grad_steps > 0:
-        _reset_peak(device)
+        reset_peak(device)
         grad(model, batch, mask_func)
-        _sync(device)
-        peak_grad = _peak_mb(device)
-        tg = _timeit_interleaved({"grad": lambda: grad(model, batch, mask_func), "fb": bare_forward_backward},
+        sync(device)
+        peak_grad = peak_mb(device)
+        tg = median_times({"grad": lambda: grad(model, batch, mask_func), "fb": bare_forward_backward},
                                  device, max(1, args.repeats // 2), 1)
         t_grad, t_fb = tg["grad"], tg["fb"]
         # the network's share of the gradient search: steps × (forward + backward) per image, plus forwards for the
@@ -291,19 +252,19 @@ def bench_varnet(model, size: int, args, device: torch.device) -> dict:
                 acq.information(meas, mp, stats)
 
     model.eval()
-    _reset_peak(device)
+    reset_peak(device)
     bare_forward()
-    _sync(device)
-    peak_bare = _peak_mb(device)
-    _reset_peak(device)
+    sync(device)
+    peak_bare = peak_mb(device)
+    reset_peak(device)
     with eval_mode(model):
         rs(net, truths, mask_func)
-    _sync(device)
-    peak_rs = _peak_mb(device)
+    sync(device)
+    peak_rs = peak_mb(device)
     with eval_mode(model):
-        timed = _timeit_interleaved({"bare": bare_forward, "rs": lambda: rs(net, truths, mask_func)}, device,
+        timed = median_times({"bare": bare_forward, "rs": lambda: rs(net, truths, mask_func)}, device,
                                     args.repeats, args.warmup)
-    t_phys = _timeit(physics_only, device, args.repeats, args.warmup)
+    t_phys = median_time(physics_only, device, args.repeats, args.warmup)
     cand = B * n
     return {
         "size": [size, size], "coils": args.coils, "images": B, "candidates_per_image": n, "chunk_size": cs,
@@ -370,20 +331,20 @@ def bench_audit_like(model, size: int, args, device: torch.device) -> dict:
                     reconstruct(model, x, m)
 
         bare_call[(n, g)] = call
-        bare[(n, g)] = _timeit(call, device, 1, 0)
+        bare[(n, g)] = median_time(call, device, 1, 0)
     first_n = calls_shared[0][0]  # the clean references ride along with the first call: count its candidates only
     own_fraction = (sum(bare[tuple(c)] for c in calls_shared[1:]) + bare[tuple(calls_shared[0])] * (first_n - B)
                     / first_n) / sum(bare[tuple(c)] for c in calls_shared)
-    _reset_peak(device)
+    reset_peak(device)
     shared()
-    _sync(device)
-    peak = _peak_mb(device)
+    sync(device)
+    peak = peak_mb(device)
 
     def network_of(calls):  # the bare network on the same sequence of call shapes
         return lambda: [bare_call[tuple(c)]() for c in calls]
 
     # the attacks and the bare network's calls in alternating rounds, so that load drift hits all of them alike
-    timed = _timeit_interleaved({"shared": shared, "one_by_one": one_by_one, "net_shared": network_of(calls_shared),
+    timed = median_times({"shared": shared, "one_by_one": one_by_one, "net_shared": network_of(calls_shared),
                                  "net_alone": network_of(calls_alone)}, device, args.repeats, args.warmup)
     t_net_shared, t_net_alone = timed["net_shared"], timed["net_alone"]
     t_own = t_net_shared * own_fraction
@@ -433,7 +394,7 @@ def bench_ct(args, device: torch.device) -> dict:
 
     with eval_mode(model.model):
         rs(net, batch, acq)  # warms the PSF and the clean-measurement cache, as a run's first batch does
-        timed = _timeit_interleaved({"bare": bare_forward, "rs": lambda: rs(net, batch, acq)}, device, args.repeats,
+        timed = median_times({"bare": bare_forward, "rs": lambda: rs(net, batch, acq)}, device, args.repeats,
                                     args.warmup)
     # the clean measurement (projection, Poisson noise, one FBP of the noisy and noise-free sinograms) that each image
     # costs once per run, on first use; timed with the cache emptied
@@ -441,12 +402,12 @@ def bench_ct(args, device: torch.device) -> dict:
         for i in range(B):
             acq.measure(batch.full[i : i + 1].to(device), torch.Generator(device=device).manual_seed(i))
 
-    t_measure = _timeit(measure_cold, device, args.repeats, 0)
+    t_measure = median_time(measure_cold, device, args.repeats, 0)
     delta = torch.zeros(cs, 1, args.ct_size, args.ct_size, device=device)
     delta[..., args.ct_size // 2 - 2 : args.ct_size // 2 + 2, args.ct_size // 2 - 2 : args.ct_size // 2 + 2] = 50.0
     with torch.no_grad():
-        t_psf = _timeit(lambda: acq.response(delta), device, args.repeats, args.warmup)
-        t_exact = _timeit(lambda: acq.exact_response(delta), device, 1, 0)
+        t_psf = median_time(lambda: acq.response(delta), device, args.repeats, args.warmup)
+        t_exact = median_time(lambda: acq.exact_response(delta), device, 1, 0)
     return {
         "model": args.ct_model,
         "size": [args.ct_size, args.ct_size],

@@ -24,13 +24,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import sys
 import tempfile
 import time
 
 import torch
+
+from timing import peak_mb, reset_peak, sync
 
 from blindspot.attacks.distances import build_distance
 from blindspot.attacks.invariance import DenoiserTarget, InvarianceAttack, InvarianceConfig, MRITarget
@@ -41,21 +42,10 @@ from blindspot.models.vgg import write_seeded_vgg16
 from blindspot.physics.mri import create_mask_func
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
-def _peak_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
 
 
 def _ct_batch(n: int, size: int, device: torch.device) -> torch.Tensor:
@@ -98,17 +88,17 @@ def bench(args: argparse.Namespace) -> dict:
         xi = x_rep.detach().clone().requires_grad_(True)
         bare_call(xi).sum().backward()
     def bare(n: int) -> float:
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         for _ in range(n):
             bare_step()
-        _sync(device)
+        sync(device)
         return time.perf_counter() - t0
 
     bare(args.warmup)
-    _reset_peak(device)
+    reset_peak(device)
     bare(1)
-    bare_peak = _peak_mb(device)
+    bare_peak = peak_mb(device)
 
     results = {}
     tmp = tempfile.TemporaryDirectory()
@@ -123,14 +113,14 @@ def bench(args: argparse.Namespace) -> dict:
             cfg = InvarianceConfig(alpha=0.01, iterations=n, restarts=args.restarts, min_iterations=10**9,
                                    progress=False)
             attack = InvarianceAttack(dist, config=cfg)
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             attack(target, x)
-            _sync(device)
+            sync(device)
             return time.perf_counter() - t0
 
         run(args.warmup)
-        _reset_peak(device)
+        reset_peak(device)
         attack_s, bare_s, ratios = [], [], []
         for _ in range(args.repeats):  # interleaved, so both see the same machine load
             b = bare(args.iterations) / args.iterations
@@ -149,7 +139,7 @@ def bench(args: argparse.Namespace) -> dict:
             "bare_forward_backward_per_s": 1.0 / statistics.median(bare_s),
             "ratio": statistics.median(ratios),
             "ratios": ratios,
-            "peak_memory_mb": _peak_mb(device),
+            "peak_memory_mb": peak_mb(device),
         }
     tmp.cleanup()
     return {

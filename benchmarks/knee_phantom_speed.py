@@ -20,10 +20,9 @@ import time
 
 import torch
 
+from timing import sync
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+
 
 
 def _median_time(fn, device: torch.device, repeats: int) -> tuple[float, float, object]:
@@ -34,10 +33,10 @@ def _median_time(fn, device: torch.device, repeats: int) -> tuple[float, float, 
     times, cpu, out = [], [], None
     for _ in range(repeats):
         out = None  # release the previous result before making the next
-        _sync(device)
+        sync(device)
         t0, c0 = time.perf_counter(), time.process_time()
         out = fn()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
     return statistics.median(times), statistics.median(cpu), out

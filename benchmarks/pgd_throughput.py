@@ -21,31 +21,14 @@ import json
 import resource
 import statistics
 import sys
-import time
 
 import torch
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from timing import interleaved_times
 
 
-def _timeit_interleaved(fns: dict, device: torch.device, repeats: int, warmup: int) -> dict:
-    """Wall times of each ``fn()`` (a list per name), in alternating rounds so that drift (other load) hits all
-    alike."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    _sync(device)
-    times: dict = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            times[k].append(time.perf_counter() - t0)
-    return times
+
+
 
 
 def run_size(model, size: int, images: int, budgets: tuple[float, ...], steps: int, chunk: int, device, repeats: int,
@@ -82,7 +65,7 @@ def run_size(model, size: int, images: int, budgets: tuple[float, ...], steps: i
 
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        times = _timeit_interleaved({"bare": bare, "pgd": pgd}, device, repeats, warmup)
+        times = interleaved_times({"bare": bare, "pgd": pgd}, device, repeats, warmup)
     t = {k: statistics.median(v) for k, v in times.items()}
     best = {k: min(v) for k, v in times.items()}
     bare_its = steps * items / t["bare"]

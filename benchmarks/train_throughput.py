@@ -21,6 +21,8 @@ import time
 
 import torch
 
+from timing import sync
+
 from blindspot.models.irim import PRESETS
 from blindspot.models.registry import build_model
 
@@ -45,9 +47,6 @@ def _step_fn(model, x, target, mask):
     return step
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def activation_bytes(model, x, mask) -> int:
@@ -74,14 +73,14 @@ def measure(name: str, hparams: dict, size: int, batch: int, steps: int, warmup:
     step = _step_fn(model, x, target, mask)
     for _ in range(warmup):
         step()
-    _sync(device)
+    sync(device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    _sync(device)
+    sync(device)
     elapsed = time.perf_counter() - start
     row = {
         "model": name,

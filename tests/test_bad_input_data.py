@@ -32,6 +32,13 @@ TINY_UNET = {"chans": 2, "num_pool_layers": 1}
 # ----------------------------------------------------------------------------------------------------------------
 # Builders
 # ----------------------------------------------------------------------------------------------------------------
+def _kspace_file(path: Path, kspace: np.ndarray) -> Path:
+    """A fastMRI-style HDF5 file holding only ``kspace`` ``(slices, H, W)``."""
+    with h5py.File(path, "w") as hf:
+        hf["kspace"] = kspace
+    return path
+
+
 def _inspect(path: Path, *extra: str) -> list[str]:
     return ["data", "inspect", str(path), *extra]
 
@@ -111,9 +118,7 @@ def huge_target_declared(tmp_path):
 
 
 def all_zero_kspace(tmp_path):
-    path = tmp_path / "zeros.h5"
-    with h5py.File(path, "w") as hf:
-        hf["kspace"] = np.zeros((2, 16, 16), np.complex64)
+    path = _kspace_file(tmp_path / "zeros.h5", np.zeros((2, 16, 16), np.complex64))
     return _inspect(path), path, "k-space is all zero"
 
 
@@ -126,16 +131,12 @@ def constant_target(tmp_path):
 
 
 def tiny_kspace_1x1(tmp_path):
-    path = tmp_path / "one.h5"
-    with h5py.File(path, "w") as hf:
-        hf["kspace"] = np.ones((1, 1, 1), np.complex64)
+    path = _kspace_file(tmp_path / "one.h5", np.ones((1, 1, 1), np.complex64))
     return _inspect(path), path, "smaller than the 8x8 minimum"
 
 
 def tiny_kspace_4x4(tmp_path):
-    path = tmp_path / "four.h5"
-    with h5py.File(path, "w") as hf:
-        hf["kspace"] = np.ones((1, 4, 4), np.complex64)
+    path = _kspace_file(tmp_path / "four.h5", np.ones((1, 4, 4), np.complex64))
     return _inspect(path), path, "smaller than the 8x8 minimum"
 
 

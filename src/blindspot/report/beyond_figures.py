@@ -17,7 +17,7 @@ import numpy as np
 
 from blindspot.errors import PathLike
 from blindspot.report.html import markdown_table_html
-from blindspot.report.png import new_figure, png_data_uri, save_png
+from blindspot.report.png import new_figure, png_data_uri, save_empty, save_png
 
 _COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf", "#7f7f7f")
 
@@ -117,10 +117,7 @@ def image_panels(rows: Sequence[tuple[str, Mapping[str, Any]]], columns: Sequenc
     fig.subplots_adjust(left=0.8 / fig.get_figwidth(), right=0.99, bottom=0.02, wspace=0.04, hspace=0.06,
                         top=1 - 0.45 / fig.get_figheight())
     if not rows:
-        ax = fig.add_subplot()
-        ax.axis("off")
-        ax.text(0.5, 0.5, "no examples", ha="center", va="center")
-        return save_png(fig, path)
+        return save_empty(fig, path)
     grid = fig.subplots(len(rows), len(columns), squeeze=False)
     for i, (label, imgs) in enumerate(rows):
         arr = {k: np.asarray(imgs[k], dtype=np.float32).reshape(np.asarray(imgs[k]).shape[-2:])

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from blindspot.errors import PathLike
-from blindspot.report.png import new_figure, save_png
+from blindspot.report.png import new_figure, save_empty, save_png
 
 
 def _truthy(v: Any) -> bool:
@@ -122,10 +122,7 @@ def example_panels(examples: Mapping[str, Mapping[str, Any]], path: PathLike, ti
                "output f(N(x'))", "feature δ'/σ", "|error| in T")  # fmt: skip
     fig = new_figure(2.3 * len(cols), 2.5 * max(1, len(names)) + 0.3)
     if not names:
-        ax = fig.add_subplot()
-        ax.axis("off")
-        ax.text(0.5, 0.5, "no examples", ha="center", va="center")
-        return save_png(fig, path)
+        return save_empty(fig, path)
     grid = fig.subplots(len(names), len(cols), squeeze=False)
     for i, name in enumerate(names):
         ex = examples[name]

@@ -45,6 +45,14 @@ def save_png(fig, path: PathLike) -> Path:
     return atomic_write_bytes(path, png_bytes(fig))
 
 
+def save_empty(fig, path: PathLike, text: str = "no examples") -> Path:
+    """Save ``fig`` as a placeholder that says ``text`` (a grid of examples with nothing to show)."""
+    ax = fig.add_subplot()
+    ax.axis("off")
+    ax.text(0.5, 0.5, text, ha="center", va="center")
+    return save_png(fig, path)
+
+
 def png_data_uri(path: PathLike) -> str:
     """A PNG file as a ``data:`` URI, for a self-contained HTML page."""
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
