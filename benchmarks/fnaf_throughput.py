@@ -38,7 +38,7 @@ import sys
 
 import torch
 
-from timing import median_time, median_times, peak_mb, reset_peak, sync
+from timing import median_time, median_times, peak_of
 
 
 
@@ -100,14 +100,8 @@ def bench_size(model, size: int, args, device: torch.device) -> dict:
             torch.autograd.grad(out.square().sum(), v)
 
     model.eval()
-    reset_peak(device)
-    bare_forward()
-    sync(device)
-    peak_bare = peak_mb(device)
-    reset_peak(device)
-    rs(model, batch, mask_func)
-    sync(device)
-    peak_rs = peak_mb(device)
+    peak_bare = peak_of(bare_forward, device)
+    peak_rs = peak_of(lambda: rs(model, batch, mask_func), device)
     timed = median_times(
         {
             "bare": bare_forward,
@@ -150,10 +144,7 @@ def bench_size(model, size: int, args, device: torch.device) -> dict:
 
     grad_entry = {}
     if args.grad_steps > 0:
-        reset_peak(device)
-        grad(model, batch, mask_func)
-        sync(device)
-        peak_grad = peak_mb(device)
+        peak_grad = peak_of(lambda: grad(model, batch, mask_func), device)
         tg = median_times({"grad": lambda: grad(model, batch, mask_func), "fb": bare_forward_backward},
                                  device, max(1, args.repeats // 2), 1)
         t_grad, t_fb = tg["grad"], tg["fb"]
@@ -252,15 +243,9 @@ def bench_varnet(model, size: int, args, device: torch.device) -> dict:
                 acq.information(meas, mp, stats)
 
     model.eval()
-    reset_peak(device)
-    bare_forward()
-    sync(device)
-    peak_bare = peak_mb(device)
-    reset_peak(device)
+    peak_bare = peak_of(bare_forward, device)
     with eval_mode(model):
-        rs(net, truths, mask_func)
-    sync(device)
-    peak_rs = peak_mb(device)
+        peak_rs = peak_of(lambda: rs(net, truths, mask_func), device)
     with eval_mode(model):
         timed = median_times({"bare": bare_forward, "rs": lambda: rs(net, truths, mask_func)}, device,
                                     args.repeats, args.warmup)
@@ -335,10 +320,7 @@ def bench_audit_like(model, size: int, args, device: torch.device) -> dict:
     first_n = calls_shared[0][0]  # the clean references ride along with the first call: count its candidates only
     own_fraction = (sum(bare[tuple(c)] for c in calls_shared[1:]) + bare[tuple(calls_shared[0])] * (first_n - B)
                     / first_n) / sum(bare[tuple(c)] for c in calls_shared)
-    reset_peak(device)
-    shared()
-    sync(device)
-    peak = peak_mb(device)
+    peak = peak_of(shared, device)
 
     def network_of(calls):  # the bare network on the same sequence of call shapes
         return lambda: [bare_call[tuple(c)]() for c in calls]

@@ -60,3 +60,11 @@ def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_of(fn: Callable[[], object], device: torch.device) -> float:
+    """Peak memory (MiB, as :func:`peak_mb`) of one ``fn()`` call, from a fresh CUDA peak."""
+    reset_peak(device)
+    fn()
+    sync(device)
+    return peak_mb(device)
