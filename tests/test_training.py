@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from blindspot.errors import BlindspotError
-from blindspot.fileio import read_jsonl
+from blindspot.fileio import read_json, read_jsonl
 from blindspot.models.checkpoint import load_checkpoint, read_checkpoint_dict
 from blindspot.models.registry import build_model
 from blindspot.physics.mri import create_mask_func
@@ -203,3 +203,39 @@ def test_cli_train_mri_on_tiny_phantoms(tmp_path, capsys):
     assert not (tmp_path / "varnet").exists()
     assert main(["train", "mri", "--model", "varnet", "--robust", *tiny, "--out", str(tmp_path / "varnet")]) == 2
     assert "for image-domain networks" in capsys.readouterr().err
+
+
+def test_cli_train_mri_init_starts_from_the_checkpoints_weights(tmp_path, capsys):
+    """--init: a run starts from another run's weights (fine-tuning); with a vanishing learning rate the new run's
+    validation equals the old one's, the summary names the file by hash, and mismatches are one-line errors."""
+    import hashlib
+
+    from blindspot.cli import main
+
+    base = ["train", "mri", "--model", "unet", "--phantom-shape", "32", "32", "--phantom-recon-size", "24", "24",
+            "--phantom-volumes", "2", "--phantom-val-volumes", "1", "--phantom-slices", "2", "--batch-size", "2",
+            "--epochs", "1", "--no-progress"]
+    first = tmp_path / "first"
+    assert main(base + ["--hparam", "chans=2", "--hparam", "num_pool_layers=2", "--out", str(first)]) == 0
+    tuned = tmp_path / "tuned"
+    assert main(base + ["--init", str(first / "best.pt"), "--optimizer", "sgd", "--lr", "1e-12",
+                        "--seed", "7", "--out", str(tuned)]) == 0  # hyper-parameters come from the checkpoint
+    assert "starting from the weights of" in capsys.readouterr().out
+    a, b = load_checkpoint(first / "best.pt"), load_checkpoint(tuned / "best.pt")
+    assert b.hparams == {"chans": 2, "num_pool_layers": 2}
+    for key, value in a.model.state_dict().items():
+        torch.testing.assert_close(b.model.state_dict()[key], value, rtol=0, atol=1e-9)
+    summary = read_json(tuned / "summary.json")
+    assert summary["init"]["sha256"] == hashlib.sha256((first / "best.pt").read_bytes()).hexdigest()
+    assert summary["init"]["architecture"] == "unet"
+    ssims = [[r["val"]["ssim"] for r in read_jsonl(d / "log.jsonl") if r.get("val")] for d in (first, tuned)]
+    assert ssims[1][-1] == pytest.approx(ssims[0][-1], abs=1e-6)
+    for args, text in ((["--hparam", "chans=4"], "has chans=2, but the run asks for chans=4"),
+                       (["--model", "irim"], "checkpoint is a 'unet' model, not 'irim'"),
+                       ([], "checkpoint file not found")):
+        init = str(tmp_path / "missing.pt") if not args else str(first / "best.pt")
+        out = tmp_path / "bad"
+        assert main(base + args + ["--init", init, "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and text in err[0], err
+        assert not (out / "best.pt").exists()

@@ -9,6 +9,7 @@ at a time; a partial last line left by a crash is ignored when read back.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -84,6 +85,15 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return value
+
+
+def file_sha256(path: PathLike) -> str:
+    """The SHA-256 of a file's bytes (hex), read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def write_json(path: PathLike, obj: Any) -> Path:

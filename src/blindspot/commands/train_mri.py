@@ -126,6 +126,11 @@ def register(subparsers) -> None:
                     help="loss weight inside the boxes (default 10)")
     p.add_argument("--out", required=True, metavar="RUN_DIR")
     p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its last.pt")
+    p.add_argument("--init", metavar="CHECKPOINT",
+                   help="start from these weights (a blindspot checkpoint or bundled name such as mri_unet, or a bare "
+                   "state dict of --model) instead "
+                   "of a fresh initialisation: fine-tuning, e.g. FNAF-robust training of a trained U-Net; the "
+                   "optimiser and epochs start fresh")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars (default: on a terminal)")
     p.set_defaults(func=run)
@@ -169,7 +174,8 @@ def run(args: argparse.Namespace) -> int:
     from blindspot.runs.train import MRITrainData, run_train_mri
     from blindspot.training.engine import TrainConfig
 
-    check_output_folder(args.out, "--out", inputs=[args.data, args.val_data])
+    check_output_folder(args.out, "--out", inputs=[args.data, args.val_data, args.init])
+
     check_hparams(args.model, hparam_dict(args.hparam))
 
     config = TrainConfig(
@@ -188,5 +194,5 @@ def run(args: argparse.Namespace) -> int:
     )
     run_train_mri(args.model, args.out, spec, config, preset=args.preset, hparams=hparam_dict(args.hparam),
                   loss=args.loss, robust=robust_config(args), boxes=getattr(args, "boxes", None), box_weight=args.box_weight,
-                  resume=args.resume, device=args.device, log=lambda line: print(line, file=sys.stdout, flush=True))
+                  resume=args.resume, init=args.init, device=args.device, log=lambda line: print(line, file=sys.stdout, flush=True))
     return 0

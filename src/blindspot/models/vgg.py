@@ -17,7 +17,6 @@ format: for tests and for offline runs that need *some* fixed feature extractor,
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from blindspot.errors import BlindspotError, PathLike
+from blindspot.fileio import file_sha256
 
 #: torchvision's ImageNet VGG16 weights file name (its hash prefix is that of the file's SHA-256).
 TORCHVISION_VGG16_FILE = "vgg16-397923af.pth"
@@ -123,14 +123,6 @@ def default_vgg16_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / TORCHVISION_VGG16_FILE
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def vgg16_state_dict(state: dict, source: PathLike | None = None) -> dict[str, Tensor]:
     """The ``features.*`` entries of a torchvision-format VGG16 state dict (also accepted: keys without the
     ``features.`` prefix, or the dict under ``"state_dict"``), checked against the architecture."""
@@ -188,7 +180,7 @@ def load_vgg16(path: PathLike | None = None, device: torch.device | str = "cpu")
     model = VGG16Features()
     model.load_state_dict(feats, strict=True)
     model.eval().requires_grad_(False).to(device)
-    sha = _sha256(path)
+    sha = file_sha256(path)
     return model, VGGWeightsInfo(str(path), sha, sha.startswith(TORCHVISION_VGG16_SHA256_PREFIX))
 
 

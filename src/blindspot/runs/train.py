@@ -21,11 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from torch import nn
 from torch.utils.data import Dataset
 
 from blindspot.data.mri import open_mri_dataset
 from blindspot.errors import BlindspotError, PathLike
+from blindspot.fileio import file_sha256
 from blindspot.models.adapters import network_convention
+from blindspot.models.checkpoint import load_checkpoint
+from blindspot.models.loading import bundled_checkpoint
 from blindspot.models.irim import PRESETS as IRIM_PRESETS
 from blindspot.models.registry import build_model
 from blindspot.physics.mri import create_mask_func
@@ -85,6 +89,30 @@ def model_hparams(architecture: str, preset: str | None = None, hparams: dict[st
         out.update(IRIM_PRESETS[preset])
     out.update(hparams or {})
     return out
+
+
+def initial_model(architecture: str, hparams: dict[str, Any], init: PathLike | None
+                  ) -> tuple[nn.Module, dict[str, Any], dict[str, Any] | None]:
+    """The network a run starts from: ``architecture(**hparams)`` freshly initialised, or with the weights of the
+    checkpoint ``init`` (a file in blindspot's format or a bundled name such as ``mri_unet``, or a bare state dict whose hyper-parameters are ``hparams`` and what the
+    weights say) — fine-tuning, e.g. the seed's FNAF-robust training from a pre-trained U-Net.
+
+    Returns ``(model, hparams, record)``; ``record`` (``None`` without ``init``) names the file and its SHA-256 for
+    ``summary.json``. Raises :class:`BlindspotError` naming ``init`` when it is another architecture, when given
+    hyper-parameters contradict its own, or when its weights do not fit.
+    """
+    if init is None:
+        return build_model(architecture, **hparams), hparams, None
+    if not Path(init).exists():
+        init = bundled_checkpoint(str(init)) or init
+    ck = load_checkpoint(init, architecture=architecture, hparams=hparams or None)
+    clash = {k: v for k, v in hparams.items() if k in ck.hparams and ck.hparams[k] != v}
+    if clash:
+        key = next(iter(clash))
+        raise BlindspotError(init, f"has {key}={ck.hparams[key]!r}, but the run asks for {key}={clash[key]!r}")
+    record = {"path": str(init), "sha256": file_sha256(init), "architecture": ck.architecture,
+              "epochs": (ck.training or {}).get("epochs")}
+    return ck.model, dict(ck.hparams), record
 
 
 def phantom_options(phantom: dict[str, Any], kspace_network: bool) -> dict[str, Any]:
@@ -160,6 +188,7 @@ def run_train_mri(
     boxes: PathLike | None = None,
     box_weight: float = 10.0,
     resume: bool = False,
+    init: PathLike | None = None,
     device: str = "auto",
     log: Callable[[str], None] = print,
 ) -> FitResult:
@@ -175,7 +204,9 @@ def run_train_mri(
         loss: ``l1``, ``mse`` or ``ssim``.
         robust: FNAF-robust training settings (image-domain networks only), or ``None``.
         boxes, box_weight: lesion-weighted training on the boxes of ``spec.data`` (image-domain networks only).
-        resume: continue from ``out/last.pt``.
+        resume: continue from ``out/last.pt`` (its weights replace those of ``init``).
+        init: start from this checkpoint's weights (:func:`initial_model`) instead of a fresh initialisation; the
+            optimiser, epochs and learning-rate schedule start fresh.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` (torchrun: the local GPU).
         log: where the main process's progress lines go.
     Raises:
@@ -188,7 +219,7 @@ def run_train_mri(
     dist = DistContext.from_env(device=device)
     try:
         seed_everything(config.seed)
-        model = build_model(architecture, **hp)
+        model, hp, init_record = initial_model(architecture, hp, init)
         kspace_network = network_convention(model) == "kspace"
         if kspace_network and (robust is not None or boxes is not None):
             raise BlindspotError(None, f"{architecture} takes k-space: FNAF-robust (--robust) and box-weighted "
@@ -210,11 +241,15 @@ def run_train_mri(
             n_params = sum(p.numel() for p in model.parameters())
             log(f"training {architecture} ({n_params:,} parameters) on {dist.device} x {dist.world_size} "
                 f"process(es): {len(train_set)} training slices, {len(val_set)} validation slices -> {out}")
+            if init_record is not None and not (resume and (Path(out) / "last.pt").is_file()):
+                log(f"starting from the weights of {init_record['path']}")
         loss_fn, extra = None, None
         if robust is not None:
             loss_fn, extra = fnaf_robust_loss(mri_loss(loss), robust), {"robust": robust.as_dict()}
         if boxes is not None:
             loss_fn, extra = box_weighted_setup(boxes, spec.data, loss, box_weight)
+        if init_record is not None:
+            extra = {**(extra or {}), "init": init_record}
         result = train_mri(model, architecture, hp, train_set, val_set, config, out, loss=loss, physics=physics,
                            data=description, resume=resume, dist=dist, loss_fn=loss_fn, extra_summary=extra)
         if dist.is_main:
