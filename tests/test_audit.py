@@ -11,7 +11,7 @@ import pytest
 from helpers_mri import tiny_mri_checkpoints
 from blindspot.runs.audit import AuditConfig, bundled_models, robustness_headline, run_audit
 from blindspot.cli import main
-from blindspot.fileio import read_jsonl
+from blindspot.fileio import file_sha256, read_jsonl
 
 PHANTOM = {"shape": [32, 32], "recon_size": [32, 32]}
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,7 +166,7 @@ def test_bundled_models_are_recorded():
     for _, path in models:
         entry = provenance[path.name]
         assert entry["command"].startswith("blindspot train mri") and "--phantom-seed" in entry["command"]
-        assert entry["sha256"] and path.stat().st_size < 4_000_000
+        assert entry["sha256"] == file_sha256(path) and path.stat().st_size < 4_000_000
 
 
 def test_readme_python_example_runs(tmp_path, monkeypatch):
