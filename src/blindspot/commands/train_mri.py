@@ -127,10 +127,9 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, metavar="RUN_DIR")
     p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its last.pt")
     p.add_argument("--init", metavar="CHECKPOINT",
-                   help="start from these weights (a blindspot checkpoint or bundled name such as mri_unet, or a bare "
-                   "state dict of --model) instead "
-                   "of a fresh initialisation: fine-tuning, e.g. FNAF-robust training of a trained U-Net; the "
-                   "optimiser and epochs start fresh")
+                   help="start from these weights instead of a fresh initialisation (a blindspot checkpoint, a "
+                   "bundled name such as mri_unet, or a bare state dict of --model): fine-tuning, e.g. FNAF-robust "
+                   "training of a trained U-Net; the optimiser and epochs start fresh")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars (default: on a terminal)")
     p.set_defaults(func=run)
@@ -175,7 +174,6 @@ def run(args: argparse.Namespace) -> int:
     from blindspot.training.engine import TrainConfig
 
     check_output_folder(args.out, "--out", inputs=[args.data, args.val_data, args.init])
-
     check_hparams(args.model, hparam_dict(args.hparam))
 
     config = TrainConfig(

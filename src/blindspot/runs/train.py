@@ -93,9 +93,10 @@ def model_hparams(architecture: str, preset: str | None = None, hparams: dict[st
 
 def initial_model(architecture: str, hparams: dict[str, Any], init: PathLike | None
                   ) -> tuple[nn.Module, dict[str, Any], dict[str, Any] | None]:
-    """The network a run starts from: ``architecture(**hparams)`` freshly initialised, or with the weights of the
-    checkpoint ``init`` (a file in blindspot's format or a bundled name such as ``mri_unet``, or a bare state dict whose hyper-parameters are ``hparams`` and what the
-    weights say) — fine-tuning, e.g. the seed's FNAF-robust training from a pre-trained U-Net.
+    """The network a run starts from: ``architecture(**hparams)`` freshly initialised, or with the weights of
+    ``init`` — a checkpoint file in blindspot's format, a bundled name such as ``mri_unet``, or a bare state dict
+    whose hyper-parameters are ``hparams`` and what the weights say (fine-tuning, e.g. the seed's FNAF-robust
+    training from a pre-trained U-Net).
 
     Returns ``(model, hparams, record)``; ``record`` (``None`` without ``init``) names the file and its SHA-256 for
     ``summary.json``. Raises :class:`BlindspotError` naming ``init`` when it is another architecture, when given
