@@ -33,7 +33,7 @@ from blindspot.errors import BlindspotError
 from blindspot.models.adapters import Network, as_network, check_finite_output, eval_mode, model_device
 from blindspot.physics.acquisition import Acquisition, CartesianMRI, LowDoseCTScan, Measurement
 from blindspot.physics.mri import (CartesianUndersampling, MaskFunc, NormStats, is_column_mask, low_frequencies_on_grid,
-                                   mask_on_grid)
+                                   mask_fits, mask_on_grid)
 
 __all__ = ["CRITERIA", "CRITERION_TEXT", "NORMALIZATIONS", "AttackContext", "Evaluation", "FnafObjective", "Truths",
            "as_truths", "attack_acquisition", "eval_mode", "model_device", "subset_batch"]
@@ -155,7 +155,7 @@ def attack_acquisition(truths: Truths, physics: Any) -> Acquisition:
                                                                         truths.num_low_frequencies))
     m = physics.mask if isinstance(physics, CartesianUndersampling) else torch.as_tensor(physics)
     m = m.to(device=dev, dtype=torch.float32)
-    if m.shape[-1] != w or not (is_column_mask(m) or m.shape[-2] == h):
+    if not mask_fits(m, (h, w)):
         size = f"{m.shape[-2]}x{m.shape[-1]}" if not is_column_mask(m) else f"{m.shape[-1]} columns"
         raise BlindspotError(None, f"the attack's mask is {size} but the truth is {h}x{w}")
     return CartesianMRI(mask_on_grid(m, (h, w), B), sens_maps=maps)

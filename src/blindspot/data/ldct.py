@@ -34,7 +34,7 @@ never the padding value, so simulated projections of a padded slice see air.
 
 Every member of a series folder must be a readable CT image (a corrupt one is an error naming it);
 ``find_ldct(..., skip_bad=True)`` — the commands' ``--skip-bad`` — leaves it and its partner out and lists them in
-:attr:`LDCTPatient.skipped` (:func:`skipped_files` for ``run.json``, :func:`announce_skipped` on stderr).
+:attr:`LDCTPatient.skipped` (:func:`report_skipped`: rows for ``run.json``, printed on stderr).
 
 Writing: :func:`write_ct_slice` writes a CT Image Storage file (uint16 with intercept −1024, as scanners do) — the
 built-in phantoms use it to produce the same layout (:mod:`blindspot.data.ct_phantom`).
@@ -420,19 +420,15 @@ def find_ldct(root: PathLike, dose: float | None = None, skip_bad: bool = False)
     return sorted(patients, key=lambda p: p.patient)
 
 
-def skipped_files(patients: Sequence[LDCTPatient]) -> list[dict[str, str]]:
-    """The files ``find_ldct(..., skip_bad=True)`` left out, as JSON rows ``{"file": …, "reason": …}`` (for a run's
-    ``run.json``), in patient order."""
-    return [{"file": printable(f), "reason": reason} for p in patients for f, reason in p.skipped]
-
-
-def announce_skipped(skipped: Sequence[dict[str, str]]) -> None:
-    """Print each skipped file with its reason on stderr, one line each (nothing is left out silently). Under
-    ``torchrun`` every process skips the same files and only rank 0 (``RANK``) prints them."""
-    if os.environ.get("RANK", "0") != "0":
-        return
-    for row in skipped:
-        print(f"blindspot: skipped {row['file']}: {row['reason']}", file=sys.stderr)
+def report_skipped(patients: Sequence[LDCTPatient]) -> list[dict[str, str]]:
+    """The files ``find_ldct(..., skip_bad=True)`` left out, as JSON rows ``{"file": …, "reason": …}`` in patient
+    order (for a run's ``run.json``), each also printed with its reason on stderr, one line each (nothing is left
+    out silently). Under ``torchrun`` every process skips the same files and only rank 0 (``RANK``) prints them."""
+    rows = [{"file": printable(f), "reason": reason} for p in patients for f, reason in p.skipped]
+    if os.environ.get("RANK", "0") == "0":
+        for row in rows:
+            print(f"blindspot: skipped {row['file']}: {row['reason']}", file=sys.stderr)
+    return rows
 
 
 def split_patients(

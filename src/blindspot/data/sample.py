@@ -331,8 +331,8 @@ class KspaceTransform:
             if self.coil_maps == "full":
                 maps = estimate_maps(kspace.unsqueeze(0).to(torch.complex64), None, "full")
             else:
-                m = mask.reshape(1, 1, 1, -1) if is_column_mask(mask) else mask.reshape(1, 1, *mask.shape[-2:])
-                maps = estimate_maps(masked.to(torch.complex64), m, self.coil_maps)
+                maps = estimate_maps(masked.to(torch.complex64), mask_on_grid(mask, masked.shape[-2:]),
+                                     self.coil_maps)
         except BlindspotError as err:
             hint = "" if is_column_mask(mask) else " (a 2-D mask: see --coil-maps, --mask-type, --center-fractions)"
             raise BlindspotError(source, f"slice {slice_num}: {err.problem}{hint}") from None

@@ -468,6 +468,12 @@ def is_column_mask(mask: Tensor) -> bool:
     return mask.ndim < 2 or mask.shape[-2] == 1
 
 
+def mask_fits(mask: Tensor, shape: Sequence[int]) -> bool:
+    """Whether a column or 2-D mask (:func:`is_column_mask`) is on the ``(H, W)`` grid ``shape``: ``W`` columns, and
+    for a 2-D mask ``H`` rows too."""
+    return mask.shape[-1] == int(shape[-1]) and (is_column_mask(mask) or mask.shape[-2] == int(shape[-2]))
+
+
 def masked_image(image: Tensor, mask: Tensor) -> Tensor:
     """``F⁻¹(M ⊙ F(image))`` (complex, same shape), for a column mask or a 2-D mask.
 
@@ -547,7 +553,7 @@ class CartesianUndersampling:
         return int(self.mask.shape[-1])
 
     def _mask_for(self, kspace: Tensor) -> Tensor:
-        if kspace.shape[-1] != self.width or not (is_column_mask(self.mask) or self.mask.shape[-2] == kspace.shape[-2]):
+        if not mask_fits(self.mask, kspace.shape):
             raise BlindspotError(
                 None, f"mask is {self.mask.shape[-2]}x{self.width} but k-space is {kspace.shape[-2]}x{kspace.shape[-1]}"
             )
@@ -681,9 +687,7 @@ def low_frequencies_on_grid(mask: Tensor, shape: Sequence[int], num_low_frequenc
     they are on the ``(h, w)`` grid, else ``None`` (a k-space network then finds the centre in the mapped mask)."""
     if num_low_frequencies is None:
         return None
-    h, w = int(shape[0]), int(shape[1])
-    same = mask.shape[-1] == w and (is_column_mask(mask) or mask.shape[-2] == h)
-    return num_low_frequencies if same else None
+    return num_low_frequencies if mask_fits(mask, shape) else None
 
 
 def mask_on_grid(mask: Tensor, shape: Sequence[int], batch: int | None = None) -> Tensor:

@@ -44,7 +44,7 @@ from blindspot.attacks.records import (RECORD_COLUMNS, group_rows, ip_table, loa
 from blindspot.attacks.search import (ReplaySearch, Search, build_search, check_searches, example_images,
                                       replay_together)
 from blindspot.data.ct_phantom import PhantomPairs, PhantomPatient, scanner_of
-from blindspot.data.ldct import LDCTDataset, announce_skipped, collate_ct, find_ldct, skipped_files
+from blindspot.data.ldct import LDCTDataset, collate_ct, find_ldct, report_skipped
 from blindspot.data.mri import open_mri_dataset
 from blindspot.data.sample import collate_mri
 from blindspot.errors import BlindspotError, PathLike
@@ -206,8 +206,7 @@ def ct_settings(
         if not path.is_dir():
             raise BlindspotError(path, "CT FNAF data must be a folder in the LDCT layout (full- and low-dose series)")
         patients = find_ldct(path, dose, skip_bad=skip_bad)
-        skipped = skipped_files(patients)
-        announce_skipped(skipped)
+        skipped = report_skipped(patients)
         ds: Dataset = LDCTDataset(patients, preload=False)
         first = ds[0]
         sample = first.full if first.field is None else first.full[first.field]  # no out-of-field air in the fit

@@ -350,8 +350,7 @@ def _file_items(path: Path, dose: float | None, dose_given: bool,
             if dose is None or dose_given:
                 raise
             patients = ldct.find_ldct(path, None, skip_bad=skip_bad)  # the model's dose is not there: the only one
-        skipped = ldct.skipped_files(patients)
-        ldct.announce_skipped(skipped)
+        skipped = ldct.report_skipped(patients)
         data = ldct.LDCTDataset(patients, preload=False)
         weights = data.patient_weights()
         return [CTItem(f"{s.patient}:{s.index}", (lambda i=i: _low_and_field(data, i)), float(weights[i]))

@@ -32,7 +32,7 @@ import torch.distributed as tdist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from blindspot.data.ldct import (LDCTDataset, PatchDataset, announce_skipped, collate_ct, find_ldct, skipped_files,
+from blindspot.data.ldct import (LDCTDataset, PatchDataset, collate_ct, find_ldct, report_skipped,
                                  split_patients)
 from blindspot.errors import BlindspotError, PathLike
 from blindspot.fileio import atomic_write_bytes, read_json, write_json
@@ -300,8 +300,7 @@ def train_ct(
     dist = dist or DistContext()
     data, out_dir = Path(data), Path(out_dir)
     patients = find_ldct(data, dose=settings.dose, skip_bad=settings.skip_bad)
-    skipped = skipped_files(patients)
-    announce_skipped(skipped)
+    skipped = report_skipped(patients)
     split_seed = config.seed if settings.split_seed is None else settings.split_seed
     train_p, val_p, test_p = split_patients(patients, settings.val_fraction, settings.test_fraction, split_seed)
     train_set = LDCTDataset(train_p, progress=progress and dist.is_main)

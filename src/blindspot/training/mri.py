@@ -169,7 +169,7 @@ class EpochMasks:
         self.epoch = int(epoch)
 
     def __call__(self, width: int, seed: Seed = None, height: int | None = None) -> Mask:
-        return draw_mask(self.inner, width, height or 0, f"{seed}|{self.seed}|{self.epoch}")
+        return draw_mask(self.inner, width, height, f"{seed}|{self.seed}|{self.epoch}")
 
     def __repr__(self) -> str:
         return f"EpochMasks({self.inner!r}, seed={self.seed})"
