@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from blindspot.errors import BlindspotError
+from blindspot.physics import ct_cpu
 from blindspot.physics.ct import (
     MU_WATER_PER_MM,
     WINDOWS,
@@ -29,6 +30,17 @@ def _disk_phantom(n: int) -> torch.Tensor:
     r = (x**2 + y**2).float().sqrt() * 64.0 / n
     hu = torch.where(r < 24, torch.tensor(0.0), torch.tensor(-1000.0))
     return torch.where(r < 8, torch.tensor(300.0), hu)[None, None], r
+
+
+@pytest.fixture(params=["compiled", "grid_sample"])
+def kernel(request, monkeypatch):
+    """Each back-projection kernel in turn: the CPU's compiled one, and the ``grid_sample`` tiles other devices use
+    (forced here on the CPU)."""
+    if request.param == "grid_sample":
+        monkeypatch.setattr(ct_cpu, "available", lambda: False)
+    elif not ct_cpu.available():
+        pytest.skip("numba is not installed: the CPU uses the grid_sample kernel")
+    return request.param
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -136,7 +148,7 @@ def _linear_backprojection(sino: np.ndarray, angles: np.ndarray, shape: tuple[in
 @pytest.mark.parametrize(
     "shape,n_angles", [((12, 12), 13), ((11, 14), 13), ((16, 9), 13), ((12, 12), 12), ((9, 11), 12)]
 )
-def test_projector_and_backprojector_are_their_rules_to_float_precision(shape, n_angles):
+def test_projector_and_backprojector_are_their_rules_to_float_precision(shape, n_angles, kernel):
     """Both rules written out view by view; odd and even sides and view counts (for small batches the back-projector
     pairs views θ and π − θ on a column range symmetric about the centre; with an even count, view 90° has no
     partner)."""
@@ -161,7 +173,7 @@ def test_projector_and_backprojector_are_their_rules_to_float_precision(shape, n
     assert np.abs(backs - np.stack([ref_back * k for k in range(1, 6)])).max() < 1e-12 * 5 * np.abs(ref_back).max()
 
 
-def test_tiles_batches_and_devices_give_the_same_numbers():
+def test_tiles_batches_and_devices_give_the_same_numbers(kernel):
     """Tiling (down to one line or row per tile) and batching change nothing (five images back-project view by view,
     three or fewer with mirror views paired); nor does a second call (caches)."""
     img = torch.rand(5, 1, 20, 17, dtype=torch.float64)
@@ -179,7 +191,35 @@ def test_tiles_batches_and_devices_give_the_same_numbers():
         assert torch.allclose(whole.fbp(sino.cuda()).cpu(), rec, atol=1e-10)
 
 
-def test_projector_gradients_are_exact():
+@pytest.mark.skipif(not ct_cpu.available(), reason="numba is not installed")
+def test_compiled_kernels_are_the_grid_sample_ones_and_ignore_the_thread_count(monkeypatch):
+    """The CPU kernels give the ``grid_sample`` kernels' numbers (float32, one image and a batch; odd sizes), and the
+    same bits with one thread or three and for an image alone or in a batch (each output value has one writer and
+    sums in a fixed order)."""
+    torch.manual_seed(0)
+    for shape, n_images in (((40, 40), 1), ((37, 30), 6)):
+        p = ParallelBeamProjector(shape)
+        img = torch.rand(n_images, 1, *shape)
+        q = torch.randn(n_images, 1, p.n_angles, p.n_det)
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            one = p.project(img), p.backproject(q)
+            torch.set_num_threads(3)
+            three = p.project(img), p.backproject(q)
+        finally:
+            torch.set_num_threads(threads)
+        with monkeypatch.context() as m:
+            m.setattr(ct_cpu, "available", lambda: False)
+            reference = p.project(img), p.backproject(q)
+        for a, b, ref in zip(one, three, reference):
+            assert torch.equal(a, b)
+            assert (a - ref).abs().max() < 1e-5 * ref.abs().max()
+        alone = p.project(img[-1:]), p.backproject(q[-1:])
+        assert torch.equal(alone[0], one[0][-1:]) and torch.equal(alone[1], one[1][-1:])
+
+
+def test_projector_gradients_are_exact(kernel):
     """Both operators are linear, so gradcheck compares the backward pass with the operator's own columns."""
     p = ParallelBeamProjector((7, 6), n_angles=9, tile_values=64)
     img = torch.rand(2, 1, 7, 6, dtype=torch.float64, requires_grad=True)
@@ -311,6 +351,8 @@ def test_seeded_ct_measurements_do_not_depend_on_the_batch():
         assert torch.equal(both.image[i : i + 1], alone.image) and torch.equal(both.noise[i : i + 1], alone.noise)
     assert torch.equal(both.image[:2], first.image) and torch.equal(both.noise[:2], first.noise)
     batched = scan.measure(hu, [torch.Generator().manual_seed(s) for s in seeds])
+    if ct_cpu.available():  # the CPU kernels compute each image alone: the same bits in any batch
+        assert torch.equal(batched.image, both.image) and torch.equal(batched.noise, both.noise)
     assert torch.allclose(batched.image, both.image, rtol=0, atol=1e-3)  # HU; float32 FBP
     assert torch.allclose(batched.noise, both.noise, rtol=0, atol=1e-3)
     assert both.noise.abs().mean() > 1.0  # there is noise to compare

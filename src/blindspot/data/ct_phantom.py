@@ -740,10 +740,11 @@ def write_phantom_dataset(
     files). ``out/phantoms.json`` records the spec; a different spec in an existing folder is an error.
 
     Up to ``batch`` slices of a patient share one projection and one FBP (default 8, the default largest number of
-    slices per patient: each default patient is one batch, 20% faster than batches of 4 at 512×512 on two cores).
-    A slice's noise is drawn from its own generator, but Poisson sampling consumes a varying number of random draws,
-    so a change of a rate in its last bits (the projection's float rounding depends on the batch and the device)
-    gives another realisation of the noise: the same spec, batch and device give the same files.
+    slices per patient: each default patient is one batch). A slice's noise is drawn from its own generator, but
+    Poisson sampling consumes a varying number of random draws, so a change of a rate in its last bits gives another
+    realisation of the noise. On the CPU a slice's projection is the same bits in any batch and with any thread
+    count, so the same spec gives the same files on one machine (another CPU's vector units may round ``exp``
+    differently); on a GPU the rounding depends on the batch, and differs from the CPU's.
 
     Returns the manifest (spec, physics, patients with their series folders and slice positions).
     """

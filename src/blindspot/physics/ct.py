@@ -13,9 +13,10 @@ Conventions (DESIGN.md §1.4):
   from the full-dose projections): a higher dose's photons are the lower dose's plus independent extra ones
   (Poisson splitting — the same law as binomially thinning the full-dose counts), so each dose's counts are exactly
   ``Poisson(I0 · dose · exp(−p))`` and the lower-dose noise contains the full-dose noise.
-* The projector (:class:`ParallelBeamProjector`) is batched torch code (pixel-driven box-footprint projection and
-  linearly interpolating back-projection, both ``grid_sample`` gathers over tiles of views; FFT filtering),
-  differentiable with respect to the image and usable on any device. Its geometry is scikit-image's
+* The projector (:class:`ParallelBeamProjector`) is batched (pixel-driven box-footprint projection and linearly
+  interpolating back-projection: compiled Numba kernels on the CPU, :mod:`blindspot.physics.ct_cpu`, and
+  ``grid_sample`` gathers over tiles of views on other devices; FFT filtering), differentiable with respect to the
+  image and usable on any device. Its geometry is scikit-image's
   ``radon``/``iradon`` with ``circle=False``: rotation centre at pixel ``(H // 2, W // 2)``,
   ``ceil(√2 · max(H, W))`` detector bins of one pixel centred on bin ``n_det // 2``, and the ray of angle ``θ``
   through detector offset ``t`` made of the points with ``x cos θ − y sin θ = t`` (``x`` to the right, ``y`` down,
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from blindspot.errors import BlindspotError
+from blindspot.physics import ct_cpu
 
 #: Linear attenuation of water, mm⁻¹, at ≈ 70 keV (effective energy of a 120 kVp spectrum).
 MU_WATER_PER_MM = 0.0192
@@ -296,7 +298,11 @@ class ParallelBeamProjector:
     differentiable with respect to its input; the backward pass recomputes each tile, so it needs no more memory
     than the forward pass.
 
-    How (every tile is one ``grid_sample`` over the whole batch; no loop over views or bins beyond the tiles):
+    On the CPU (where Numba imports) both operators run the compiled kernels of :mod:`blindspot.physics.ct_cpu`:
+    the same rules, several times faster (``benchmarks/ct_lowdose.py``), each image computed alone (the same bits in
+    any batch and with any thread count), their gradients the kernels' adjoints; ``tile_values`` does not apply
+    there (they hold the batch's sinograms and images channels-last, about one more copy of each). Elsewhere —
+    how (every tile is one ``grid_sample`` over the whole batch; no loop over views or bins beyond the tiles):
 
     * back-projection: view ``θ`` adds the (filtered) projection linearly interpolated at each pixel centre's bin
       coordinate ``n_det // 2 + x cos θ − y sin θ``, zero outside the detector; for small batches views ``θ`` and
@@ -306,11 +312,13 @@ class ParallelBeamProjector:
       linearly interpolated at that edge, and a bin receives the difference between its two edges, summed over
       rows. That is exactly the box-overlap rule above.
 
-    Kept between calls, per (device, dtype) used (:attr:`cache_nbytes`): the angles, the FBP filter's response,
-    the back-projection's per-view coordinate terms (``n_angles · (H + W)`` values, half of that again once a small
-    batch has used the paired grids), the projection's per-view windows (≈ ``n_angles · max(H, W)`` values) and one
-    workspace for the sampling grids (at most ``tile_values`` values) — at 512×512 in float32 on the CPU about
-    24 MiB (3 + 1.6 + 3 + 16), where a sparse system matrix would take ≥ 1.7 GiB.
+    Kept between calls, per (device, dtype) used (:attr:`cache_nbytes`): the angles, the FBP filter's response and,
+    for the ``grid_sample`` kernels, the back-projection's per-view coordinate terms (``n_angles · (H + W)`` values,
+    half of that again once a small batch has used the paired grids), the projection's per-view windows
+    (≈ ``n_angles · max(H, W)`` values) and one workspace for the sampling grids (at most ``tile_values`` values) —
+    at 512×512 in float32 about 24 MiB (3 + 1.6 + 3 + 16); for the CPU kernels, each operator's per-view terms in
+    float64 (≈ ``n_angles / 2 · (H + W)`` values, 6.3 MiB for both at 512×512). A sparse system matrix would take
+    ≥ 1.7 GiB.
     """
 
     METHODS = ("pixel", "ray")
@@ -344,6 +352,7 @@ class ParallelBeamProjector:
         self._runs = _view_runs(torch.cos(self.angles).abs() >= torch.sin(self.angles).abs())
         self._cache: dict[tuple, Tensor] = {}
         self._plans: dict[tuple, tuple[list[int], int, int, Tensor, Tensor]] = {}
+        self._footprints: dict[tuple, ct_cpu.Footprint] = {}
 
     def __repr__(self) -> str:
         H, W = self.image_shape
@@ -356,7 +365,7 @@ class ParallelBeamProjector:
     def cache_nbytes(self) -> int:
         """Bytes of tensors kept between calls, all devices and dtypes together (see the class docs)."""
         kept = [*self._cache.values(), *(t for plan in self._plans.values() for t in plan[3:])]
-        return sum(t.numel() * t.element_size() for t in kept)
+        return sum(t.numel() * t.element_size() for t in kept) + sum(f.nbytes for f in self._footprints.values())
 
     # geometry helpers -------------------------------------------------------------------------------------------
     def _trig(self, device: torch.device, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
@@ -424,7 +433,17 @@ class ParallelBeamProjector:
         self._check(image, "image", (H, W))
         if self.method == "ray":
             return self._project_ray(image)
+        if image.device.type == "cpu" and ct_cpu.available():
+            return self._footprint("pixel").scatter(image[:, 0]).transpose(0, 1).unsqueeze(1)
         return self._project_pixel(image[:, 0]).unsqueeze(1)
+
+    def _footprint(self, box: str) -> "ct_cpu.Footprint":
+        """The CPU kernels' geometry for boxes ``"pixel"`` (projection) or ``"unit"`` (back-projection), kept."""
+        key = ("footprint", box)
+        if key not in self._footprints:
+            cos, sin = self._trig(torch.device("cpu"))
+            self._footprints[key] = ct_cpu.Footprint(cos, sin, self.image_shape, self.n_det, box)
+        return self._footprints[key]
 
     def _project_pixel(self, image: Tensor) -> Tensor:
         """Pixel-driven (box footprint) projection of ``(C, H, W)`` images → ``(C, n_angles, n_det)``."""
@@ -569,7 +588,8 @@ class ParallelBeamProjector:
         """Back-projection with linear interpolation between bins, scaled by ``π / (2 · n_angles)``
         (scikit-image's ``iradon`` scaling; it equals ``iradon(..., filter_name=None)`` to float precision).
 
-        With few images (fewer than :data:`_PAIR_BELOW`), views ``θ`` and ``π − θ`` are back-projected together:
+        On the CPU this is the compiled kernel of :mod:`blindspot.physics.ct_cpu` (where Numba imports); elsewhere
+        every tile is one ``grid_sample``. With few images (fewer than :data:`_PAIR_BELOW`), views ``θ`` and ``π − θ`` are back-projected together:
         view ``π − θ`` puts at pixel ``(−x, y)`` the bin coordinate view ``θ`` puts at ``(x, y)``
         (``cos(π − θ) = −cos θ``), so one sampling grid over a column range symmetric about the rotation centre
         serves both, the second one's smear mirrored left–right. That is exact and halves the grid work, which
@@ -583,6 +603,9 @@ class ParallelBeamProjector:
         self._check(sinogram, "sinogram", (self.n_angles, self.n_det))
         H, W = self.image_shape
         C, A = sinogram.shape[0], self.n_angles
+        if sinogram.device.type == "cpu" and ct_cpu.available():
+            image = self._footprint("unit").gather(sinogram[:, 0].transpose(0, 1))
+            return (image * (math.pi / (2.0 * A))).unsqueeze(1)
         paired = C < _PAIR_BELOW
         leads, partners = self._view_groups(paired)
         views = sinogram[:, 0].transpose(0, 1)  # (A, C, D)
