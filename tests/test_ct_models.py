@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -95,3 +97,20 @@ def test_checkpoint_round_trip(tmp_path, name):
     with torch.no_grad():
         assert torch.equal(ck.model(x), model(x))
     assert HUNormalization.from_dict(ck.normalization) == norm and ck.physics["dose"] == 0.25
+
+
+def test_loaded_ct_denoisers_have_channels_last_weights_on_the_cpu():
+    """``load_model`` gives the CT denoisers channels-last weights on the CPU (faster there) with the contiguous
+    network's outputs to float rounding; the MRI U-Net, which the layout slows down, stays contiguous."""
+    from blindspot.models.loading import load_model
+
+    x = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    for name in ("cnn10", "redcnn", "wganvgg"):
+        loaded = load_model(name).model
+        conv = next(m for m in loaded.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+        plain = copy.deepcopy(loaded).to(memory_format=torch.contiguous_format)
+        with torch.no_grad():
+            assert torch.allclose(loaded(x), plain(x), rtol=0, atol=1e-5)
+    unet = load_model("mri_unet").model
+    assert all(p.is_contiguous() for p in unet.parameters())

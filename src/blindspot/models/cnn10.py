@@ -24,6 +24,10 @@ class CNN10(nn.Module):
         kernels: kernel sizes of the three convolutions (9, 3, 5 in the paper).
     """
 
+    #: :func:`blindspot.models.loading.load_model` gives it channels-last weights on the CPU (oneDNN's layout for this
+    #: plain stack of convolutions: ``benchmarks/cpu_layout.py``).
+    channels_last_on_cpu = True
+
     def __init__(self, in_chans: int = 1, out_chans: int = 1, chans1: int = 64, chans2: int = 32,
                  kernels: tuple[int, int, int] | list[int] = (9, 3, 5)) -> None:
         super().__init__()

@@ -82,6 +82,17 @@ def _label(path: Path) -> str:
     return path.parent.name if generic and path.parent.name else path.stem
 
 
+def _for_inference(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """``model`` on ``device`` in eval mode; with channels-last weights on the CPU where its class says
+    ``channels_last_on_cpu`` (the CT denoisers: their forward pass 1.3–1.8× faster, ``benchmarks/cpu_layout.py``;
+    the U-Net gains nothing). The layout changes which convolution kernels run, so outputs differ in the last bits
+    from a contiguous copy of the same network."""
+    model = model.to(device).eval()
+    if torch.device(device).type == "cpu" and getattr(type(model), "channels_last_on_cpu", False):
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
 def load_model(
     spec: PathLike,
     device: torch.device | str = "cpu",
@@ -112,11 +123,11 @@ def load_model(
         ck = load_checkpoint(ck_path, map_location=device, architecture=architecture, hparams=hparams)
         mod = modality or (ck.physics or {}).get("modality") or model_modality(ck.architecture) or "mri"
         label = name or (_label(ck_path) if ck_path == path else text)
-        return LoadedModel(ck.model.to(device).eval(), label, mod, ck.architecture, str(ck_path),
+        return LoadedModel(_for_inference(ck.model, device), label, mod, ck.architecture, str(ck_path),
                            dict(ck.physics or {}), dict(ck.normalization or {}), dict(ck.hparams))
     if text in model_names():
         check_network_size(text, dict(hparams or {}))
-        model = build_model(text, **dict(hparams or {})).to(device).eval()
+        model = _for_inference(build_model(text, **dict(hparams or {})), device)
         if warn and any(True for _ in model.parameters()):
             print(f"blindspot: note: {text!r} has no weights here (an untrained network)", file=sys.stderr)
         mod = modality or model_modality(text) or "mri"

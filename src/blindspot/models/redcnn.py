@@ -28,6 +28,10 @@ class REDCNN(nn.Module):
         final_relu: apply ReLU to the output (the paper's [0, 1] images); off for normalised images.
     """
 
+    #: :func:`blindspot.models.loading.load_model` gives it channels-last weights on the CPU (oneDNN's layout for this
+    #: plain stack of convolutions: ``benchmarks/cpu_layout.py``).
+    channels_last_on_cpu = True
+
     def __init__(self, in_chans: int = 1, chans: int = 96, kernel: int = 5, final_relu: bool = False) -> None:
         super().__init__()
         self.kernel = int(kernel)

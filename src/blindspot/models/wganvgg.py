@@ -31,6 +31,10 @@ class WGANVGGGenerator(nn.Module):
         final_relu: ReLU on the output (the paper's [0, 1] images); off for normalised images.
     """
 
+    #: :func:`blindspot.models.loading.load_model` gives it channels-last weights on the CPU (oneDNN's layout for this
+    #: plain stack of convolutions: ``benchmarks/cpu_layout.py``).
+    channels_last_on_cpu = True
+
     def __init__(self, in_chans: int = 1, chans: int = 32, depth: int = 8, final_relu: bool = False) -> None:
         super().__init__()
         if depth < 2:
