@@ -298,11 +298,12 @@ class ParallelBeamProjector:
     differentiable with respect to its input; the backward pass recomputes each tile, so it needs no more memory
     than the forward pass.
 
-    On the CPU (where Numba imports) both operators run the compiled kernels of :mod:`blindspot.physics.ct_cpu`:
-    the same rules, several times faster (``benchmarks/ct_lowdose.py``), each image computed alone (the same bits in
-    any batch and with any thread count), their gradients the kernels' adjoints; ``tile_values`` does not apply
-    there (they hold the batch's sinograms and images channels-last, about one more copy of each). Elsewhere —
-    how (every tile is one ``grid_sample`` over the whole batch; no loop over views or bins beyond the tiles):
+    On the CPU (where Numba imports) the pixel-driven projection and the back-projection run the compiled kernels of
+    :mod:`blindspot.physics.ct_cpu`: the same rules, several times faster (``benchmarks/ct_lowdose.py``), each image
+    computed alone (the same bits in any batch and with any thread count), their gradients the kernels' adjoints;
+    ``tile_values`` does not apply there (they hold the batch's sinograms and images channels-last, about one more
+    copy of each). Elsewhere — how (every tile is one ``grid_sample`` over the whole batch; no loop over views or bins
+    beyond the tiles):
 
     * back-projection: view ``θ`` adds the (filtered) projection linearly interpolated at each pixel centre's bin
       coordinate ``n_det // 2 + x cos θ − y sin θ``, zero outside the detector; for small batches views ``θ`` and
@@ -352,7 +353,7 @@ class ParallelBeamProjector:
         self._runs = _view_runs(torch.cos(self.angles).abs() >= torch.sin(self.angles).abs())
         self._cache: dict[tuple, Tensor] = {}
         self._plans: dict[tuple, tuple[list[int], int, int, Tensor, Tensor]] = {}
-        self._footprints: dict[tuple, ct_cpu.Footprint] = {}
+        self._footprints: dict[str, ct_cpu.Footprint] = {}
 
     def __repr__(self) -> str:
         H, W = self.image_shape
@@ -439,11 +440,10 @@ class ParallelBeamProjector:
 
     def _footprint(self, box: str) -> "ct_cpu.Footprint":
         """The CPU kernels' geometry for boxes ``"pixel"`` (projection) or ``"unit"`` (back-projection), kept."""
-        key = ("footprint", box)
-        if key not in self._footprints:
+        if box not in self._footprints:
             cos, sin = self._trig(torch.device("cpu"))
-            self._footprints[key] = ct_cpu.Footprint(cos, sin, self.image_shape, self.n_det, box)
-        return self._footprints[key]
+            self._footprints[box] = ct_cpu.Footprint(cos, sin, self.image_shape, self.n_det, box)
+        return self._footprints[box]
 
     def _project_pixel(self, image: Tensor) -> Tensor:
         """Pixel-driven (box footprint) projection of ``(C, H, W)`` images → ``(C, n_angles, n_det)``."""
@@ -589,11 +589,11 @@ class ParallelBeamProjector:
         (scikit-image's ``iradon`` scaling; it equals ``iradon(..., filter_name=None)`` to float precision).
 
         On the CPU this is the compiled kernel of :mod:`blindspot.physics.ct_cpu` (where Numba imports); elsewhere
-        every tile is one ``grid_sample``. With few images (fewer than :data:`_PAIR_BELOW`), views ``θ`` and ``π − θ`` are back-projected together:
-        view ``π − θ`` puts at pixel ``(−x, y)`` the bin coordinate view ``θ`` puts at ``(x, y)``
-        (``cos(π − θ) = −cos θ``), so one sampling grid over a column range symmetric about the rotation centre
-        serves both, the second one's smear mirrored left–right. That is exact and halves the grid work, which
-        matters when few channels share each grid point.
+        every tile is one ``grid_sample``, and with few images (fewer than :data:`_PAIR_BELOW`) views ``θ`` and
+        ``π − θ`` are back-projected together: view ``π − θ`` puts at pixel ``(−x, y)`` the bin coordinate view ``θ``
+        puts at ``(x, y)`` (``cos(π − θ) = −cos θ``), so one sampling grid over a column range symmetric about the
+        rotation centre serves both, the second one's smear mirrored left–right. That is exact and halves the grid
+        work, which matters when few channels share each grid point.
 
         Args:
             sinogram: ``(B, 1, n_angles, n_det)``.
