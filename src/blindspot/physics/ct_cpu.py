@@ -66,9 +66,22 @@ def available() -> bool:
     return numba is not None
 
 
+def _jit(**options: Any) -> Callable[[Callable[..., Any]], Any]:
+    """``numba.njit(nogil=True, cache=True, **options)``, without the disk cache where there is nowhere to write it
+    (Numba refuses ``cache=True`` then): the kernels are compiled in every process instead."""
+
+    def wrap(fn: Callable[..., Any]) -> Any:
+        try:
+            return numba.njit(nogil=True, cache=True, **options)(fn)
+        except RuntimeError:  # pragma: no cover - "cannot cache function …: no locator available"
+            return numba.njit(nogil=True, **options)(fn)
+
+    return wrap
+
+
 if numba is not None:
 
-    @numba.njit(nogil=True, cache=True, inline="always")
+    @_jit(inline="always")
     def _footprint(t: float, half_width: float, inv_width: float) -> tuple[int, float]:  # pragma: no cover
         """The first bin ``k`` a box ``[t − half_width, t + half_width]`` overlaps (``t − half_width ≥ −½``) and the
         fraction of the box in it."""
@@ -76,7 +89,7 @@ if numba is not None:
         k = int(left + 0.5)  # ≥ 0: floor
         return k, min(k + 0.5 - left, 2.0 * half_width) * inv_width
 
-    @numba.njit(nogil=True, cache=True)
+    @_jit()
     def _gather(q: Any, col: Any, row: Any, half: Any, inv: Any, mirror: Any, out: Any, r0: int, r1: int) -> None:
         """``out[y, x, :] += Σ_v a q[v, k, :] + (1 − a) q[v, k + 1, :]`` for image rows ``r0 … r1−1``; lead view
         ``v``'s box at column ``j`` of the symmetric range is view ``mirror[v]``'s at column ``Wg − 1 − j``."""
@@ -107,7 +120,7 @@ if numba is not None:
                             for c in range(C):
                                 out[y, jm, c] += w0 * q[m, k, c] + w1 * q[m, k + 1, c]
 
-    @numba.njit(nogil=True, cache=True)
+    @_jit()
     def _scatter(g: Any, col: Any, row: Any, half: Any, inv: Any, mirror: Any, out: Any, v0: int, v1: int) -> None:
         """``out[v, k, :] += a g[y, x, :]``, ``out[v, k + 1, :] += (1 − a) g[y, x, :]`` over every pixel, for lead
         views ``v0 … v1−1`` and their mirror views: the adjoint of :func:`_gather`."""
