@@ -434,7 +434,7 @@ class ParallelBeamProjector:
         self._check(image, "image", (H, W))
         if self.method == "ray":
             return self._project_ray(image)
-        if image.device.type == "cpu" and ct_cpu.available():
+        if ct_cpu.supports(image):
             return self._footprint("pixel").scatter(image[:, 0]).transpose(0, 1).unsqueeze(1)
         return self._project_pixel(image[:, 0]).unsqueeze(1)
 
@@ -603,7 +603,7 @@ class ParallelBeamProjector:
         self._check(sinogram, "sinogram", (self.n_angles, self.n_det))
         H, W = self.image_shape
         C, A = sinogram.shape[0], self.n_angles
-        if sinogram.device.type == "cpu" and ct_cpu.available():
+        if ct_cpu.supports(sinogram):
             image = self._footprint("unit").gather(sinogram[:, 0].transpose(0, 1))
             return (image * (math.pi / (2.0 * A))).unsqueeze(1)
         paired = C < _PAIR_BELOW

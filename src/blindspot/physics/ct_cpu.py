@@ -66,6 +66,11 @@ def available() -> bool:
     return numba is not None
 
 
+def supports(x: Tensor) -> bool:
+    """Whether the kernels take ``x``: a float32 or float64 tensor on the CPU, with Numba available."""
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and available()
+
+
 def _jit(**options: Any) -> Callable[[Callable[..., Any]], Any]:
     """``numba.njit(nogil=True, cache=True, **options)``, without the disk cache where there is nowhere to write it
     (Numba refuses ``cache=True`` then): the kernels are compiled in every process instead."""
