@@ -358,6 +358,7 @@ def bench_ct(args, device: torch.device) -> dict:
     from blindspot.models.adapters import eval_mode
     from blindspot.models.loading import load_model
     from blindspot.data.ldct import collate_ct
+    from blindspot.physics.acquisition import LowDoseCTScan
     from blindspot.runs.fnaf import CT_INTENSITY_HU, ct_settings
 
     model = load_model(args.ct_model, device, warn=False)
@@ -380,9 +381,8 @@ def bench_ct(args, device: torch.device) -> dict:
                                     args.warmup)
     # the clean measurement (projection, Poisson noise, one FBP of the noisy and noise-free sinograms) that each image
     # costs once per run, on first use; timed with the cache emptied
-    def measure_cold():  # as LowDoseCTScan.measure_seeded does on a cache miss: image by image
-        for i in range(B):
-            acq.measure(batch.full[i : i + 1].to(device), torch.Generator(device=device).manual_seed(i))
+    def measure_cold():  # LowDoseCTScan.measure_seeded with nothing cached (batched where the projector allows)
+        LowDoseCTScan(acq.ct, acq.dose, acq.norm).measure_seeded(batch.full.to(device), list(range(B)))
 
     t_measure = median_time(measure_cold, device, args.repeats, 0)
     delta = torch.zeros(cs, 1, args.ct_size, args.ct_size, device=device)
