@@ -41,10 +41,6 @@ import torch
 from timing import median_time, median_times, peak_of
 
 
-
-
-
-
 def _phantom_batch(n: int, size: int, mask_func):
     from blindspot.data.sample import KspaceTransform, collate_mri
     from blindspot.physics.mri import fft2c
@@ -59,12 +55,6 @@ def _phantom_batch(n: int, size: int, mask_func):
         img = img + 0.6 * torch.sigmoid(6 * (1 - ((yy - c + size / 8) ** 2 + (xx - size / 2) ** 2) / (size / 9) ** 2))
         samples.append(tf(fft2c(img.to(torch.complex64)), None, f"bench{i}.h5", i))
     return collate_mri(samples)
-
-
-
-
-
-
 
 
 def bench_size(model, size: int, args, device: torch.device) -> dict:
@@ -146,7 +136,7 @@ def bench_size(model, size: int, args, device: torch.device) -> dict:
     if args.grad_steps > 0:
         peak_grad = peak_of(lambda: grad(model, batch, mask_func), device)
         tg = median_times({"grad": lambda: grad(model, batch, mask_func), "fb": bare_forward_backward},
-                                 device, max(1, args.repeats // 2), 1)
+                          device, max(1, args.repeats // 2), 1)
         t_grad, t_fb = tg["grad"], tg["fb"]
         # the network's share of the gradient search: steps × (forward + backward) per image, plus forwards for the
         # random starts, the last iterate and the clean reference
@@ -248,7 +238,7 @@ def bench_varnet(model, size: int, args, device: torch.device) -> dict:
         peak_rs = peak_of(lambda: rs(net, truths, mask_func), device)
     with eval_mode(model):
         timed = median_times({"bare": bare_forward, "rs": lambda: rs(net, truths, mask_func)}, device,
-                                    args.repeats, args.warmup)
+                             args.repeats, args.warmup)
     t_phys = median_time(physics_only, device, args.repeats, args.warmup)
     cand = B * n
     return {
@@ -327,7 +317,7 @@ def bench_audit_like(model, size: int, args, device: torch.device) -> dict:
 
     # the attacks and the bare network's calls in alternating rounds, so that load drift hits all of them alike
     timed = median_times({"shared": shared, "one_by_one": one_by_one, "net_shared": network_of(calls_shared),
-                                 "net_alone": network_of(calls_alone)}, device, args.repeats, args.warmup)
+                          "net_alone": network_of(calls_alone)}, device, args.repeats, args.warmup)
     t_net_shared, t_net_alone = timed["net_shared"], timed["net_alone"]
     t_own = t_net_shared * own_fraction
     queries = sum(int(r["queries"]) - 1 for r in rows) / B  # per image, over all searches, without the reference
@@ -378,7 +368,7 @@ def bench_ct(args, device: torch.device) -> dict:
     with eval_mode(model.model):
         rs(net, batch, acq)  # warms the PSF and the clean-measurement cache, as a run's first batch does
         timed = median_times({"bare": bare_forward, "rs": lambda: rs(net, batch, acq)}, device, args.repeats,
-                                    args.warmup)
+                             args.warmup)
     # the clean measurement (projection, Poisson noise, one FBP of the noisy and noise-free sinograms) that each image
     # costs once per run, on first use; timed with the cache emptied
     def measure_cold():  # LowDoseCTScan.measure_seeded with nothing cached (batched where the projector allows)

@@ -42,12 +42,6 @@ from blindspot.models.vgg import write_seeded_vgg16
 from blindspot.physics.mri import create_mask_func
 
 
-
-
-
-
-
-
 def _ct_batch(n: int, size: int, device: torch.device) -> torch.Tensor:
     """Normalised low-dose-like phantom slices ``(n, 1, size, size)`` (noise added in the image domain for speed)."""
     kinds = [("chest", "abdomen")[i % 2] for i in range(n)]

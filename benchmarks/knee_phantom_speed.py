@@ -23,8 +23,6 @@ import torch
 from timing import sync
 
 
-
-
 def _median_time(fn, device: torch.device, repeats: int) -> tuple[float, float, object]:
     """Median wall time and median process CPU time (seconds) of ``fn()``, and its last result.
 

@@ -27,10 +27,6 @@ import torch
 from timing import interleaved_times
 
 
-
-
-
-
 def run_size(model, size: int, images: int, budgets: tuple[float, ...], steps: int, chunk: int, device, repeats: int,
              warmup: int) -> dict:
     from blindspot.attacks.measurement import WorstCasePGD, prepare_measurements

@@ -47,8 +47,6 @@ def _step_fn(model, x, target, mask):
     return step
 
 
-
-
 def activation_bytes(model, x, mask) -> int:
     """Bytes autograd stores for the backward pass of one forward call."""
     total = 0

@@ -58,7 +58,6 @@ import torch
 from torch import Tensor
 
 from blindspot.errors import BlindspotError
-from blindspot.physics import ct_cpu
 from blindspot.physics.ct import WINDOWS, HUNormalization, LowDoseCT
 from blindspot.physics.mri import (MaskFunc, NormStats, center_crop, draw_mask, fft2c, ifft2c, masked_image,
                                    normalize, resample_mask, rss)
@@ -566,14 +565,14 @@ class LowDoseCTScan(Acquisition):
         """Simulate each image with its own seed (so an image's noise does not depend on its batch), remembering the
         last :attr:`CACHE_SIZE` images: the searches of one run share every image's clean measurement. An image's
         measurement is bit for bit the same in any batch: the images not yet measured are simulated together (up to
-        :attr:`SEEDED_BATCH` at a time) where the projector computes each image alone (its CPU kernels,
-        :func:`blindspot.physics.ct_cpu.supports`; at 512² about 3× faster than one by one, ``benchmarks/
-        ct_lowdose.py``, ``ct_measure``), else one by one (a batched ``grid_sample`` FBP agrees only to float
-        rounding)."""
+        :attr:`SEEDED_BATCH` at a time) where the projector computes each image alone
+        (:meth:`~blindspot.physics.ct.ParallelBeamProjector.computes_images_alone`: its CPU kernels; at 512² about 3×
+        faster than one by one, ``benchmarks/ct_lowdose.py``, ``ct_measure``), else one by one (a batched
+        ``grid_sample`` FBP agrees only to float rounding)."""
         sums = truth.detach().flatten(1).sum(1).tolist()  # tells apart two images given the same seed (one sync)
         keys = [(int(seed), str(truth.device), sums[i]) for i, seed in enumerate(seeds)]
         missing = [i for i, key in enumerate(keys) if key not in self._measured]
-        step = self.SEEDED_BATCH if ct_cpu.supports(truth) else 1
+        step = self.SEEDED_BATCH if self.ct.projector.computes_images_alone(truth) else 1
         for start in range(0, len(missing), step):
             rows = missing[start : start + step]
             gens = [torch.Generator(device=truth.device).manual_seed(keys[i][0]) for i in rows]

@@ -438,6 +438,11 @@ class ParallelBeamProjector:
             return self._footprint("pixel").scatter(image[:, 0]).transpose(0, 1).unsqueeze(1)
         return self._project_pixel(image[:, 0]).unsqueeze(1)
 
+    def computes_images_alone(self, x: Tensor) -> bool:
+        """Whether :meth:`project` and :meth:`fbp` give each image of a batch like ``x`` (device, dtype) the same bits
+        it gets alone: the pixel-driven projection on the CPU kernels (``grid_sample`` tiles round by batch)."""
+        return self.method == "pixel" and ct_cpu.supports(x)
+
     def _footprint(self, box: str) -> "ct_cpu.Footprint":
         """The CPU kernels' geometry for boxes ``"pixel"`` (projection) or ``"unit"`` (back-projection), kept."""
         if box not in self._footprints:
