@@ -7,6 +7,11 @@ slices per second, and the step time relative to a standard step (issue 18's tar
 worst-of-4 ``rs`` ≤ 1.6×). The settings' steps are interleaved (mean step time), so that a shared CPU's
 changing load affects every setting alike. Run it at one thread (``OMP_NUM_THREADS=1``) on a CPU.
 
+``rs`` needs, beyond a standard step, the forward passes that score its candidates (``candidates`` per chosen image,
+without gradients); ``rs_floor`` times exactly those passes (the same number of rows through the network, no
+features, no loss) in the same rounds, and ``rs_floor_vs_standard`` = 1 + their time / a standard step's is the
+least the recipe can cost on this machine; ``rs_overhead_vs_standard`` is what ``rs`` costs beyond it.
+
     python benchmarks/robust_training_throughput.py --size 128 --chans 16 --batch-size 8 --steps 6
 """
 
@@ -41,6 +46,8 @@ def main() -> None:
     from blindspot.training.distributed import DistContext, resolve_device
     from blindspot.training.engine import StepContext, seed_everything
     from blindspot.training.mri import mri_loss
+    from blindspot.models.adapters import eval_mode, reconstruct
+    from blindspot.physics.mri import mask_on_grid
     from blindspot.training.robust import RobustConfig, fnaf_robust_loss
 
     device = resolve_device(args.device)
@@ -63,6 +70,12 @@ def main() -> None:
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
         loss_fn = mri_loss("l1") if cfg is None else fnaf_robust_loss(mri_loss("l1"), cfg)
         runs[name] = (model, opt, loss_fn, [])
+    # the rs scoring passes alone: chosen images × candidates rows, no gradients, on the standard model's weights
+    chosen = max(1, min(args.batch_size, round(args.fraction * args.batch_size)))
+    rows = torch.arange(chosen, device=device).repeat_interleave(args.candidates)
+    x_score = batch.normalized()[0].index_select(0, rows)
+    m_score = mask_on_grid(batch.mask.to(device), tuple(batch.input.shape[-2:]), args.batch_size).index_select(0, rows)
+    floor_times: list[float] = []
     # round robin: one step of every setting in turn, so that a change of the machine's load hits all settings alike
     # (the CPU may be shared); the mean step time of each is reported (alternate mixing: clean and feature steps alike)
     for step in range(args.steps + 1):
@@ -79,6 +92,16 @@ def main() -> None:
                 torch.cuda.synchronize()
             if step:
                 times.append(time.perf_counter() - t0)
+        model = runs["standard"][0]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with eval_mode(model), torch.no_grad():
+            reconstruct(model, x_score, m_score)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step:
+            floor_times.append(time.perf_counter() - t0)
     results = {}
     for name, (_, _, _, times) in runs.items():
         sec = statistics.mean(times)
@@ -87,6 +110,9 @@ def main() -> None:
     for name, r in results.items():
         r["throughput_vs_standard"] = r["slices_per_s"] / base
         r["step_time_vs_standard"] = base / r["slices_per_s"]
+    floor = 1 + statistics.mean(floor_times) / results["standard"]["seconds_per_step"]
+    results["robust-rs"]["rs_floor_vs_standard"] = floor
+    results["robust-rs"]["rs_overhead_vs_standard"] = results["robust-rs"]["step_time_vs_standard"] - floor
     print(json.dumps({
         "benchmark": "robust_training_throughput",
         "model": args.model, "size": args.size, "chans": args.chans, "batch_size": args.batch_size,

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from blindspot.errors import BlindspotError
 from blindspot.models.checkpoint import load_checkpoint
 from blindspot.models.registry import build_model, model_names
-from blindspot.models.unet import Unet
+from blindspot.models.unet import InstanceNorm2d, Unet
 
 
 def fastmri_state_dict(in_chans, out_chans, chans, pools, seed=0):
@@ -139,3 +139,20 @@ def test_registered_names_and_gradients():
         build_model("unet", chans=0)
     zf = build_model("zero-filled")
     assert torch.equal(zf(x), x) and len(zf.state_dict()) == 0
+
+
+def test_instance_norm_is_torchs_instance_norm_forward_and_backward():
+    """The U-Net's instance norm (a group norm with one group per channel) against ``F.instance_norm``: values and
+    input gradients, a constant channel (variance 0: ``eps`` alone) and a channels-last input included."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 12, 9, generator=g, dtype=torch.float64) * 4 + 2
+    x[1, 2] = 7.0
+    for t in (x, x.to(memory_format=torch.channels_last)):
+        ours_in, ref_in = t.clone().requires_grad_(), t.clone().requires_grad_()
+        ours, ref = InstanceNorm2d(5)(ours_in), F.instance_norm(ref_in, eps=1e-5)
+        torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+        w = torch.randn(ours.shape, generator=g, dtype=torch.float64)
+        (ours * w).sum().backward()
+        (ref * w).sum().backward()
+        torch.testing.assert_close(ours_in.grad, ref_in.grad, rtol=1e-9, atol=1e-9)
+    assert not list(InstanceNorm2d(5).state_dict())

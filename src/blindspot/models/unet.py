@@ -34,6 +34,21 @@ from blindspot.errors import BlindspotError
 from blindspot.models.registry import register_model
 
 
+class InstanceNorm2d(nn.InstanceNorm2d):
+    """Instance norm without affine parameters or running statistics (fastMRI's ``nn.InstanceNorm2d(chans)``),
+    computed as a group norm with one group per channel: the same normalisation (per image and channel, biased
+    variance, ``eps`` inside the root; outputs equal to float rounding). On the CPU (one thread) the norm alone is
+    2.5–3.4× faster than ``F.instance_norm``'s batch-norm path without gradients and ≈ 1.3× with its backward; a
+    whole U-Net 1.16× (forward) and 1.15× (training step) at 96² with 16 channels, 1.03× and 1.18× at 320² with 32
+    (``benchmarks/instance_norm.py``). No parameters or buffers, so state dicts keep fastMRI's layout.
+
+    Shapes: ``(B, C, H, W)`` → ``(B, C, H, W)``.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.group_norm(x, x.shape[1], eps=self.eps)
+
+
 class ConvBlock(nn.Module):
     """Two rounds of 3×3 conv (no bias) → InstanceNorm → LeakyReLU(0.2) → Dropout2d.
 
@@ -47,7 +62,7 @@ class ConvBlock(nn.Module):
         for c_in in (in_chans, out_chans):
             layers += [
                 nn.Conv2d(c_in, out_chans, kernel_size=3, padding=1, bias=False),
-                nn.InstanceNorm2d(out_chans),
+                InstanceNorm2d(out_chans),
                 nn.LeakyReLU(negative_slope=0.2, inplace=True),
                 nn.Dropout2d(drop_prob),
             ]
@@ -68,7 +83,7 @@ class TransposeConvBlock(nn.Module):
         self.in_chans, self.out_chans = in_chans, out_chans
         self.layers = nn.Sequential(
             nn.ConvTranspose2d(in_chans, out_chans, kernel_size=2, stride=2, bias=False),
-            nn.InstanceNorm2d(out_chans),
+            InstanceNorm2d(out_chans),
             nn.LeakyReLU(negative_slope=0.2, inplace=True),
         )
 
