@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             lambda: generate_knee_volume(1, slices, shape, (320, 320), device=device, num_coils=coils),
             device, args.repeats,
         )
-        post, _, _ = _median_time(lambda: reconstruction_from_kspace(vol.kspace(), vol.recon_size), device, 1)
+        post, _, _ = _median_time(lambda v=vol: reconstruction_from_kspace(v.kspace(), v.recon_size), device, 1)
         results.append({
             "case": name, "shape": list(shape), "coils": coils or 1, "slices": slices,
             "seconds": round(seconds, 3), "cpu_seconds": round(cpu_seconds, 3),

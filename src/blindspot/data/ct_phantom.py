@@ -752,7 +752,6 @@ def write_phantom_dataset(
 
     from tqdm.auto import tqdm
 
-
     spec.check()
     out = Path(out)
     manifest_path = out / "phantoms.json"
