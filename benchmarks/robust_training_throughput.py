@@ -24,6 +24,8 @@ import time
 
 import torch
 
+from timing import sync
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -41,13 +43,12 @@ def main() -> None:
 
     from blindspot.data.mri import open_mri_dataset
     from blindspot.data.sample import collate_mri
+    from blindspot.models.adapters import eval_mode, reconstruct
     from blindspot.models.registry import build_model
-    from blindspot.physics.mri import create_mask_func
+    from blindspot.physics.mri import create_mask_func, mask_on_grid
     from blindspot.training.distributed import DistContext, resolve_device
     from blindspot.training.engine import StepContext, seed_everything
     from blindspot.training.mri import mri_loss
-    from blindspot.models.adapters import eval_mode, reconstruct
-    from blindspot.physics.mri import mask_on_grid
     from blindspot.training.robust import RobustConfig, fnaf_robust_loss
 
     device = resolve_device(args.device)
@@ -80,26 +81,22 @@ def main() -> None:
     # (the CPU may be shared); the mean step time of each is reported (alternate mixing: clean and feature steps alike)
     for step in range(args.steps + 1):
         for name, (model, opt, loss_fn, times) in runs.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             out = loss_fn(model, batch, StepContext(0, step, device, dist, 0))
             loss = out[0] if isinstance(out, tuple) else out
             loss.backward()
             opt.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             if step:
                 times.append(time.perf_counter() - t0)
         model = runs["standard"][0]
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         t0 = time.perf_counter()
         with eval_mode(model), torch.no_grad():
             reconstruct(model, x_score, m_score)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         if step:
             floor_times.append(time.perf_counter() - t0)
     results = {}

@@ -42,11 +42,14 @@ class InstanceNorm2d(nn.InstanceNorm2d):
     whole U-Net 1.16× (forward) and 1.15× (training step) at 96² with 16 channels, 1.03× and 1.18× at 320² with 32
     (``benchmarks/instance_norm.py``). No parameters or buffers, so state dicts keep fastMRI's layout.
 
-    Shapes: ``(B, C, H, W)`` → ``(B, C, H, W)``.
+    Shapes: ``(B, num_features, H, W)`` → the same.
     """
 
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__(num_features, eps=eps, affine=False, track_running_stats=False)
+
     def forward(self, x: Tensor) -> Tensor:
-        return F.group_norm(x, x.shape[1], eps=self.eps)
+        return F.group_norm(x, self.num_features, eps=self.eps)
 
 
 class ConvBlock(nn.Module):
