@@ -2,7 +2,7 @@
 
 For each network: the forward pass (no gradient, as attacks score candidates) and the forward + backward pass with
 respect to the input (weights frozen, as gradient attacks and invariances need) on one batch, with the network's
-weights contiguous and channels-last, timed in alternating rounds (``timing.interleaved_times``) so that drift
+weights contiguous and channels-last, timed in alternating rounds (``timing.median_times``) so that drift
 hits both alike; the ratio ``contiguous / channels_last`` (> 1: channels-last is faster) and the largest output
 difference between the two. :func:`blindspot.models.loading.load_model` gives the networks whose class sets
 ``channels_last_on_cpu`` (the CT denoisers) channels-last weights on the CPU.
@@ -16,11 +16,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 
 import torch
 
-from timing import interleaved_times
+from timing import median_times
 
 from blindspot.models.loading import load_model
 
@@ -48,8 +47,7 @@ def measure(name: str, batch: int, size: int, repeats: int) -> dict:
     cpu = torch.device("cpu")
     out: dict = {"model": name, "channels_last_on_cpu": bool(getattr(type(model), "channels_last_on_cpu", False))}
     for label, fn in (("forward", forward), ("forward_backward", forward_backward)):
-        times = interleaved_times({k: (lambda m=m: fn(m)) for k, m in layouts.items()}, cpu, repeats, warmup=1)
-        med = {k: statistics.median(v) for k, v in times.items()}
+        med = median_times({k: (lambda m=m: fn(m)) for k, m in layouts.items()}, cpu, repeats, warmup=1)
         out[f"{label}_s"] = {k: round(v, 4) for k, v in med.items()}
         out[f"{label}_ratio"] = round(med["contiguous"] / med["channels_last"], 3)
     ref, alt = forward(layouts["contiguous"]), forward(layouts["channels_last"])

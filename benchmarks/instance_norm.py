@@ -1,6 +1,6 @@
 """The U-Net's instance norm (a group norm with one group per channel) against ``F.instance_norm``; prints JSON.
 
-Two levels, each timed in alternating rounds (``timing.interleaved_times``) so that drift hits both alike:
+Two levels, each timed in alternating rounds (``timing.median_times``) so that drift hits both alike:
 
 * ``ops``: the norm alone on the activations of a U-Net (``--chans`` channels at ``--size``², doubling per level),
   forward without gradient and forward + backward;
@@ -19,12 +19,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 
 import torch
 import torch.nn.functional as F
 
-from timing import interleaved_times
+from timing import median_times
 
 from blindspot.models.unet import InstanceNorm2d, Unet
 
@@ -32,7 +31,7 @@ CPU = torch.device("cpu")
 
 
 def _ratio(fns: dict, repeats: int) -> dict:
-    med = {k: statistics.median(v) for k, v in interleaved_times(fns, CPU, repeats, warmup=1).items()}
+    med = median_times(fns, CPU, repeats, warmup=1)
     return {"seconds": {k: round(v, 5) for k, v in med.items()},
             "ratio": round(med["instance_norm"] / med["group_norm"], 3)}
 

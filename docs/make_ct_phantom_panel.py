@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import io
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 #: (row label, dose fraction, window centre HU, window width HU)
@@ -42,14 +41,15 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = args.data or Path(tmp)
-        manifest = write_phantom_dataset(root, replace(PhantomDatasetSpec(), patients=PATIENTS))
+        manifest = write_phantom_dataset(root, PhantomDatasetSpec(patients=PATIENTS))
         kinds = {p["patient"]: p["kind"] for p in manifest["patients"]}
         columns: dict[str, dict[float, object]] = {}
         for dose in (0.25, 0.10):
             for patient in find_ldct(root, dose=dose):
                 middle = patient.slices[len(patient.slices) // 2]
                 images = columns.setdefault(patient.patient, {})
-                images[1.0] = read_ct_hu(middle.full_file)[0]
+                if 1.0 not in images:  # the full-dose series pairs with every low dose
+                    images[1.0] = read_ct_hu(middle.full_file)[0]
                 images[dose] = read_ct_hu(middle.low_file)[0]
 
     names = sorted(columns, key=lambda n: n[1:])  # patient number: C001, L002, C003, L004

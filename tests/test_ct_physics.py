@@ -356,3 +356,11 @@ def test_seeded_ct_measurements_do_not_depend_on_the_batch():
     assert torch.allclose(batched.image, both.image, rtol=0, atol=1e-3)  # HU; float32 FBP
     assert torch.allclose(batched.noise, both.noise, rtol=0, atol=1e-3)
     assert both.noise.abs().mean() > 1.0  # there is noise to compare
+    # an image given twice in one call (same seed) is simulated once and measured the same in both rows
+    fresh = LowDoseCTScan(ct, 0.25, HUNormalization(0.0, 500.0))
+    simulated = []
+    measure = fresh.measure
+    fresh.measure = lambda truth, gens: simulated.append(len(truth)) or measure(truth, gens)
+    twice = fresh.measure_seeded(hu[[2, 2]], [13, 13])
+    assert sum(simulated) == 1
+    assert torch.equal(twice.image, both.image[[2, 2]]) and torch.equal(twice.noise, both.noise[[2, 2]])

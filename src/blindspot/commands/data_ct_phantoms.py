@@ -38,7 +38,8 @@ def register(subparsers) -> None:
     p.add_argument("--i0", type=positive_float, help="full-dose photons per detector bin and view (default 2e6)")
     p.add_argument("--angles", type=positive_int, help="projection views over 180° (default ceil(π/2·size))")
     p.add_argument("--filter", default="shepp-logan", help="FBP filter: ramp, shepp-logan, cosine, hamming, hann")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (simulation device; a GPU draws other noise realisations than the CPU)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu, cuda, cuda:N (simulation device; a GPU draws other noise realisations than the CPU)")
     p.add_argument("--panel", type=Path, metavar="PNG", help="also draw a windowed panel of some slices")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --panel file")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,

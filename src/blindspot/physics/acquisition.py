@@ -571,7 +571,8 @@ class LowDoseCTScan(Acquisition):
         ``grid_sample`` FBP agrees only to float rounding)."""
         sums = truth.detach().flatten(1).sum(1).tolist()  # tells apart two images given the same seed (one sync)
         keys = [(int(seed), str(truth.device), sums[i]) for i, seed in enumerate(seeds)]
-        missing = [i for i, key in enumerate(keys) if key not in self._measured]
+        first = {key: i for i, key in reversed(list(enumerate(keys)))}  # an image given twice is simulated once
+        missing = sorted(i for key, i in first.items() if key not in self._measured)
         step = self.SEEDED_BATCH if self.ct.projector.computes_images_alone(truth) else 1
         for start in range(0, len(missing), step):
             rows = missing[start : start + step]
